@@ -1,0 +1,1 @@
+"""Concurrent adversarial learning: attacks, the three training steps, the loop, export."""

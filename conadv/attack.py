@@ -1,0 +1,109 @@
+"""L∞ projected gradient descent in pixel units (the paper's 1-step PGD with random start).
+
+Images stay in pixel space [0, 255] until the model's first layer, so ``eps``
+and ``step_size`` are the paper's perturbation values P directly. The attack's
+forward pass uses batch statistics of the chosen BatchNorm branch and never
+updates moving statistics; its gradient is taken with respect to the input
+only, so no model variable is read for a gradient nor written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from official import losses
+
+UNTARGETED = "untargeted"
+RANDOM_TARGET = "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """What the ``--attack_*`` flags describe."""
+
+    eps: float = 4.0
+    step_size: float | None = None  # None: equal to eps (one step reaches the boundary)
+    num_steps: int = 1
+    random_init: bool = True
+    bn_branch: str = "aux"
+    target: str = UNTARGETED
+
+    def __post_init__(self):
+        if self.eps < 0:
+            raise ValueError(f"attack eps must be >= 0, got {self.eps}")
+        if self.num_steps < 1:
+            raise ValueError(f"attack num_steps must be >= 1, got {self.num_steps}")
+        if self.step_size is not None and self.step_size <= 0:
+            raise ValueError(f"attack step_size must be > 0, got {self.step_size}")
+        if self.bn_branch not in ("main", "aux"):
+            raise ValueError(f"attack bn_branch must be 'main' or 'aux', got {self.bn_branch!r}")
+        if self.target not in (UNTARGETED, RANDOM_TARGET):
+            raise ValueError(f"attack target must be 'untargeted' or 'random', got {self.target!r}")
+
+    @property
+    def alpha(self) -> float:
+        return self.eps if self.step_size is None else self.step_size
+
+
+def random_wrong_labels(labels: tf.Tensor, num_classes: int, seed: tf.Tensor) -> tf.Tensor:
+    """A uniformly random label different from each true label."""
+    shift = tf.random.stateless_uniform(
+        tf.shape(labels), seed, minval=1, maxval=num_classes, dtype=labels.dtype
+    )
+    return (labels + shift) % num_classes
+
+
+def pgd_attack(
+    model,
+    images: tf.Tensor,
+    labels: tf.Tensor,
+    config: AttackConfig,
+    seed: tf.Tensor,
+    num_classes: int | None = None,
+) -> tf.Tensor:
+    """Adversarial images within ``eps`` of ``images`` (L∞), clipped to [0, 255].
+
+    ``seed`` (shape [2], int) makes the random start and the random target
+    reproducible: the same images, weights and seed give the same result,
+    which is how the tests recompute a stale attack exactly.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    eps = tf.constant(config.eps, tf.float32)
+    lower = tf.maximum(images - eps, 0.0)
+    upper = tf.minimum(images + eps, 255.0)
+    seed = tf.cast(seed, tf.int64)
+    start_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+    x = images
+    if config.random_init and config.eps > 0:
+        noise = tf.random.stateless_uniform(tf.shape(images), start_seed, -config.eps, config.eps)
+        x = tf.clip_by_value(images + noise, 0.0, 255.0)
+
+    targeted = config.target == RANDOM_TARGET
+    if targeted:
+        if num_classes is None:
+            num_classes = int(model.output_shape[-1])
+        attack_labels = random_wrong_labels(labels, num_classes, target_seed)
+    else:
+        attack_labels = labels
+
+    # Ascend the true label's loss, or descend the random target's.
+    direction = -1.0 if targeted else 1.0
+    for _ in range(config.num_steps):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            logits = model(x, training=True, bn_branch=config.bn_branch, update_stats=False)
+            # A sum, not a mean: only the sign is used, and a mean over a large
+            # batch could underflow in low precision.
+            loss = tf.reduce_sum(losses.cross_entropy(attack_labels, logits))
+        grad = tape.gradient(loss, x)
+        x = x + direction * config.alpha * tf.sign(grad)
+        x = tf.clip_by_value(x, lower, upper)
+    return tf.stop_gradient(x)
+
+
+def linf_distance(adversarial: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
+    """Per-example ‖x_adv − x‖∞, shape [N]."""
+    return tf.reduce_max(tf.abs(adversarial - images), axis=[1, 2, 3])

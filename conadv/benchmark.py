@@ -1,0 +1,176 @@
+"""Step throughput of vanilla, DisAdv and ConAdv on one device.
+
+    python -m conadv.benchmark --model resnet20 --image_size 32 --batch_size 256
+
+Each method runs the trainer's own compiled loop on synthetic in-device
+batches; after a warm-up loop, several loops are timed and the median is
+reported as clean images per second. The ideal ConAdv/vanilla ratio counts
+work in forward-pass units: a forward pass costs 1, an input-gradient
+backward pass 1 (activations only) and a full backward pass 2 (activations
+and weights). Vanilla does 3 per image; ConAdv does 2 (the attack on B) plus
+6 (the update on 2B) per clean image; DisAdv does the same work as ConAdv but
+in two dependent halves, so ConAdv can beat it only where the processor has
+room to run both halves at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import tensorflow as tf
+
+from conadv import attack as attack_lib
+from conadv import steps as steps_lib
+from conadv.metrics import ReplicaSums
+from conadv.ring_buffer import RingBuffer
+from official import optimizers, resnet
+
+FORWARD, INPUT_GRADIENT, FULL_BACKWARD = 1.0, 1.0, 2.0
+VANILLA_WORK = FORWARD + FULL_BACKWARD
+ADVERSARIAL_WORK = (FORWARD + INPUT_GRADIENT) + 2 * (FORWARD + FULL_BACKWARD)
+IDEAL_CONADV_OVER_VANILLA = VANILLA_WORK / ADVERSARIAL_WORK
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--width_multiplier", type=float, default=1.0)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=256, help="global batch")
+    parser.add_argument("--device", default="cpu", help="cpu, gpu or a device name")
+    parser.add_argument("--steps_per_loop", type=int, default=3)
+    parser.add_argument("--loops", type=int, default=5, help="timed loops after warm-up")
+    parser.add_argument("--methods", default="vanilla,disadv,conadv")
+    parser.add_argument("--attack_eps", type=float, default=4.0)
+    parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument("--output_json", default=None)
+    args = parser.parse_args(argv)
+    if args.model not in resnet.MODEL_NAMES:
+        parser.error(
+            f"--model={args.model} is unknown; choose one of {', '.join(resnet.MODEL_NAMES)}"
+        )
+    for name in args.methods.split(","):
+        if name not in steps_lib.METHODS:
+            parser.error(f"--methods: {name!r} is not one of {', '.join(steps_lib.METHODS)}")
+    if args.batch_size < 1 or args.steps_per_loop < 1 or args.loops < 1:
+        parser.error("--batch_size, --steps_per_loop and --loops must be positive")
+    return args
+
+
+def _device_name(device: str) -> str:
+    if device in ("cpu", "gpu"):
+        devices = tf.config.list_logical_devices(device.upper())
+        if not devices:
+            raise SystemExit(f"error: --device={device}: no such device on this machine")
+        return devices[0].name
+    return device
+
+
+def measure(method: str, args, strategy) -> float:
+    """Median clean images per second of ``method`` over the timed loops."""
+    with strategy.scope():
+        model = resnet.resnet(
+            args.model,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            width_multiplier=args.width_multiplier,
+        )
+        optimizer = optimizers.build_optimizer("lars", learning_rate=0.1, weight_decay=5e-4)
+        optimizer.build(model.trainable_variables)
+        sums = ReplicaSums(steps_lib.TRAIN_SUMS)
+    ring = None
+    if method == steps_lib.CONADV:
+        ring = RingBuffer(strategy, 1, args.batch_size, args.image_size)
+    ctx = steps_lib.StepContext(
+        model=model,
+        optimizer=optimizer,
+        global_batch_size=args.batch_size,
+        num_classes=args.num_classes,
+        label_smoothing=0.1,
+        attack=attack_lib.AttackConfig(eps=args.attack_eps),
+        sums=sums,
+        ring=ring,
+    )
+    shape = [args.batch_size, args.image_size, args.image_size, 3]
+    images = tf.random.stateless_uniform(shape, [1, 2], 0.0, 255.0)
+    labels = tf.random.stateless_uniform(
+        [args.batch_size], [3, 4], 0, args.num_classes, dtype=tf.int32
+    )
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    replica_step = tf.function(steps_lib.build_step(method, ctx), jit_compile=args.jit_compile)
+
+    @tf.function
+    def loop(it, n):
+        for _ in tf.range(n):
+            strategy.run(replica_step, args=(next(it),))
+
+    if ring is not None:
+        prologue = steps_lib.build_conadv_prologue(ctx)
+        tf.function(lambda it: strategy.run(prologue, args=(next(it), tf.constant(0, tf.int64))))(
+            iterator
+        )
+    n = tf.constant(args.steps_per_loop)
+    loop(iterator, n)  # warm-up: tracing and the first execution
+    sums.totals()
+    rates = []
+    for _ in range(args.loops):
+        start = time.perf_counter()
+        loop(iterator, n)
+        float(optimizer.iterations.numpy())  # waits for the loop's last update
+        rates.append(args.steps_per_loop * args.batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main(argv=None):
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    strategy = tf.distribute.OneDeviceStrategy(_device_name(args.device))
+    methods = args.methods.split(",")
+    rates = {method: measure(method, args, strategy) for method in methods}
+    result = {
+        "config": {
+            key: getattr(args, key)
+            for key in (
+                "model",
+                "width_multiplier",
+                "image_size",
+                "batch_size",
+                "device",
+                "steps_per_loop",
+                "loops",
+                "jit_compile",
+            )
+        },
+        "methods": {m: {"images_per_second": r} for m, r in rates.items()},
+        "ratios": {},
+        "ideal_conadv_over_vanilla": IDEAL_CONADV_OVER_VANILLA,
+    }
+    if "conadv" in rates and "disadv" in rates:
+        result["ratios"]["conadv_over_disadv"] = rates["conadv"] / rates["disadv"]
+    if "conadv" in rates and "vanilla" in rates:
+        result["ratios"]["conadv_over_vanilla"] = rates["conadv"] / rates["vanilla"]
+
+    print(
+        f"{args.model} at {args.image_size}px, global batch {args.batch_size}, "
+        f"{args.device}, jit={args.jit_compile}: median of {args.loops} loops "
+        f"of {args.steps_per_loop} steps"
+    )
+    print(f"{'method':<10}{'clean img/s':>14}")
+    for method, rate in rates.items():
+        print(f"{method:<10}{rate:>14.1f}")
+    for name, ratio in result["ratios"].items():
+        print(f"{name}: {ratio:.3f}")
+    print(f"ideal conadv_over_vanilla from counted work: {IDEAL_CONADV_OVER_VANILLA:.3f}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

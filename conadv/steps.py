@@ -1,0 +1,187 @@
+"""The three training steps — vanilla, DisAdv and ConAdv — as per-replica functions.
+
+Every builder returns a function of one per-replica batch ``(images, labels)``
+meant to be called by ``strategy.run`` inside one ``tf.function`` (the
+training loop). Each replica's loss is a sum divided by the *global* batch,
+because the optimizer sums gradients over replicas.
+
+- vanilla: update on the clean batch through the main BatchNorm branch.
+- DisAdv: attack batch t with θ_t, then update on clean_t (main) and adv_t
+  (auxiliary) with loss ½·(CE_clean + CE_adv) — two sequential gradients.
+- ConAdv: update on (clean_t, adv_t) taken from the ring buffer, where adv_t
+  was made τ steps earlier, and, from the same θ_t, attack batch t+τ (the
+  batch just taken from the iterator) and write it where slot t mod τ was.
+  Neither computation needs the other's result, so they run side by side;
+  only the weight update waits until the attack has read θ_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from conadv import attack as attack_lib
+from conadv.metrics import ReplicaSums
+from conadv.ring_buffer import RingBuffer
+from official import losses
+
+VANILLA = "vanilla"
+DISADV = "disadv"
+CONADV = "conadv"
+METHODS = (VANILLA, DISADV, CONADV)
+
+#: What every step adds to the loop's running sums.
+TRAIN_SUMS = ("examples", "clean_loss", "clean_correct", "adv_examples", "adv_loss", "adv_linf")
+
+
+@dataclasses.dataclass
+class StepContext:
+    """Everything a step touches, built once by the trainer."""
+
+    model: tf.keras.Model
+    optimizer: tf.keras.optimizers.Optimizer
+    global_batch_size: int
+    num_classes: int
+    label_smoothing: float = 0.0
+    attack: attack_lib.AttackConfig = dataclasses.field(default_factory=attack_lib.AttackConfig)
+    seed: int = 0
+    sums: ReplicaSums | None = None
+    ring: RingBuffer | None = None
+
+
+def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
+    """The attack's random seed for one batch on this replica.
+
+    A function of the batch's position in the data stream, not of the step
+    that happens to attack it, so DisAdv (which attacks batch t at step t)
+    and ConAdv (which attacks it at step t − τ) draw the same random start.
+    """
+    replica = tf.distribute.get_replica_context()
+    replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int64)
+    num_replicas = tf.cast(replica.num_replicas_in_sync, tf.int64)
+    index = tf.cast(batch_index, tf.int64) * num_replicas + replica_id
+    return tf.stack([tf.constant(ctx.seed, tf.int64), index])
+
+
+def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
+    return attack_lib.pgd_attack(
+        ctx.model,
+        images,
+        labels,
+        ctx.attack,
+        seed=attack_seed(ctx, batch_index),
+        num_classes=ctx.num_classes,
+    )
+
+
+def _apply(ctx: StepContext, tape, loss, wait_for=()):
+    variables = ctx.model.trainable_variables
+    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if wait_for:
+        # The update may only overwrite θ_t after everything in wait_for has read it.
+        with tf.control_dependencies(list(wait_for)):
+            grads = [tf.identity(g) for g in grads]
+    ctx.optimizer.apply_gradients(zip(grads, variables))
+
+
+def _clean_statistics(ctx, labels, logits, per_example_loss):
+    return dict(
+        examples=tf.size(labels),
+        clean_loss=tf.reduce_sum(per_example_loss),
+        clean_correct=tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
+    )
+
+
+def update_on_clean(ctx: StepContext, images, labels):
+    """One optimizer step on clean images through the main branch."""
+    with tf.GradientTape() as tape:
+        logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
+        per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+        loss = tf.reduce_sum(per_example) / ctx.global_batch_size
+    _apply(ctx, tape, loss)
+    if ctx.sums is not None:
+        ctx.sums.add(**_clean_statistics(ctx, labels, logits, per_example))
+
+
+def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
+    """One optimizer step on ½·(CE_clean through main + CE_adv through aux)."""
+    with tf.GradientTape() as tape:
+        clean_logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
+        adv_logits = ctx.model(adversarial, training=True, bn_branch="aux", update_stats=True)
+        clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
+        adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
+        loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
+    _apply(ctx, tape, loss, wait_for)
+    if ctx.sums is not None:
+        ctx.sums.add(
+            **_clean_statistics(ctx, labels, clean_logits, clean),
+            adv_examples=tf.size(labels),
+            adv_loss=tf.reduce_sum(adv),
+            adv_linf=tf.reduce_sum(attack_lib.linf_distance(adversarial, images)),
+        )
+
+
+def build_vanilla_step(ctx: StepContext):
+    def vanilla_step(batch):
+        images, labels = batch
+        update_on_clean(ctx, images, labels)
+
+    return vanilla_step
+
+
+def build_disadv_step(ctx: StepContext):
+    def disadv_step(batch):
+        images, labels = batch
+        step = ctx.optimizer.iterations
+        adversarial = run_attack(ctx, images, labels, batch_index=step)
+        update_on_clean_and_adversarial(ctx, images, labels, adversarial)
+
+    return disadv_step
+
+
+def build_conadv_step(ctx: StepContext):
+    """Step t: train on ring slot t mod τ, attack the incoming batch t+τ into it."""
+    if ctx.ring is None:
+        raise ValueError("ConAdv needs a ring buffer in the step context")
+    staleness = ctx.ring.staleness
+
+    def conadv_step(batch):
+        next_images, next_labels = batch  # batch t + τ
+        step = ctx.optimizer.iterations
+        slot = tf.cast(step % staleness, tf.int32)
+        images, labels, adversarial = ctx.ring.read(slot)  # batch t, attacked with θ_{t−τ}
+        next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=step + staleness)
+        update_on_clean_and_adversarial(
+            ctx, images, labels, adversarial, wait_for=[next_adversarial]
+        )
+        ctx.ring.write(slot, next_images, next_labels, next_adversarial)
+
+    return conadv_step
+
+
+def build_conadv_prologue(ctx: StepContext):
+    """Writes batch k, attacked by the current weights, into slot k mod τ.
+
+    Called for k = t … t+τ−1 before step t (t = 0 on a fresh run), so the
+    buffer holds exactly what the ConAdv steps would have left there.
+    """
+
+    def prologue_step(batch, k):
+        images, labels = batch
+        adversarial = run_attack(ctx, images, labels, batch_index=k)
+        slot = tf.cast(k % ctx.ring.staleness, tf.int32)
+        ctx.ring.write(slot, images, labels, adversarial)
+
+    return prologue_step
+
+
+def build_step(method: str, ctx: StepContext):
+    builders = {
+        VANILLA: build_vanilla_step,
+        DISADV: build_disadv_step,
+        CONADV: build_conadv_step,
+    }
+    if method not in builders:
+        raise ValueError(f"--method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    return builders[method](ctx)

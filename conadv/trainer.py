@@ -1,0 +1,379 @@
+"""The training and evaluation loop: MLPerf-style host loops around a compiled step.
+
+One host call runs ``steps_per_loop`` steps inside a single ``tf.function``
+(a ``tf.range`` loop around ``strategy.run``), so the host only wakes up to
+log, evaluate and checkpoint. Everything that must survive a restart — model,
+optimizer (its step counter is the global step), the ConAdv ring buffer and,
+for in-memory sources, the input iterator — is in one ``tf.train.Checkpoint``
+under ``model_dir``, and a run started on a ``model_dir`` with a checkpoint
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from conadv import attack as attack_lib
+from conadv import steps as steps_lib
+from conadv.metrics import ReplicaSums
+from conadv.ring_buffer import RingBuffer
+from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
+from official import losses, optimizers, resnet, schedules
+
+EVAL_SUMS = ("examples", "loss", "top1", "top5")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One run, as the flags describe it (see ``flags/``)."""
+
+    model_dir: str
+    method: str = steps_lib.CONADV
+    staleness: int = 1
+    model: str = "resnet20"
+    width_multiplier: float = 1.0
+    sync_batch_norm: bool = True
+    global_batch_size: int = 512
+    eval_batch_size: int = 512
+    train_steps: int | None = None
+    train_epochs: float = 30.0
+    steps_per_loop: int = 10
+    epochs_between_evals: float = 10.0
+    checkpoint_steps: int = 0
+    optimizer: str = "lars"
+    learning_rate: float = 1.0
+    warmup_epochs: float = 5.0
+    lr_schedule: str = "poly"
+    poly_power: float = 2.0
+    end_learning_rate: float = 0.0001
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    lars_eta: float = 0.001
+    attack: attack_lib.AttackConfig = dataclasses.field(default_factory=attack_lib.AttackConfig)
+    jit_compile: bool = False
+    seed: int = 0
+    export_dir: str | None = None
+    max_checkpoints: int = 3
+
+
+class Trainer:
+    """Builds model, optimizer, steps and data for one run, then trains and evaluates."""
+
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy, source: DataSource):
+        self.config = config
+        self.strategy = strategy
+        self.source = source
+        replicas = strategy.num_replicas_in_sync
+        self.steps_per_epoch = max(1, source.num_train_examples // config.global_batch_size)
+        self.train_steps = int(
+            config.train_steps or max(1, round(config.train_epochs * self.steps_per_epoch))
+        )
+        self.eval_every = max(1, round(config.epochs_between_evals * self.steps_per_epoch))
+        self.per_replica_batch = config.global_batch_size // replicas
+        keras.utils.set_random_seed(config.seed)
+
+        with strategy.scope():
+            self.model = resnet.resnet(
+                config.model,
+                num_classes=source.num_classes,
+                image_size=source.image_size,
+                width_multiplier=config.width_multiplier,
+                synchronized=config.sync_batch_norm and replicas > 1,
+                seed=config.seed,
+            )
+            schedule = schedules.build_schedule(
+                config.lr_schedule,
+                peak_learning_rate=config.learning_rate,
+                steps_per_epoch=self.steps_per_epoch,
+                train_steps=self.train_steps,
+                warmup_epochs=config.warmup_epochs,
+                end_learning_rate=config.end_learning_rate,
+                power=config.poly_power,
+            )
+            self.optimizer = optimizers.build_optimizer(
+                config.optimizer,
+                learning_rate=schedule,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                eta=config.lars_eta,
+            )
+            # Slots must exist before the first distributed step (see DESIGN.md).
+            self.optimizer.build(self.model.trainable_variables)
+            self.train_sums = ReplicaSums(steps_lib.TRAIN_SUMS, name="train_sums")
+            self.eval_sums = ReplicaSums(EVAL_SUMS, name="eval_sums")
+
+        self.ring = None
+        if config.method == steps_lib.CONADV:
+            self.ring = RingBuffer(
+                strategy, config.staleness, self.per_replica_batch, source.image_size
+            )
+        self.context = steps_lib.StepContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            global_batch_size=config.global_batch_size,
+            num_classes=source.num_classes,
+            label_smoothing=config.label_smoothing,
+            attack=config.attack,
+            seed=config.seed,
+            sums=self.train_sums,
+            ring=self.ring,
+        )
+        replica_step = steps_lib.build_step(config.method, self.context)
+        self._replica_step = tf.function(replica_step, jit_compile=config.jit_compile)
+        self._train_loop = tf.function(self._train_loop_fn)
+
+        self.iterator = iter(source.distribute(strategy, TRAIN, config.global_batch_size))
+        self._checkpoint, self._manager = self._make_checkpoint()
+        self._writers = {
+            name: tf.summary.create_file_writer(os.path.join(config.model_dir, name))
+            for name in ("train", "eval")
+        }
+
+    # ----------------------------------------------------------------- state
+
+    def _make_checkpoint(self):
+        replicas = self.strategy.num_replicas_in_sync
+        items = dict(model=self.model, optimizer=self.optimizer)
+        if self.ring is not None:
+            # Keyed by layout: a checkpoint from another replica count or batch
+            # leaves this ring unrestored, and it is refilled (see restore()).
+            items[f"ring_{self.ring.layout}"] = self.ring
+        if self.source.checkpointable_iterator:
+            items[f"train_iterator_r{replicas}_b{self.config.global_batch_size}"] = self.iterator
+        checkpoint = tf.train.Checkpoint(**items)
+        manager = tf.train.CheckpointManager(
+            checkpoint,
+            directory=self.config.model_dir,
+            max_to_keep=self.config.max_checkpoints,
+            checkpoint_name="ckpt",
+            step_counter=self.optimizer.iterations,
+        )
+        return checkpoint, manager
+
+    @property
+    def global_step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def has_checkpoint(self) -> bool:
+        return self._manager.latest_checkpoint is not None
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint in model_dir, if any; returns the step."""
+        latest = self._manager.latest_checkpoint
+        if latest:
+            self._checkpoint.restore(latest).expect_partial()
+            logging.info("Restored %s at step %d", latest, self.global_step)
+        return self.global_step
+
+    def save(self) -> str:
+        path = self._manager.save(checkpoint_number=self.global_step)
+        logging.info("Saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------- training
+
+    def _train_loop_fn(self, iterator, num_steps):
+        for _ in tf.range(num_steps):
+            self.strategy.run(self._replica_step, args=(next(iterator),))
+
+    def fill_ring_buffer(self):
+        """ConAdv's prologue: slot k ← batch k attacked with the current weights."""
+        prologue = steps_lib.build_conadv_prologue(self.context)
+
+        @tf.function
+        def fill(iterator, k):
+            self.strategy.run(prologue, args=(next(iterator), k))
+
+        first_batch = self.global_step
+        for k in range(self.ring.staleness):
+            # Batch index first_batch + k lives in slot (first_batch + k) mod τ.
+            fill(self.iterator, tf.constant(first_batch + k, tf.int64))
+        self.ring.mark_filled()
+
+    def _next_stop(self, step: int, evaluate: bool) -> int:
+        stops = [self.train_steps, step + self.config.steps_per_loop]
+        if evaluate:
+            stops.append((step // self.eval_every + 1) * self.eval_every)
+        if self.config.checkpoint_steps > 0:
+            every = self.config.checkpoint_steps
+            stops.append((step // every + 1) * every)
+        return min(stops)
+
+    def train(self, evaluate: bool = True) -> dict:
+        """Trains to ``train_steps`` (resuming if possible); returns the run summary."""
+        config = self.config
+        start_time = time.time()
+        step = self.restore()
+        if self.ring is not None and not self.ring.is_filled():
+            self.fill_ring_buffer()
+        logging.info(
+            "Training %s (%s) from step %d to %d: %d steps/epoch, global batch %d on %d replicas",
+            config.model,
+            config.method,
+            step,
+            self.train_steps,
+            self.steps_per_epoch,
+            config.global_batch_size,
+            self.strategy.num_replicas_in_sync,
+        )
+        timed_images, timed_seconds, first_loop = 0, 0.0, True
+        last_train, eval_result = {}, {}
+        while step < self.train_steps:
+            stop = self._next_stop(step, evaluate)
+            num_steps = stop - step
+            self.train_sums.reset()
+            loop_start = time.time()
+            self._train_loop(self.iterator, tf.constant(num_steps, tf.int32))
+            totals = self.train_sums.totals()  # reading waits for the loop to finish
+            seconds = time.time() - loop_start
+            step = self.global_step
+            images = num_steps * config.global_batch_size
+            if not first_loop or step >= self.train_steps:
+                timed_images += images
+                timed_seconds += seconds
+            first_loop = False
+            last_train = self._log_train(
+                step, totals, images / max(seconds, 1e-9), seconds / num_steps
+            )
+            at_eval = evaluate and (step % self.eval_every == 0 or step >= self.train_steps)
+            at_checkpoint = config.checkpoint_steps > 0 and step % config.checkpoint_steps == 0
+            if at_eval or at_checkpoint or step >= self.train_steps:
+                self.save()
+            if at_eval:
+                eval_result = self.evaluate(EVAL)
+                self._log_eval(step, eval_result)
+
+        summary = {
+            "method": config.method,
+            "staleness": config.staleness if config.method == steps_lib.CONADV else 0,
+            "global_batch_size": config.global_batch_size,
+            "train_steps": self.train_steps,
+            "epochs": self.train_steps / self.steps_per_epoch,
+            "train_top1": None,
+            "eval_top1": eval_result.get("top1"),
+            "eval_top5": eval_result.get("top5"),
+            "images_per_second": (timed_images / timed_seconds) if timed_seconds else None,
+            "wall_time_s": time.time() - start_time,
+            "final_train_loss": last_train.get("clean_loss"),
+        }
+        if evaluate:
+            if not eval_result:  # resumed at the end: nothing was trained, evaluate anyway
+                eval_result = self.evaluate(EVAL)
+                summary.update(eval_top1=eval_result["top1"], eval_top5=eval_result["top5"])
+            summary["train_top1"] = self.evaluate(TRAIN_EVAL)["top1"]
+            summary["wall_time_s"] = time.time() - start_time
+        return summary
+
+    def _log_train(self, step, totals, images_per_second, seconds_per_step) -> dict:
+        examples = max(totals["examples"], 1.0)
+        values = {
+            "clean_loss": totals["clean_loss"] / examples,
+            "train_top1": totals["clean_correct"] / examples,
+            "learning_rate": float(self.optimizer.learning_rate.numpy()),
+            "images_per_second": images_per_second,
+        }
+        if totals["adv_examples"]:
+            values["adv_loss"] = totals["adv_loss"] / totals["adv_examples"]
+            values["adv_linf"] = totals["adv_linf"] / totals["adv_examples"]
+        with self._writers["train"].as_default(step=step):
+            tf.summary.scalar("loss/clean", values["clean_loss"])
+            tf.summary.scalar("top1/train", values["train_top1"])
+            tf.summary.scalar("learning_rate", values["learning_rate"])
+            tf.summary.scalar("images_per_second", images_per_second)
+            if "adv_loss" in values:
+                tf.summary.scalar("loss/adversarial", values["adv_loss"])
+                tf.summary.scalar("attack/linf", values["adv_linf"])
+        eta = format_duration((self.train_steps - step) * seconds_per_step)
+        adv = f" adv {values['adv_loss']:.3f}" if "adv_loss" in values else ""
+        print(
+            f"step {step}/{self.train_steps} | loss {values['clean_loss']:.3f}{adv}"
+            f" | top1 {values['train_top1']:.3f} | lr {values['learning_rate']:.4g}"
+            f" | {images_per_second:.0f} img/s | ETA {eta}",
+            flush=True,
+        )
+        return values
+
+    def _log_eval(self, step, result):
+        with self._writers["eval"].as_default(step=step):
+            tf.summary.scalar("top1/eval", result["top1"])
+            tf.summary.scalar("top5/eval", result["top5"])
+            tf.summary.scalar("loss/eval", result["loss"])
+        print(
+            f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}"
+            f" loss {result['loss']:.4f} ({int(result['examples'])} images)",
+            flush=True,
+        )
+
+    # ----------------------------------------------------------- evaluation
+
+    def _eval_replica(self, batch):
+        images, labels = batch
+        logits = self.model(images, training=False, bn_branch="main")
+        k = min(5, self.source.num_classes)
+        self.eval_sums.add(
+            examples=tf.size(labels),
+            loss=tf.reduce_sum(losses.cross_entropy(labels, logits)),
+            top1=tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
+            top5=tf.reduce_sum(losses.top_k_correct(labels, logits, k)),
+        )
+
+    def evaluate(self, split: str = EVAL) -> dict:
+        """Main-branch accuracy with moving statistics over one pass of ``split``."""
+        if not hasattr(self, "_eval_datasets"):
+            self._eval_datasets = {}
+            self._eval_loop = tf.function(self._eval_loop_fn)
+        if split not in self._eval_datasets:
+            self._eval_datasets[split] = self.source.distribute(
+                self.strategy, split, self.config.eval_batch_size
+            )
+        self.eval_sums.reset()
+        self._eval_loop(self._eval_datasets[split])
+        totals = self.eval_sums.totals()
+        n = max(totals["examples"], 1.0)
+        return {
+            "examples": totals["examples"],
+            "loss": totals["loss"] / n,
+            "top1": totals["top1"] / n,
+            "top5": totals["top5"] / n,
+        }
+
+    def _eval_loop_fn(self, dataset):
+        for batch in dataset:
+            self.strategy.run(self._eval_replica, args=(batch,))
+
+    # --------------------------------------------------------------- export
+
+    def export(self, export_dir: str | None = None) -> str:
+        """Saves the plain (main-branch) inference model as a ``.keras`` file."""
+        export_dir = (
+            export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
+        )
+        os.makedirs(export_dir, exist_ok=True)
+        path = os.path.join(export_dir, "model.keras")
+        resnet.plain_inference_model(self.model).save(path)
+        return path
+
+
+def write_json(path: str, values: dict):
+    """Writes atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

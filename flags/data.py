@@ -1,0 +1,61 @@
+"""Which data, how it is read and augmented, and batch sizes."""
+
+from absl import flags as absl_flags
+
+
+def define(fv):
+    absl_flags.DEFINE_string(
+        "dataset",
+        "digits",
+        "digits (embedded default), synthetic, imagenet, folder, or tfds:NAME.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_string("data_dir", None, "Directory of the dataset files.", flag_values=fv)
+    absl_flags.DEFINE_integer(
+        "image_size", None, "Input size (default: the dataset's).", flag_values=fv
+    )
+    absl_flags.DEFINE_integer(
+        "num_classes", None, "Number of classes (default: the dataset's).", flag_values=fv
+    )
+    absl_flags.DEFINE_integer("batch_size", 512, "Global training batch size.", flag_values=fv)
+    absl_flags.DEFINE_integer(
+        "eval_batch_size", 512, "Global evaluation batch size.", flag_values=fv
+    )
+    absl_flags.DEFINE_enum(
+        "augment",
+        "none",
+        ["none", "autoaugment", "randaugment"],
+        "Extra training augmentation.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "autoaugment_policy", "v0", ["v0", "imagenet"], "AutoAugment policy.", flag_values=fv
+    )
+    absl_flags.DEFINE_integer("randaugment_layers", 2, "RandAugment ops per image.", flag_values=fv)
+    absl_flags.DEFINE_float(
+        "randaugment_magnitude", 10.0, "RandAugment magnitude (0-30).", flag_values=fv
+    )
+    absl_flags.DEFINE_bool(
+        "one_based_labels", False, "imagenet: labels in the files are 1..1000.", flag_values=fv
+    )
+    absl_flags.DEFINE_bool(
+        "deterministic", False, "Exactly reproducible input order (slower).", flag_values=fv
+    )
+    absl_flags.DEFINE_bool(
+        "cache_eval", False, "Cache the decoded evaluation set in memory.", flag_values=fv
+    )
+    absl_flags.DEFINE_string(
+        "tf_data_service",
+        None,
+        "Offload preprocessing to this tf.data service dispatcher.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_bool(
+        "skip_corrupt_records",
+        False,
+        "Skip (and count) undecodable records instead of stopping.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_bool(
+        "tfds_download", False, "tfds:NAME: allow tensorflow-datasets to download.", flag_values=fv
+    )

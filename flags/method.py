@@ -1,0 +1,47 @@
+"""The training method and its attack."""
+
+from absl import flags as absl_flags
+
+
+def define(fv):
+    absl_flags.DEFINE_enum(
+        "method",
+        "conadv",
+        ["vanilla", "disadv", "conadv"],
+        "vanilla, DisAdv (sequential adversarial training) or ConAdv.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "staleness",
+        1,
+        "ConAdv: attack with the weights of this many steps ago (τ).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "attack_eps", 4.0, "L-inf budget in pixel units (0-255).", flag_values=fv
+    )
+    absl_flags.DEFINE_float(
+        "attack_step_size", None, "PGD step in pixels (default: eps).", flag_values=fv
+    )
+    absl_flags.DEFINE_integer("attack_steps", 1, "PGD steps (the paper uses 1).", flag_values=fv)
+    absl_flags.DEFINE_enum(
+        "attack_init",
+        "random",
+        ["random", "zero"],
+        "Start from a uniform random point in the ball, or from the image.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "attack_bn",
+        "aux",
+        ["aux", "main"],
+        "BatchNorm branch of the attack's forward pass.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "attack_target",
+        "untargeted",
+        ["untargeted", "random"],
+        "Raise the true label's loss, or lower a random wrong label's.",
+        flag_values=fv,
+    )

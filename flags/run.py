@@ -1,0 +1,74 @@
+"""What to run, where to write it, and on which devices."""
+
+import os
+import tempfile
+
+from absl import flags as absl_flags
+
+DEFAULT_MODEL_DIR = os.path.join(tempfile.gettempdir(), "conadv", "digits_conadv")
+
+
+def define(fv):
+    absl_flags.DEFINE_enum(
+        "mode",
+        "train_and_eval",
+        ["train", "eval", "train_and_eval"],
+        "train: train only; eval: evaluate the latest checkpoint; "
+        "train_and_eval: train with periodic evaluation.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_string(
+        "model_dir",
+        DEFAULT_MODEL_DIR,
+        "Checkpoints, TensorBoard logs, summary.json and the export. A run "
+        "on a directory with a checkpoint resumes from it.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_string(
+        "export_dir",
+        None,
+        "Where the inference model is saved (default <model_dir>/export).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "train_steps", None, "Total training steps; overrides --train_epochs.", flag_values=fv
+    )
+    absl_flags.DEFINE_float("train_epochs", 40.0, "Training length in epochs.", flag_values=fv)
+    absl_flags.DEFINE_integer(
+        "steps_per_loop", 10, "Steps run inside one compiled host call.", flag_values=fv
+    )
+    absl_flags.DEFINE_float(
+        "epochs_between_evals",
+        10.0,
+        "Evaluate (and checkpoint) every this many epochs, and at the end.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "checkpoint_steps",
+        0,
+        "Also checkpoint every this many steps (0: only at evaluations and at the end).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "distribution_strategy",
+        "default",
+        ["default", "one_device", "mirrored"],
+        "default: one device, or all local devices when there are several.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "num_cpu_devices",
+        1,
+        "Split the CPU into this many logical devices (to run multi-replica code on one CPU).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "jit_compile",
+        "auto",
+        ["auto", "true", "false"],
+        "Compile the step with XLA. auto: on TPU only (XLA is slower on CPU).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "seed", 0, "Seed for weights, data order and attacks.", flag_values=fv
+    )

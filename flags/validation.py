@@ -1,0 +1,111 @@
+"""Start-up checks of flag values: one line naming the flag and how to fix it.
+
+Checks run before any model or dataset is built, so a typo costs a second,
+not a compiled graph. ``validate`` needs the number of replicas (batch sizes
+must divide evenly); the image-size check needs the dataset's default size,
+so ``main.py`` calls ``validate_image_size`` once the source is known.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class FlagError(ValueError):
+    """A bad flag value or combination; the message is one line."""
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise FlagError(message)
+
+
+def validate_image_size(model: str, image_size: int):
+    from official import resnet
+
+    smallest = resnet.min_image_size(model)
+    _require(
+        image_size >= smallest,
+        f"--image_size={image_size} is too small for --model={model}; use at least {smallest}",
+    )
+
+
+def validate_batch_sizes(values, num_replicas: int):
+    """Batch sizes must split evenly over the replicas (static per-replica shapes)."""
+    for flag in ("batch_size", "eval_batch_size"):
+        size = getattr(values, flag)
+        _require(size >= 1, f"--{flag}={size} must be positive")
+        _require(
+            size % num_replicas == 0,
+            f"--{flag}={size} is not divisible by the {num_replicas} replicas; "
+            f"use a multiple of {num_replicas}",
+        )
+
+
+def validate(values, num_replicas: int = 1):
+    """Raises ``FlagError`` for the first bad value in ``values`` (absl FLAGS or alike)."""
+    from input_pipeline import registry
+    from input_pipeline.base import DataError
+    from official import resnet
+
+    v = values
+    validate_batch_sizes(v, num_replicas)
+    _require(
+        v.model in resnet.MODEL_NAMES,
+        f"--model={v.model} is unknown; choose one of {', '.join(resnet.MODEL_NAMES)}",
+    )
+    try:
+        registry.check_dataset_name(v.dataset)
+    except DataError as error:
+        raise FlagError(str(error)) from None
+    if v.dataset in registry.NEEDS_DATA_DIR:
+        _require(bool(v.data_dir), f"--dataset={v.dataset} reads files: set --data_dir")
+    if v.data_dir:
+        _require(
+            os.path.isdir(v.data_dir),
+            f"--data_dir={v.data_dir} does not exist or is not a directory",
+        )
+    if v.image_size is not None:
+        _require(v.image_size > 0, f"--image_size={v.image_size} must be positive")
+        validate_image_size(v.model, v.image_size)
+    if v.num_classes is not None:
+        _require(v.num_classes >= 2, f"--num_classes={v.num_classes} must be at least 2")
+    _require(v.width_multiplier > 0, f"--width_multiplier={v.width_multiplier} must be > 0")
+
+    _require(
+        0 <= v.attack_eps <= 255,
+        f"--attack_eps={v.attack_eps} must be in [0, 255] (pixel units)",
+    )
+    if v.attack_step_size is not None:
+        _require(v.attack_step_size > 0, f"--attack_step_size={v.attack_step_size} must be > 0")
+    _require(v.attack_steps >= 1, f"--attack_steps={v.attack_steps} must be at least 1")
+    if v.method == "conadv":
+        _require(
+            v.staleness >= 1,
+            f"--staleness={v.staleness}: ConAdv attacks with weights at least 1 step old; "
+            "use --staleness>=1 (or --method=disadv for fresh weights)",
+        )
+
+    if v.train_steps is not None:
+        _require(v.train_steps >= 1, f"--train_steps={v.train_steps} must be at least 1")
+    _require(v.train_epochs > 0, f"--train_epochs={v.train_epochs} must be > 0")
+    _require(v.steps_per_loop >= 1, f"--steps_per_loop={v.steps_per_loop} must be at least 1")
+    _require(
+        v.epochs_between_evals > 0,
+        f"--epochs_between_evals={v.epochs_between_evals} must be > 0",
+    )
+    _require(v.checkpoint_steps >= 0, f"--checkpoint_steps={v.checkpoint_steps} must be >= 0")
+    _require(v.learning_rate >= 0, f"--learning_rate={v.learning_rate} must be >= 0")
+    _require(v.end_learning_rate >= 0, f"--end_learning_rate={v.end_learning_rate} must be >= 0")
+    _require(v.warmup_epochs >= 0, f"--warmup_epochs={v.warmup_epochs} must be >= 0")
+    _require(v.weight_decay >= 0, f"--weight_decay={v.weight_decay} must be >= 0")
+    _require(0 <= v.momentum < 1, f"--momentum={v.momentum} must be in [0, 1)")
+    _require(0 <= v.label_smoothing < 1, f"--label_smoothing={v.label_smoothing} must be in [0, 1)")
+    _require(v.lars_eta > 0, f"--lars_eta={v.lars_eta} must be > 0")
+    _require(v.poly_power > 0, f"--poly_power={v.poly_power} must be > 0")
+    _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")
+    _require(v.randaugment_layers >= 0, f"--randaugment_layers={v.randaugment_layers} must be >= 0")
+    _require(
+        0 <= v.randaugment_magnitude <= 30,
+        f"--randaugment_magnitude={v.randaugment_magnitude} must be in [0, 30]",
+    )

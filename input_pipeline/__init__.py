@@ -1,0 +1,1 @@
+"""tf.data input pipelines: every data source behind one interface (``base.DataSource``)."""

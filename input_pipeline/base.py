@@ -1,0 +1,109 @@
+"""The one interface every data source implements.
+
+Training code never knows where images come from: it asks a ``DataSource``
+for a per-replica ``tf.data.Dataset`` of ``(images, labels)`` batches, where
+images are float32 pixels in [0, 255] of shape ``[B, image_size, image_size, 3]``
+(normalisation is the model's first layer, so attack budgets stay in pixel
+units) and labels are int32 ``[B]``. Batches always have a static shape
+(``drop_remainder=True`` for training), which the compiled step and the
+on-device ring buffer of ConAdv rely on.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import tensorflow as tf
+
+TRAIN = "train"
+EVAL = "eval"
+#: The training split read like the eval split (one pass, eval preprocessing,
+#: possibly a fixed subset): the model's accuracy on it minus eval accuracy is
+#: the generalization gap of the paper's Table 4.
+TRAIN_EVAL = "train_eval"
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data flags, reported as one line."""
+
+
+@dataclasses.dataclass
+class PipelineOptions:
+    """Knobs shared by all sources; each source uses what applies to it."""
+
+    seed: int | None = None
+    deterministic: bool = False
+    cache_eval: bool = False
+    augment: str = "none"
+    autoaugment_policy: str = "v0"
+    randaugment_layers: int = 2
+    randaugment_magnitude: float = 10.0
+    skip_corrupt_records: bool = False
+    tf_data_service: str | None = None
+
+
+class DataSource(abc.ABC):
+    """A dataset split into train and eval, delivered as pixel batches."""
+
+    #: Short name used by ``--dataset``.
+    name: str = ""
+    #: Image size used when ``--image_size`` is not given.
+    default_image_size: int = 224
+    #: Whether the training iterator can be saved in a checkpoint (cheap for
+    #: in-memory sources; file sources with large shuffle buffers say no), so
+    #: that a resumed run sees exactly the batches an uninterrupted one would.
+    checkpointable_iterator: bool = False
+
+    @classmethod
+    def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
+        """Builds the source from flag values; sources with more arguments override it."""
+        del name, data_dir, num_classes
+        return cls(image_size=image_size or cls.default_image_size, options=options, **kwargs)
+
+    def __init__(self, image_size: int, options: PipelineOptions | None = None):
+        self.image_size = int(image_size)
+        self.options = options or PipelineOptions()
+
+    @property
+    @abc.abstractmethod
+    def num_classes(self) -> int:
+        """Number of label classes."""
+
+    @property
+    @abc.abstractmethod
+    def num_train_examples(self) -> int:
+        """Examples in one training epoch."""
+
+    @property
+    @abc.abstractmethod
+    def num_eval_examples(self) -> int:
+        """Examples in the evaluation split."""
+
+    @abc.abstractmethod
+    def dataset(
+        self,
+        split: str,
+        batch_size: int,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """Per-replica batches of ``(float32 [B,S,S,3] in [0,255], int32 [B])``.
+
+        ``split`` is ``TRAIN`` (shuffled, augmented, repeated forever, static
+        batch shape), ``EVAL`` (one pass in a fixed order, no augmentation, the
+        last batch may be partial) or ``TRAIN_EVAL`` (the training examples
+        read like ``EVAL``; a source may use a fixed subset of them).
+        ``batch_size`` is the per-replica batch. ``input_context`` shards the
+        data across input pipelines when the strategy has more than one.
+        """
+
+    def distribute(
+        self, strategy: tf.distribute.Strategy, split: str, global_batch_size: int
+    ) -> tf.distribute.DistributedDataset:
+        """The split as a distributed dataset of per-replica shards."""
+
+        def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+            per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+            return self.dataset(split, per_replica, input_context)
+
+        return strategy.distribute_datasets_from_function(dataset_fn)

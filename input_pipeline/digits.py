@@ -1,0 +1,86 @@
+"""The embedded default dataset: scikit-learn's handwritten digits.
+
+1,797 real 8×8 greyscale scans (UCI "optdigits", shipped inside scikit-learn,
+so nothing is downloaded). Pixels 0–16 are rescaled to 0–255, resized to the
+model's input size and repeated to RGB. The split is a fixed stratified 80/20
+(1,437 train / 360 eval), the same on every machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataError, DataSource
+
+_SPLIT_SEED = 20220425  # fixed: the split must never change between runs
+_EVAL_FRACTION = 0.2
+
+
+def load_digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The fixed stratified split as uint8 [N, 8, 8] images and int32 labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int32)
+    x_train, x_eval, y_train, y_eval = train_test_split(
+        images, labels, test_size=_EVAL_FRACTION, stratify=labels, random_state=_SPLIT_SEED
+    )
+    return {TRAIN: (x_train, y_train), EVAL: (x_eval, y_eval)}
+
+
+class DigitsSource(DataSource):
+    """Handwritten digits, in memory, at any image size."""
+
+    name = "digits"
+    default_image_size = 32
+    checkpointable_iterator = True
+
+    @classmethod
+    def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
+        if num_classes not in (None, 10):
+            raise DataError(f"--num_classes={num_classes}: the digits dataset has 10 classes")
+        return super().create(
+            name=name, image_size=image_size, data_dir=data_dir, num_classes=None, options=options
+        )
+
+    def __init__(self, image_size, options=None):
+        super().__init__(image_size, options)
+        self._splits = load_digits_split()
+        self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
+
+    def _resize(self, images: np.ndarray) -> np.ndarray:
+        """Resizes once, up front: the whole set is a few MB at 32×32."""
+        x = tf.convert_to_tensor(images[..., None], tf.float32)
+        x = tf.image.resize(x, [self.image_size, self.image_size], method="bilinear")
+        x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
+        return tf.tile(x, [1, 1, 1, 3]).numpy()
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self._splits[TRAIN][1])
+
+    @property
+    def num_eval_examples(self) -> int:
+        return len(self._splits[EVAL][1])
+
+    def dataset(self, split, batch_size, input_context=None):
+        source_split = EVAL if split == EVAL else TRAIN
+        images = self._pixels[source_split]
+        labels = self._splits[source_split][1]
+        ds = tf.data.Dataset.from_tensor_slices((images, labels))
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        if split == TRAIN:
+            seed = self.options.seed
+            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+            return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        if split not in (EVAL, TRAIN_EVAL):
+            raise ValueError(f"unknown split {split!r}")
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,168 @@
+"""Train and evaluate ResNets with ConAdv, DisAdv or vanilla large-batch training.
+
+With no flags this trains ConAdv on the embedded handwritten-digits set on
+the CPU. For ImageNet see ``configs/`` (use ``--flagfile``) and BUILD.md.
+
+    conadv-train --flagfile=configs/imagenet_resnet50_32k_conadv.cfg --data_dir=...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, logging
+from absl import flags as absl_flags
+
+import flags as conadv_flags
+from flags.validation import FlagError
+from input_pipeline.base import DataError, PipelineOptions
+
+conadv_flags.define_all()
+FLAGS = absl_flags.FLAGS
+
+
+def _attack_config(values):
+    from conadv.attack import AttackConfig
+
+    return AttackConfig(
+        eps=values.attack_eps,
+        step_size=values.attack_step_size,
+        num_steps=values.attack_steps,
+        random_init=values.attack_init == "random",
+        bn_branch=values.attack_bn,
+        target=values.attack_target,
+    )
+
+
+def _train_config(values, strategy):
+    import tensorflow as tf
+
+    from conadv.trainer import TrainConfig
+
+    if values.jit_compile == "auto":
+        jit = isinstance(strategy, tf.distribute.TPUStrategy)
+    else:
+        jit = values.jit_compile == "true"
+    return TrainConfig(
+        model_dir=values.model_dir,
+        method=values.method,
+        staleness=values.staleness,
+        model=values.model,
+        width_multiplier=values.width_multiplier,
+        sync_batch_norm=values.sync_batch_norm,
+        global_batch_size=values.batch_size,
+        eval_batch_size=values.eval_batch_size,
+        train_steps=values.train_steps,
+        train_epochs=values.train_epochs,
+        steps_per_loop=values.steps_per_loop,
+        epochs_between_evals=values.epochs_between_evals,
+        checkpoint_steps=values.checkpoint_steps,
+        optimizer=values.optimizer,
+        learning_rate=values.learning_rate,
+        warmup_epochs=values.warmup_epochs,
+        lr_schedule=values.lr_schedule,
+        poly_power=values.poly_power,
+        end_learning_rate=values.end_learning_rate,
+        weight_decay=values.weight_decay,
+        momentum=values.momentum,
+        label_smoothing=values.label_smoothing,
+        lars_eta=values.lars_eta,
+        attack=_attack_config(values),
+        jit_compile=jit,
+        seed=values.seed,
+        export_dir=values.export_dir,
+    )
+
+
+def _data_source(values):
+    from input_pipeline import registry
+
+    options = PipelineOptions(
+        seed=values.seed,
+        deterministic=values.deterministic,
+        cache_eval=values.cache_eval,
+        augment=values.augment,
+        autoaugment_policy=values.autoaugment_policy,
+        randaugment_layers=values.randaugment_layers,
+        randaugment_magnitude=values.randaugment_magnitude,
+        skip_corrupt_records=values.skip_corrupt_records,
+        tf_data_service=values.tf_data_service,
+    )
+    extra = {}
+    if values.dataset == "imagenet":
+        extra["one_based_labels"] = values.one_based_labels
+    if values.dataset.startswith("tfds:"):
+        extra["tfds_download"] = values.tfds_download
+    return registry.get_source(
+        values.dataset,
+        image_size=values.image_size,
+        data_dir=values.data_dir,
+        num_classes=values.num_classes,
+        options=options,
+        **extra,
+    )
+
+
+def run_main(values) -> dict | None:
+    """Runs the job the flags describe; returns the summary (train) or eval result."""
+    from official import distribute
+
+    conadv_flags.validation.validate(values)  # everything but the replica count
+    distribute.configure_cpu_devices(values.num_cpu_devices)
+    strategy = distribute.get_strategy(values.distribution_strategy, values.num_cpu_devices)
+    conadv_flags.validation.validate_batch_sizes(values, strategy.num_replicas_in_sync)
+    source = _data_source(values)
+    conadv_flags.validation.validate_image_size(values.model, source.image_size)
+
+    from conadv.trainer import Trainer, write_json
+
+    config = _train_config(values, strategy)
+    os.makedirs(config.model_dir, exist_ok=True)
+    trainer = Trainer(config, strategy, source)
+    if values.mode == "eval":
+        if not trainer.has_checkpoint():
+            raise FlagError(
+                f"--mode=eval: no checkpoint in --model_dir={config.model_dir}; train first"
+            )
+        trainer.restore()
+        result = trainer.evaluate()
+        result["global_step"] = trainer.global_step
+        write_json(os.path.join(config.model_dir, "eval.json"), result)
+        print(f"eval top1 {result['top1']:.4f} top5 {result['top5']:.4f}", flush=True)
+        return result
+
+    summary = trainer.train(evaluate=values.mode == "train_and_eval")
+    summary["export_path"] = trainer.export()
+    write_json(os.path.join(config.model_dir, "summary.json"), summary)
+    if summary["eval_top1"] is not None:
+        print(
+            f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f})"
+            f" in {summary['wall_time_s']:.0f} s; summary in {config.model_dir}/summary.json",
+            flush=True,
+        )
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {' '.join(argv[1:])!r}: every option is a --flag")
+    try:
+        run_main(FLAGS)
+    except (FlagError, DataError) as error:
+        _fail(str(error))
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run():
+    """Console script ``conadv-train``."""
+    logging.set_verbosity(logging.INFO)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,365 @@
+"""ResNet v1.5 (ImageNet family) and the small-image ResNets, with split BatchNorm.
+
+ImageNet family (He et al. 2016, v1.5 as in the MLPerf reference): 7×7/2 stem
+convolution and 3×3/2 max-pool, then four stages; bottleneck blocks put the
+stride in the 3×3 convolution. Small-image family (resnet20 … resnet110):
+3×3 stem and three stages of widths 16/32/64. Shortcuts are 1×1 projections
+(convolution + BatchNorm) wherever the shape changes.
+
+Inputs are float pixels in [0, 255]; the first layer normalises them with
+the ImageNet per-channel mean and standard deviation, so an attack budget
+stays in pixel units. Every BatchNorm is a ``SplitBatchNormalization``, and
+the model's call chooses the branch and whether statistics may update.
+
+Each block writes its forward pass once, as a function of an ``apply``
+callback; the training model passes one that calls its own layers with the
+branch arguments, and ``plain_inference_model`` one that builds a functional
+Keras model of fresh, ordinary layers holding the main branch's weights.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from official.split_batch_norm import SplitBatchNormalization, check_branch
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# name -> (block type, blocks per stage)
+IMAGENET_FAMILY = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+    "resnet200": ("bottleneck", (3, 24, 36, 3)),
+}
+SMALL_FAMILY = {f"resnet{6 * n + 2}": n for n in (3, 5, 7, 9, 18)}  # 20, 32, 44, 56, 110
+MODEL_NAMES = tuple(IMAGENET_FAMILY) + tuple(SMALL_FAMILY)
+
+
+def _check_name(name: str):
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def default_image_size(name: str) -> int:
+    _check_name(name)
+    return 224 if name in IMAGENET_FAMILY else 32
+
+
+def min_image_size(name: str) -> int:
+    """The smallest input whose final feature map is still at least 1×1.
+
+    The ImageNet family halves the size five times (stem, pool, three
+    stages), so 32 px is the least that keeps every stage meaningful; the
+    small family halves it twice, so 8 px.
+    """
+    _check_name(name)
+    return 32 if name in IMAGENET_FAMILY else 8
+
+
+def _width(base: int, multiplier: float) -> int:
+    return max(1, int(round(base * multiplier)))
+
+
+class _Builder:
+    """Creates the layers of one model with shared conventions."""
+
+    def __init__(self, bn_momentum, bn_epsilon, synchronized, seed):
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.synchronized = synchronized
+        self.seed = seed
+        self._count = 0
+
+    def _next_seed(self):
+        self._count += 1
+        return None if self.seed is None else self.seed * 100_003 + self._count
+
+    def conv(self, filters, kernel, stride=1, name=None):
+        return keras.layers.Conv2D(
+            filters,
+            kernel,
+            strides=stride,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=keras.initializers.HeNormal(seed=self._next_seed()),
+            name=name,
+        )
+
+    def bn(self, zero_gamma=False, name=None):
+        return SplitBatchNormalization(
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            gamma_initializer="zeros" if zero_gamma else "ones",
+            synchronized=self.synchronized,
+            name=name,
+        )
+
+
+class _Block(keras.layers.Layer):
+    """A residual block: ``forward`` is written once for both models."""
+
+    def call(self, x, training=False, bn_branch="main", update_stats=True):
+        def apply(layer, tensor):
+            if isinstance(layer, SplitBatchNormalization):
+                return layer(
+                    tensor, training=training, bn_branch=bn_branch, update_stats=update_stats
+                )
+            return layer(tensor)
+
+        return self.forward(x, apply)
+
+    def compute_output_shape(self, input_shape):
+        return self.output_shape_for(input_shape)
+
+
+class BasicBlock(_Block):
+    """Two 3×3 convolutions (ResNet-18/34 and the small family)."""
+
+    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.stride = filters, stride
+        self.conv1 = builder.conv(filters, 3, stride, name="conv1")
+        self.bn1 = builder.bn(name="bn1")
+        self.conv2 = builder.conv(filters, 3, name="conv2")
+        self.bn2 = builder.bn(zero_gamma=zero_init_last_bn, name="bn2")
+        self._builder = builder
+        self.projection = None
+
+    def build(self, input_shape):
+        if self.stride != 1 or input_shape[-1] != self.filters:
+            self.projection = [
+                self._builder.conv(self.filters, 1, self.stride, name="shortcut_conv"),
+                self._builder.bn(name="shortcut_bn"),
+            ]
+
+    def forward(self, x, apply):
+        shortcut = x
+        if self.projection is not None:
+            shortcut = apply(self.projection[1], apply(self.projection[0], x))
+        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
+        y = apply(self.bn2, apply(self.conv2, y))
+        return ops.relu(ops.add(y, shortcut))
+
+    def output_shape_for(self, s):
+        size = lambda d: None if d is None else (d + self.stride - 1) // self.stride  # noqa: E731
+        return (s[0], size(s[1]), size(s[2]), self.filters)
+
+
+class BottleneckBlock(_Block):
+    """1×1 → 3×3 (with the stride: v1.5) → 1×1 ×4 (ResNet-50 and deeper)."""
+
+    expansion = 4
+
+    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.stride = filters, stride
+        self.out_filters = filters * self.expansion
+        self.conv1 = builder.conv(filters, 1, name="conv1")
+        self.bn1 = builder.bn(name="bn1")
+        self.conv2 = builder.conv(filters, 3, stride, name="conv2")
+        self.bn2 = builder.bn(name="bn2")
+        self.conv3 = builder.conv(self.out_filters, 1, name="conv3")
+        self.bn3 = builder.bn(zero_gamma=zero_init_last_bn, name="bn3")
+        self._builder = builder
+        self.projection = None
+
+    def build(self, input_shape):
+        if self.stride != 1 or input_shape[-1] != self.out_filters:
+            self.projection = [
+                self._builder.conv(self.out_filters, 1, self.stride, name="shortcut_conv"),
+                self._builder.bn(name="shortcut_bn"),
+            ]
+
+    def forward(self, x, apply):
+        shortcut = x
+        if self.projection is not None:
+            shortcut = apply(self.projection[1], apply(self.projection[0], x))
+        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
+        y = ops.relu(apply(self.bn2, apply(self.conv2, y)))
+        y = apply(self.bn3, apply(self.conv3, y))
+        return ops.relu(ops.add(y, shortcut))
+
+    def output_shape_for(self, s):
+        size = lambda d: None if d is None else (d + self.stride - 1) // self.stride  # noqa: E731
+        return (s[0], size(s[1]), size(s[2]), self.out_filters)
+
+
+class SplitBNResNet(keras.Model):
+    """A ResNet whose every BatchNorm has a main and an auxiliary branch.
+
+    ``model(images, training=False, bn_branch="main", update_stats=True)``:
+    ``training=False`` normalises with the branch's moving statistics;
+    ``training=True`` with batch statistics, updating that branch's moving
+    statistics only if ``update_stats``. The other branch is never touched.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        width_multiplier: float = 1.0,
+        zero_init_last_bn: bool = True,
+        synchronized: bool = False,
+        bn_momentum: float = 0.9,
+        bn_epsilon: float = 1e-5,
+        seed: int | None = None,
+    ):
+        super().__init__(name=name)
+        _check_name(name)
+        self.num_classes = int(num_classes)
+        self.width_multiplier = float(width_multiplier)
+        builder = _Builder(bn_momentum, bn_epsilon, synchronized, seed)
+        # (x − mean) / std as a per-channel affine map: an ordinary Keras layer,
+        # so the exported model loads without custom objects.
+        std = np.asarray(IMAGENET_STD)
+        self.normalize = keras.layers.Rescaling(
+            scale=(1.0 / std).tolist(),
+            offset=(-np.asarray(IMAGENET_MEAN) / std).tolist(),
+            name="normalize",
+        )
+        w = width_multiplier
+        if name in IMAGENET_FAMILY:
+            kind, counts = IMAGENET_FAMILY[name]
+            self.stem = [
+                builder.conv(_width(64, w), 7, 2, name="stem_conv"),
+                builder.bn(name="stem_bn"),
+            ]
+            self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")
+            widths = [_width(f, w) for f in (64, 128, 256, 512)]
+            block_cls = BasicBlock if kind == "basic" else BottleneckBlock
+        else:
+            counts = (SMALL_FAMILY[name],) * 3
+            self.stem = [
+                builder.conv(_width(16, w), 3, name="stem_conv"),
+                builder.bn(name="stem_bn"),
+            ]
+            self.stem_pool = None
+            widths = [_width(f, w) for f in (16, 32, 64)]
+            block_cls = BasicBlock
+        self.blocks = []
+        for stage, (count, filters) in enumerate(zip(counts, widths)):
+            for index in range(count):
+                stride = 2 if index == 0 and stage > 0 else 1
+                self.blocks.append(
+                    block_cls(
+                        builder,
+                        filters,
+                        stride,
+                        zero_init_last_bn,
+                        name=f"stage{stage + 1}_block{index + 1}",
+                    )
+                )
+        self.pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
+        self.classifier = keras.layers.Dense(
+            num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
+            name="logits",
+        )
+
+    def forward(self, images, apply):
+        x = apply(self.normalize, images)
+        x = ops.relu(apply(self.stem[1], apply(self.stem[0], x)))
+        if self.stem_pool is not None:
+            x = apply(self.stem_pool, x)
+        for block in self.blocks:
+            x = apply(block, x)
+        return apply(self.classifier, apply(self.pool, x))
+
+    def call(self, images, training=False, bn_branch="main", update_stats=True):
+        check_branch(bn_branch)
+        kwargs = dict(training=bool(training), bn_branch=bn_branch, update_stats=update_stats)
+
+        def apply(layer, tensor):
+            if isinstance(layer, (SplitBatchNormalization, _Block)):
+                return layer(tensor, **kwargs)
+            return layer(tensor)
+
+        return self.forward(ops.cast(images, "float32"), apply)
+
+    def split_batch_norm_layers(self) -> list[SplitBatchNormalization]:
+        return [
+            layer for layer in self._flatten_layers() if isinstance(layer, SplitBatchNormalization)
+        ]
+
+
+def resnet(
+    name: str,
+    num_classes: int,
+    image_size: int | None = None,
+    width_multiplier: float = 1.0,
+    zero_init_last_bn: bool = True,
+    synchronized: bool = False,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+    seed: int | None = None,
+    shortcut: str | None = None,
+) -> SplitBNResNet:
+    """Builds the split-BatchNorm model, its variables created for ``image_size`` inputs."""
+    _check_name(name)
+    if shortcut not in (None, "projection"):
+        raise ValueError(f"shortcut must be 'projection', got {shortcut!r}")
+    size = image_size or default_image_size(name)
+    if size < min_image_size(name):
+        raise ValueError(f"{name} needs images of at least {min_image_size(name)} px, got {size}")
+    model = SplitBNResNet(
+        name,
+        num_classes,
+        width_multiplier=width_multiplier,
+        zero_init_last_bn=zero_init_last_bn,
+        synchronized=synchronized,
+        bn_momentum=bn_momentum,
+        bn_epsilon=bn_epsilon,
+        seed=seed,
+    )
+    model.image_size = size
+    model(np.zeros((1, size, size, 3), np.float32))
+    return model
+
+
+def _plain_batch_norm(layer: SplitBatchNormalization, tensor):
+    plain = keras.layers.BatchNormalization(
+        momentum=layer.momentum,
+        epsilon=layer.epsilon,
+        name=(layer.path or layer.name).replace("/", "_"),
+    )
+    out = plain(tensor)
+    main = layer.branch_variables("main")
+    plain.set_weights(
+        [main[key].numpy() for key in ("gamma", "beta", "moving_mean", "moving_variance")]
+    )
+    return out
+
+
+def _plain_copy(layer, tensor):
+    config = layer.get_config()
+    config["name"] = (layer.path or layer.name).replace("/", "_")
+    plain = layer.__class__.from_config(config)
+    out = plain(tensor)
+    plain.set_weights(layer.get_weights())
+    return out
+
+
+def plain_inference_model(model: SplitBNResNet) -> keras.Model:
+    """A functional Keras model of ordinary layers holding the main branch's weights.
+
+    This is what is exported: it needs no custom objects to load, and gives
+    the split model's evaluation output (main branch, moving statistics).
+    """
+
+    def apply(layer, tensor):
+        if isinstance(layer, SplitBatchNormalization):
+            return _plain_batch_norm(layer, tensor)
+        if isinstance(layer, _Block):
+            return layer.forward(tensor, apply)
+        return _plain_copy(layer, tensor)
+
+    size = getattr(model, "image_size", None)
+    inputs = keras.Input((size, size, 3), name="images")
+    outputs = model.forward(inputs, apply)
+    return keras.Model(inputs, outputs, name=f"{model.name}_inference")

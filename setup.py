@@ -1,0 +1,42 @@
+"""Packaging for ConAdv.
+
+TensorFlow is chosen by an extra because TPU VMs, GPU hosts and CPU machines
+each need a different wheel: ``pip install -e .[cpu]``, ``.[gpu]`` or ``.[tpu]``.
+"""
+
+from setuptools import setup
+
+COMMON = [
+    "absl-py>=1.0",
+    "numpy>=1.23",
+    "scikit-learn>=1.2",  # ships the embedded default dataset (handwritten digits)
+]
+
+EXTRAS = {
+    "cpu": ["tensorflow-cpu>=2.16"],
+    "gpu": ["tensorflow[and-cuda]>=2.16"],
+    "tpu": ["tensorflow-tpu>=2.16"],
+    "tfds": ["tensorflow-datasets>=4.9"],
+    "test": [
+        "pytest>=7",
+        "pytest-xdist>=3",
+        "pillow>=9",
+        "ruff>=0.5",
+        "tensorflow-datasets>=4.9",
+    ],
+}
+
+setup(
+    name="conadv",
+    version="0.1.0",
+    description=(
+        "Concurrent Adversarial Learning for Large-Batch Training (ICLR 2022) "
+        "in TensorFlow 2 / Keras 3"
+    ),
+    python_requires=">=3.10",
+    packages=["official", "conadv", "input_pipeline", "flags"],
+    py_modules=["main"],
+    install_requires=COMMON,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["conadv-train=main:run"]},
+)

@@ -1,0 +1,126 @@
+"""Small real models and fixed batches shared by the method's tests (no mocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from conadv import attack as attack_lib
+from conadv import steps as steps_lib
+from conadv.metrics import ReplicaSums
+from conadv.ring_buffer import RingBuffer
+from official import optimizers, resnet
+
+IMAGE_SIZE = 16
+NUM_CLASSES = 10
+
+
+def fixed_batches(num_batches: int, batch_size: int, seed: int = 0):
+    """Images with a learnable class signal (a class-dependent bright patch) and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, size=(num_batches, batch_size)).astype(np.int32)
+    images = rng.uniform(0, 120, size=(num_batches, batch_size, IMAGE_SIZE, IMAGE_SIZE, 3))
+    for b in range(num_batches):
+        for i in range(batch_size):
+            row = labels[b, i]
+            images[b, i, row : row + 4, 2:12, :] += 120.0
+    return images.astype(np.float32), labels
+
+
+def batch_iterator(images, labels, strategy=None):
+    """An iterator over the given per-step batches, as a training loop sees them."""
+    strategy = strategy or tf.distribute.get_strategy()
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    return iter(strategy.experimental_distribute_dataset(ds))
+
+
+def small_model(seed: int = 1, width: float = 0.5):
+    return resnet.resnet(
+        "resnet20",
+        num_classes=NUM_CLASSES,
+        image_size=IMAGE_SIZE,
+        width_multiplier=width,
+        seed=seed,
+    )
+
+
+def make_context(
+    model,
+    learning_rate=0.1,
+    optimizer="momentum",
+    weight_decay=0.0,
+    staleness=None,
+    batch_size=8,
+    attack=None,
+    label_smoothing=0.0,
+    strategy=None,
+):
+    """A step context like the trainer's, with its ring buffer if ``staleness``."""
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        opt = optimizers.build_optimizer(
+            optimizer, learning_rate=learning_rate, momentum=0.9, weight_decay=weight_decay
+        )
+        opt.build(model.trainable_variables)
+        sums = ReplicaSums(steps_lib.TRAIN_SUMS)
+    ring = None
+    if staleness:
+        per_replica = batch_size // strategy.num_replicas_in_sync
+        ring = RingBuffer(strategy, staleness, per_replica, IMAGE_SIZE)
+    return steps_lib.StepContext(
+        model=model,
+        optimizer=opt,
+        global_batch_size=batch_size,
+        num_classes=NUM_CLASSES,
+        label_smoothing=label_smoothing,
+        attack=attack or attack_lib.AttackConfig(eps=8.0),
+        seed=3,
+        sums=sums,
+        ring=ring,
+    )
+
+
+def step_runner(ctx, method, strategy=None, jit_compile=False):
+    """Runs one training step of ``method`` per call, like the trainer's loop does."""
+    strategy = strategy or tf.distribute.get_strategy()
+    replica_step = tf.function(steps_lib.build_step(method, ctx), jit_compile=jit_compile)
+
+    @tf.function
+    def run(iterator):
+        strategy.run(replica_step, args=(next(iterator),))
+
+    return run
+
+
+def fill_ring(ctx, iterator, strategy=None):
+    strategy = strategy or tf.distribute.get_strategy()
+    prologue = steps_lib.build_conadv_prologue(ctx)
+
+    @tf.function
+    def fill(it, k):
+        strategy.run(prologue, args=(next(it), k))
+
+    for k in range(ctx.ring.staleness):
+        fill(iterator, tf.constant(k, tf.int64))
+    ctx.ring.mark_filled()
+
+
+def snapshot(model):
+    return [v.numpy().copy() for v in model.variables]
+
+
+def restore(model, values):
+    for var, value in zip(model.variables, values):
+        var.assign(value)
+
+
+def attack_in_replica(ctx, images, labels, batch_index):
+    """``steps.run_attack`` as the steps call it, from outside a replica function."""
+
+    @tf.function
+    def fn():
+        return tf.distribute.get_strategy().run(
+            steps_lib.run_attack, args=(ctx, images, labels, tf.constant(batch_index, tf.int64))
+        )
+
+    return fn().numpy()

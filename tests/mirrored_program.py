@@ -1,0 +1,104 @@
+"""Runs the three methods under MirroredStrategy on 2 logical CPU devices; prints JSON.
+
+A separate process, because logical devices must be configured before
+TensorFlow initialises its devices (tests/test_mirrored.py starts it).
+"""
+
+import json
+
+import numpy as np
+import tensorflow as tf
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+)
+
+from official import resnet  # noqa: E402
+from tests import method_testing as mt  # noqa: E402
+
+BATCH = 8
+
+
+def model_for(strategy, synchronized):
+    with strategy.scope():
+        return resnet.resnet(
+            "resnet20",
+            num_classes=mt.NUM_CLASSES,
+            image_size=mt.IMAGE_SIZE,
+            width_multiplier=0.5,
+            synchronized=synchronized,
+            seed=2,
+        )
+
+
+def train(strategy, method, images, labels, steps, synchronized=True):
+    model = model_for(strategy, synchronized)
+    ctx = mt.make_context(
+        model,
+        learning_rate=0.1,
+        optimizer="momentum",
+        weight_decay=1e-4,
+        staleness=1 if method == "conadv" else None,
+        batch_size=BATCH,
+        strategy=strategy,
+    )
+    iterator = mt.batch_iterator(images, labels, strategy)
+    if method == "conadv":
+        mt.fill_ring(ctx, iterator, strategy)
+    run = mt.step_runner(ctx, method, strategy)
+    for _ in range(steps):
+        run(iterator)
+    return model, ctx
+
+
+def main():
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    single = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images, labels = mt.fixed_batches(5, BATCH, seed=3)
+    out = {"replicas": mirrored.num_replicas_in_sync, "methods": {}}
+
+    for method in ("vanilla", "disadv", "conadv"):
+        model, ctx = train(mirrored, method, images, labels, steps=2)
+        finite = all(np.all(np.isfinite(v.numpy())) for v in model.variables)
+        out["methods"][method] = {
+            "steps": int(ctx.optimizer.iterations.numpy()),
+            "finite": bool(finite),
+            "examples": ctx.sums.totals()["examples"],
+        }
+        if method == "conadv":
+            # Prologue took batch 0; steps 0 and 1 took batches 1 and 2, so the
+            # ring now holds batch 2, split between the replicas in order.
+            half = BATCH // 2
+            out["ring_replica_images_match"] = [
+                bool(
+                    np.array_equal(
+                        ctx.ring.images[r][0].numpy(), images[2][r * half : (r + 1) * half]
+                    )
+                )
+                for r in range(2)
+            ]
+            out["ring_replicas_differ"] = bool(
+                not np.array_equal(
+                    ctx.ring.adversarial[0][0].numpy(), ctx.ring.adversarial[1][0].numpy()
+                )
+            )
+
+    sync_model, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=True)
+    ref_model, _ = train(single, "vanilla", images, labels, steps=3, synchronized=False)
+    local_model, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=False)
+
+    def max_rel_diff(a, b):
+        worst = 0.0
+        for x, y in zip(a.variables, b.variables):
+            x, y = x.numpy(), y.numpy()
+            worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)))
+        return worst
+
+    out["sync_vs_single_max_rel_diff"] = max_rel_diff(sync_model, ref_model)
+    out["unsync_vs_single_max_rel_diff"] = max_rel_diff(local_model, ref_model)
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""main.py end to end, as a user runs it: training, checkpoints, resuming, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--model=resnet20",
+    "--width_multiplier=0.25",
+    "--image_size=16",
+    "--eval_batch_size=64",
+    "--learning_rate=1.0",
+    "--warmup_epochs=0",
+]
+SYNTHETIC = ["--dataset=synthetic", "--num_classes=10", "--batch_size=16", *SMALL]
+
+
+def run_main(*args, expect_ok=True):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"main.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def checkpoint_steps(model_dir):
+    state = tf.train.get_checkpoint_state(model_dir)
+    paths = state.all_model_checkpoint_paths if state else []
+    return sorted(int(p.rsplit("-", 1)[1]) for p in paths)
+
+
+class TrainAndResumeTest(tf.test.TestCase):
+    def test_each_method_trains_checkpoints_and_resumes(self):
+        for method in ("vanilla", "disadv", "conadv"):
+            model_dir = os.path.join(self.get_temp_dir(), method)
+            run_main(
+                *SYNTHETIC,
+                f"--method={method}",
+                "--train_steps=20",
+                "--steps_per_loop=10",
+                "--checkpoint_steps=10",
+                f"--model_dir={model_dir}",
+            )
+            with open(os.path.join(model_dir, "summary.json")) as f:
+                summary = json.load(f)
+            for key in (
+                "method",
+                "staleness",
+                "global_batch_size",
+                "train_steps",
+                "epochs",
+                "train_top1",
+                "eval_top1",
+                "eval_top5",
+                "images_per_second",
+                "wall_time_s",
+            ):
+                self.assertIn(key, summary)
+            self.assertEqual(summary["method"], method)
+            self.assertEqual(summary["train_steps"], 20)
+            self.assertEqual(summary["global_batch_size"], 16)
+            self.assertEqual(checkpoint_steps(model_dir), [10, 20])
+            self.assertTrue(os.path.exists(os.path.join(model_dir, "export", "model.keras")))
+
+            # Same model_dir, more steps: resumes at 20 and runs only 20 → 30.
+            proc = run_main(
+                *SYNTHETIC,
+                f"--method={method}",
+                "--train_steps=30",
+                "--steps_per_loop=10",
+                "--checkpoint_steps=10",
+                f"--model_dir={model_dir}",
+            )
+            progress = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+            self.assertEqual(len(progress), 1, proc.stdout)
+            self.assertTrue(progress[0].startswith("step 30/30"), progress[0])
+            self.assertEqual(checkpoint_steps(model_dir)[-1], 30)
+
+    def test_interrupted_conadv_run_resumes_exactly(self):
+        """6 steps at once equal 3 steps, a restart, then 3 more (ring and data restored)."""
+        common = [
+            "--dataset=digits",
+            "--method=conadv",
+            "--batch_size=32",
+            "--steps_per_loop=3",
+            "--mode=train",
+            *SMALL,
+        ]
+        straight = os.path.join(self.get_temp_dir(), "straight")
+        resumed = os.path.join(self.get_temp_dir(), "resumed")
+        run_main(*common, "--train_steps=6", f"--model_dir={straight}")
+        run_main(*common, "--train_steps=3", f"--model_dir={resumed}")
+        run_main(*common, "--train_steps=6", f"--model_dir={resumed}")
+        a = tf.train.load_checkpoint(tf.train.latest_checkpoint(straight))
+        b = tf.train.load_checkpoint(tf.train.latest_checkpoint(resumed))
+        names = [n for n in a.get_variable_to_shape_map() if "model/" in n or "ring" in n]
+        self.assertGreater(len(names), 50)
+        for name in names:
+            self.assertAllClose(
+                a.get_tensor(name), b.get_tensor(name), rtol=1e-5, atol=1e-6, msg=name
+            )
+        # Training really happened between the two halves.
+        first_half = tf.train.load_checkpoint(os.path.join(resumed, "ckpt-3"))
+        kernel = next(n for n in names if "kernel" in n)
+        self.assertGreater(np.abs(first_half.get_tensor(kernel) - b.get_tensor(kernel)).max(), 0)
+
+
+class BadFlagsTest(tf.test.TestCase):
+    CASES = [
+        (
+            ["--num_cpu_devices=2", "--distribution_strategy=mirrored", "--batch_size=15"],
+            "--batch_size",
+        ),
+        (["--attack_eps=-1"], "--attack_eps"),
+        (["--method=conadv", "--staleness=0"], "--staleness"),
+        (["--model=resnet51"], "--model"),
+        (["--dataset=mnist_typo"], "--dataset"),
+        (["--dataset=imagenet"], "--data_dir"),
+        (["--dataset=imagenet", "--data_dir=/nonexistent/imagenet"], "--data_dir"),
+        (["--model=resnet50", "--image_size=16"], "--image_size"),
+    ]
+
+    def test_each_bad_combination_exits_with_one_line_naming_the_flag(self):
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        for args, flag in self.CASES:
+            proc = run_main(*args, f"--model_dir={model_dir}", expect_ok=False)
+            self.assertNotEqual(proc.returncode, 0, args)
+            errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+            self.assertEqual(len(errors), 1, f"{args}: {proc.stderr[-2000:]}")
+            self.assertIn(flag, errors[0], args)
+            self.assertNotIn("Traceback", proc.stderr, args)
+
+
+if __name__ == "__main__":
+    tf.test.main()
