@@ -10,6 +10,7 @@ COMMON = [
     "absl-py>=1.0",
     "numpy>=1.23",
     "scikit-learn>=1.2",  # ships the embedded default dataset (handwritten digits)
+    "tensorboard>=2.16",  # tf.summary scalars
 ]
 
 EXTRAS = {

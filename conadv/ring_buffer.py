@@ -18,6 +18,14 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def _replica_devices(strategy) -> list[str | None]:
+    """This host's replica devices; the current device under the default strategy."""
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:
+        return [None]
+
+
 class RingBuffer(tf.Module):
     """τ slots per local replica of (images, labels, adversarial images)."""
 
@@ -38,7 +46,7 @@ class RingBuffer(tf.Module):
         self.images = []
         self.labels = []
         self.adversarial = []
-        for index, device in enumerate(strategy.extended.worker_devices):
+        for index, device in enumerate(_replica_devices(strategy)):
             with tf.device(device):
                 self.images.append(self._variable(image_shape, tf.float32, f"images_{index}"))
                 self.labels.append(self._variable(label_shape, tf.int32, f"labels_{index}"))

@@ -77,7 +77,9 @@ def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
 
 def _apply(ctx: StepContext, tape, loss, wait_for=()):
     variables = ctx.model.trainable_variables
-    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    grads = tape.gradient(loss, variables)
+    # The branch a step does not use gets a zero gradient (its momentum then stays 0).
+    grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
     if wait_for:
         # The update may only overwrite θ_t after everything in wait_for has read it.
         with tf.control_dependencies(list(wait_for)):

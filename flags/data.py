@@ -17,7 +17,7 @@ def define(fv):
     absl_flags.DEFINE_integer(
         "num_classes", None, "Number of classes (default: the dataset's).", flag_values=fv
     )
-    absl_flags.DEFINE_integer("batch_size", 512, "Global training batch size.", flag_values=fv)
+    absl_flags.DEFINE_integer("batch_size", 256, "Global training batch size.", flag_values=fv)
     absl_flags.DEFINE_integer(
         "eval_batch_size", 512, "Global evaluation batch size.", flag_values=fv
     )

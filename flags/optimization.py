@@ -8,7 +8,7 @@ def define(fv):
     absl_flags.DEFINE_float(
         "learning_rate", 6.0, "Peak learning rate (after warmup).", flag_values=fv
     )
-    absl_flags.DEFINE_float("warmup_epochs", 5.0, "Linear warmup length.", flag_values=fv)
+    absl_flags.DEFINE_float("warmup_epochs", 2.0, "Linear warmup length.", flag_values=fv)
     absl_flags.DEFINE_enum(
         "lr_schedule", "poly", ["poly", "cosine", "step"], "Decay after warmup.", flag_values=fv
     )

@@ -33,7 +33,7 @@ def define(fv):
     absl_flags.DEFINE_integer(
         "train_steps", None, "Total training steps; overrides --train_epochs.", flag_values=fv
     )
-    absl_flags.DEFINE_float("train_epochs", 40.0, "Training length in epochs.", flag_values=fv)
+    absl_flags.DEFINE_float("train_epochs", 16.0, "Training length in epochs.", flag_values=fv)
     absl_flags.DEFINE_integer(
         "steps_per_loop", 10, "Steps run inside one compiled host call.", flag_values=fv
     )
