@@ -6,7 +6,7 @@ from absl import flags as absl_flags
 def define(fv):
     absl_flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum"], "Optimizer.", flag_values=fv)
     absl_flags.DEFINE_float(
-        "learning_rate", 6.0, "Peak learning rate (after warmup).", flag_values=fv
+        "learning_rate", 20.0, "Peak learning rate (after warmup).", flag_values=fv
     )
     absl_flags.DEFINE_float("warmup_epochs", 2.0, "Linear warmup length.", flag_values=fv)
     absl_flags.DEFINE_enum(

@@ -39,7 +39,7 @@ def define(fv):
     )
     absl_flags.DEFINE_float(
         "epochs_between_evals",
-        10.0,
+        8.0,
         "Evaluate (and checkpoint) every this many epochs, and at the end.",
         flag_values=fv,
     )
