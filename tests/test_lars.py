@@ -1,5 +1,6 @@
 """LARS and momentum SGD against an independent NumPy implementation of the MLPerf update."""
 
+import json
 import os
 import subprocess
 import sys
@@ -143,8 +144,6 @@ class LarsMirroredTest(tf.test.TestCase):
         )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         self.assertTrue(lines, proc.stderr[-3000:])
-        import json
-
         r = json.loads(lines[-1][7:])
         w0, g = np.array(r["w0"]), np.array(r["g"])
         want, _ = numpy_lars_step(w0, g.mean(axis=0), 0.0, 1.0, 0.9, 1e-3, 0.01, 0.0)

@@ -77,7 +77,7 @@ class XlaTest(tf.test.TestCase):
             x = tf.random.uniform([2, 32, 32, 3], 0, 255)
 
             @tf.function(jit_compile=True)
-            def grads(images):
+            def grads(images, model=model):
                 with tf.GradientTape() as tape:
                     logits = model(images, training=True, bn_branch="aux", update_stats=True)
                     loss = tf.reduce_sum(logits**2)

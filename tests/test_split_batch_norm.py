@@ -1,5 +1,6 @@
 """Split BatchNorm: branch isolation, update rules, export, synchronised moments."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,7 +103,7 @@ class ModelBranchTest(tf.test.TestCase):
 
     def test_exported_plain_model_matches_evaluation(self):
         plain = resnet.plain_inference_model(self.model)
-        self.assertFalse(any(isinstance(l, SplitBatchNormalization) for l in plain.layers))
+        self.assertFalse(any(isinstance(layer, SplitBatchNormalization) for layer in plain.layers))
         expected = self.model(self.x, training=False).numpy()
         self.assertAllClose(plain(self.x).numpy(), expected, atol=1e-4)
         path = os.path.join(self.get_temp_dir(), "model.keras")
@@ -121,7 +122,8 @@ from official.split_batch_norm import SplitBatchNormalization
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 # The two shards have very different means, so local and global moments differ.
-x = np.concatenate([rng.normal(0, 1, (4, 2, 2, 3)), rng.normal(5, 2, (4, 2, 2, 3))]).astype("float32")
+x = np.concatenate([rng.normal(0, 1, (4, 2, 2, 3)), rng.normal(5, 2, (4, 2, 2, 3))])
+x = x.astype("float32")
 out = {}
 for sync in (True, False):
     with strategy.scope():
@@ -134,7 +136,8 @@ for sync in (True, False):
     y = step(next(iter(ds)))
     out[str(sync)] = {
         "moving_mean": layer.main_moving_mean.numpy().tolist(),
-        "output": np.concatenate([t.numpy() for t in strategy.experimental_local_results(y)]).tolist(),
+        "output": np.concatenate(
+            [t.numpy() for t in strategy.experimental_local_results(y)]).tolist(),
     }
 print("RESULT " + json.dumps(out))
 """
@@ -149,10 +152,8 @@ class SynchronizedTest(tf.test.TestCase):
             text=True,
             timeout=300,
         )
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         self.assertTrue(lines, proc.stderr[-3000:])
-        import json
-
         result = json.loads(lines[-1][7:])
         rng = np.random.default_rng(0)
         x = np.concatenate([rng.normal(0, 1, (4, 2, 2, 3)), rng.normal(5, 2, (4, 2, 2, 3))]).astype(
