@@ -129,19 +129,19 @@ class BasicBlock(_Block):
         self.conv2 = builder.conv(filters, 3, name="conv2")
         self.bn2 = builder.bn(zero_gamma=zero_init_last_bn, name="bn2")
         self._builder = builder
-        self.projection = None
+        self.shortcut_conv = self.shortcut_bn = None
 
     def build(self, input_shape):
         if self.stride != 1 or input_shape[-1] != self.filters:
-            self.projection = [
-                self._builder.conv(self.filters, 1, self.stride, name="shortcut_conv"),
-                self._builder.bn(name="shortcut_bn"),
-            ]
+            self.shortcut_conv = self._builder.conv(
+                self.filters, 1, self.stride, name="shortcut_conv"
+            )
+            self.shortcut_bn = self._builder.bn(name="shortcut_bn")
 
     def forward(self, x, apply):
         shortcut = x
-        if self.projection is not None:
-            shortcut = apply(self.projection[1], apply(self.projection[0], x))
+        if self.shortcut_conv is not None:
+            shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
         y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
         y = apply(self.bn2, apply(self.conv2, y))
         return ops.relu(ops.add(y, shortcut))
@@ -167,19 +167,19 @@ class BottleneckBlock(_Block):
         self.conv3 = builder.conv(self.out_filters, 1, name="conv3")
         self.bn3 = builder.bn(zero_gamma=zero_init_last_bn, name="bn3")
         self._builder = builder
-        self.projection = None
+        self.shortcut_conv = self.shortcut_bn = None
 
     def build(self, input_shape):
         if self.stride != 1 or input_shape[-1] != self.out_filters:
-            self.projection = [
-                self._builder.conv(self.out_filters, 1, self.stride, name="shortcut_conv"),
-                self._builder.bn(name="shortcut_bn"),
-            ]
+            self.shortcut_conv = self._builder.conv(
+                self.out_filters, 1, self.stride, name="shortcut_conv"
+            )
+            self.shortcut_bn = self._builder.bn(name="shortcut_bn")
 
     def forward(self, x, apply):
         shortcut = x
-        if self.projection is not None:
-            shortcut = apply(self.projection[1], apply(self.projection[0], x))
+        if self.shortcut_conv is not None:
+            shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
         y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
         y = ops.relu(apply(self.bn2, apply(self.conv2, y)))
         y = apply(self.bn3, apply(self.conv3, y))
@@ -226,35 +226,32 @@ class SplitBNResNet(keras.Model):
         w = width_multiplier
         if name in IMAGENET_FAMILY:
             kind, counts = IMAGENET_FAMILY[name]
-            self.stem = [
-                builder.conv(_width(64, w), 7, 2, name="stem_conv"),
-                builder.bn(name="stem_bn"),
-            ]
+            self.stem_conv = builder.conv(_width(64, w), 7, 2, name="stem_conv")
             self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")
             widths = [_width(f, w) for f in (64, 128, 256, 512)]
             block_cls = BasicBlock if kind == "basic" else BottleneckBlock
         else:
             counts = (SMALL_FAMILY[name],) * 3
-            self.stem = [
-                builder.conv(_width(16, w), 3, name="stem_conv"),
-                builder.bn(name="stem_bn"),
-            ]
+            self.stem_conv = builder.conv(_width(16, w), 3, name="stem_conv")
             self.stem_pool = None
             widths = [_width(f, w) for f in (16, 32, 64)]
             block_cls = BasicBlock
-        self.blocks = []
+        self.stem_bn = builder.bn(name="stem_bn")
+        # Blocks are attributes, not a list: tf.train.Checkpoint follows attributes,
+        # and Keras' tracked lists are invisible to it.
+        self.num_blocks = 0
         for stage, (count, filters) in enumerate(zip(counts, widths)):
             for index in range(count):
                 stride = 2 if index == 0 and stage > 0 else 1
-                self.blocks.append(
-                    block_cls(
-                        builder,
-                        filters,
-                        stride,
-                        zero_init_last_bn,
-                        name=f"stage{stage + 1}_block{index + 1}",
-                    )
+                block = block_cls(
+                    builder,
+                    filters,
+                    stride,
+                    zero_init_last_bn,
+                    name=f"stage{stage + 1}_block{index + 1}",
                 )
+                setattr(self, f"block{self.num_blocks}", block)
+                self.num_blocks += 1
         self.pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
         self.classifier = keras.layers.Dense(
             num_classes,
@@ -264,11 +261,11 @@ class SplitBNResNet(keras.Model):
 
     def forward(self, images, apply):
         x = apply(self.normalize, images)
-        x = ops.relu(apply(self.stem[1], apply(self.stem[0], x)))
+        x = ops.relu(apply(self.stem_bn, apply(self.stem_conv, x)))
         if self.stem_pool is not None:
             x = apply(self.stem_pool, x)
-        for block in self.blocks:
-            x = apply(block, x)
+        for index in range(self.num_blocks):
+            x = apply(getattr(self, f"block{index}"), x)
         return apply(self.classifier, apply(self.pool, x))
 
     def call(self, images, training=False, bn_branch="main", update_stats=True):

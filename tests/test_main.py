@@ -96,6 +96,8 @@ class TrainAndResumeTest(tf.test.TestCase):
             "--steps_per_loop=3",
             "--mode=train",
             *SMALL,
+            # Flat over these steps: the learning rate must not depend on --train_steps.
+            "--lr_schedule=step",
         ]
         straight = os.path.join(self.get_temp_dir(), "straight")
         resumed = os.path.join(self.get_temp_dir(), "resumed")

@@ -1,5 +1,7 @@
 """ResNet family: parameter counts, output shapes, export, XLA compatibility."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
@@ -68,6 +70,21 @@ class OutputShapeTest(tf.test.TestCase):
         # The ImageNet mean image normalises to zero.
         mean_image = np.broadcast_to(np.array(resnet.IMAGENET_MEAN, np.float32), (1, 4, 4, 3))
         self.assertAllClose(model.normalize(mean_image), np.zeros((1, 4, 4, 3)), atol=1e-5)
+
+
+class CheckpointTest(tf.test.TestCase):
+    def test_checkpoint_holds_every_variable(self):
+        model = resnet.resnet("resnet20", 10, image_size=16, seed=1)
+        for layer in model.split_batch_norm_layers():  # make moving statistics non-default
+            layer.main_moving_mean.assign(tf.random.normal(layer.main_moving_mean.shape))
+        x = tf.random.uniform([2, 16, 16, 3], 0, 255)
+        expected = model(x).numpy()
+        path = tf.train.Checkpoint(model=model).write(os.path.join(self.get_temp_dir(), "c"))
+        saved = [n for n in tf.train.list_variables(path) if n[0].startswith("model/")]
+        self.assertLen(saved, len(model.variables))
+        fresh = resnet.resnet("resnet20", 10, image_size=16, seed=2)
+        tf.train.Checkpoint(model=fresh).read(path).assert_consumed()
+        self.assertAllClose(fresh(x).numpy(), expected, atol=1e-5)
 
 
 class XlaTest(tf.test.TestCase):

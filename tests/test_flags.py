@@ -1,0 +1,91 @@
+"""Flag definitions, shipped flagfiles, and validation messages (in-process, fast)."""
+
+import glob
+import os
+
+import tensorflow as tf
+from absl import flags as absl_flags
+
+import flags as conadv_flags
+from flags.validation import FlagError, validate, validate_batch_sizes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(*args):
+    values = absl_flags.FlagValues()
+    conadv_flags.define_all(values)
+    values(["prog", *args])
+    return values
+
+
+class FlagfileTest(tf.test.TestCase):
+    def test_every_shipped_flagfile_parses_and_validates(self):
+        files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.cfg")))
+        self.assertGreaterEqual(len(files), 5)
+        for path in files:
+            values = parse(f"--flagfile={path}")
+            if values.data_dir:
+                values.data_dir = self.get_temp_dir()
+            validate(values)
+
+    def test_paper_hyperparameters(self):
+        values = parse(f"--flagfile={ROOT}/configs/imagenet_resnet50_32k_conadv.cfg")
+        self.assertEqual(
+            (values.learning_rate, values.warmup_epochs, values.batch_size, values.attack_eps),
+            (35.0, 40.0, 32768, 3.0),
+        )
+
+    def test_define_all_is_idempotent(self):
+        values = absl_flags.FlagValues()
+        conadv_flags.define_all(values)
+        conadv_flags.define_all(values)
+        values(["prog"])
+        self.assertEqual(values.method, "conadv")
+
+
+class ValidationTest(tf.test.TestCase):
+    CASES = [
+        (["--batch_size=0"], "--batch_size"),
+        (["--attack_eps=-1"], "--attack_eps"),
+        (["--attack_eps=300"], "--attack_eps"),
+        (["--attack_steps=0"], "--attack_steps"),
+        (["--staleness=0"], "--staleness"),
+        (["--model=resnet51"], "--model"),
+        (["--dataset=nope"], "--dataset"),
+        (["--dataset=imagenet"], "--data_dir"),
+        (["--data_dir=/does/not/exist"], "--data_dir"),
+        (["--model=resnet50", "--image_size=16"], "--image_size"),
+        (["--model=resnet20", "--image_size=4"], "--image_size"),
+        (["--train_steps=0"], "--train_steps"),
+        (["--steps_per_loop=0"], "--steps_per_loop"),
+        (["--momentum=1.0"], "--momentum"),
+        (["--label_smoothing=1.0"], "--label_smoothing"),
+        (["--width_multiplier=0"], "--width_multiplier"),
+        (["--num_classes=1"], "--num_classes"),
+    ]
+
+    def test_each_bad_value_names_its_flag_in_one_line(self):
+        for args, flag in self.CASES:
+            with self.assertRaises(FlagError, msg=str(args)) as caught:
+                validate(parse(*args))
+            message = str(caught.exception)
+            self.assertIn(flag, message, args)
+            self.assertNotIn("\n", message, args)
+
+    def test_defaults_are_valid(self):
+        validate(parse())
+
+    def test_staleness_only_matters_for_conadv(self):
+        validate(parse("--method=disadv", "--staleness=0"))
+
+    def test_batch_must_split_over_replicas(self):
+        validate_batch_sizes(parse("--batch_size=32", "--eval_batch_size=64"), 4)
+        with self.assertRaisesRegex(FlagError, "--batch_size=30 is not divisible by the 4"):
+            validate_batch_sizes(parse("--batch_size=30"), 4)
+        with self.assertRaisesRegex(FlagError, "--eval_batch_size"):
+            validate_batch_sizes(parse("--eval_batch_size=6"), 4)
+
+
+if __name__ == "__main__":
+    tf.test.main()
