@@ -43,7 +43,13 @@ def source_class(name: str) -> type[DataSource]:
         raise DataError(
             f"--dataset={name!r} is unknown; choose one of {', '.join(dataset_names())}"
         )
-    return getattr(importlib.import_module(module), cls)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as error:
+        raise DataError(
+            f"--dataset={name} is not available here ({error}); "
+            f"use one of {', '.join(sorted(_SOURCES))} or install what it needs"
+        ) from None
 
 
 def get_source(

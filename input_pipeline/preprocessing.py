@@ -1,0 +1,138 @@
+"""Image preprocessing in the MLPerf ResNet reference style, output in pixels.
+
+Train: decode and random-crop in one op (``sample_distorted_bounding_box``,
+area 0.08–1, aspect 3/4–4/3, 10 attempts, centre-crop fallback), resize,
+random horizontal flip. Eval: centre crop of ratio 0.875, resize. Small
+images (≤ 64 px) use pad-and-crop and flip instead. Every function returns
+float32 pixels in [0, 255]: normalisation is the model's first layer, so an
+attack budget stays in pixel units.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+CROP_AREA = (0.08, 1.0)
+CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+EVAL_CROP_RATIO = 0.875
+SMALL_IMAGE_LIMIT = 64
+
+
+def _decoded_shape(image_bytes):
+    """(height, width); JPEG headers are read without decoding the pixels."""
+    is_jpeg = tf.io.is_jpeg(image_bytes)
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
+        lambda: tf.shape(decode_any(image_bytes))[:2],
+    )
+
+
+def decode_any(image_bytes) -> tf.Tensor:
+    """uint8 [H, W, 3] from JPEG or PNG bytes."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decode_and_crop(image_bytes, offset_y, offset_x, height, width):
+    """Decodes only the crop window of a JPEG (the fused op); crops after decoding otherwise."""
+    window = tf.stack([offset_y, offset_x, height, width])
+
+    def jpeg():
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+    def other():
+        return tf.image.crop_to_bounding_box(
+            decode_any(image_bytes), offset_y, offset_x, height, width
+        )
+
+    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _center_window(shape, ratio):
+    height, width = shape[0], shape[1]
+    side = tf.cast(ratio * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    side = tf.maximum(side, 1)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def random_crop_window(shape, seed=None):
+    """A random (y, x, h, w) window by Inception-style sampling, centre crop as fallback."""
+    bbox = tf.zeros([1, 0, 4], tf.float32)
+    kwargs = dict(
+        bounding_boxes=bbox,
+        min_object_covered=0.1,
+        aspect_ratio_range=CROP_ASPECT,
+        area_range=CROP_AREA,
+        max_attempts=CROP_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    size3 = tf.concat([shape, [3]], axis=0)
+    if seed is not None:
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            size3, seed=seed, **kwargs
+        )
+    else:
+        begin, crop_size, _ = tf.image.sample_distorted_bounding_box(size3, **kwargs)
+    offset_y, offset_x, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(crop_size)
+    # sample_distorted_bounding_box returns the whole image when every attempt
+    # fails; MLPerf then uses the eval centre crop instead.
+    whole = tf.logical_and(tf.equal(height, shape[0]), tf.equal(width, shape[1]))
+    center = _center_window(shape, EVAL_CROP_RATIO)
+    return tuple(tf.where(whole, c, r) for c, r in zip(center, (offset_y, offset_x, height, width)))
+
+
+def _resize(image, image_size):
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=None):
+    """Random crop (decoded in one op for JPEG), resize, flip → float32 [S, S, 3].
+
+    ``seed`` (shape [2]) makes the crop and flip reproducible; ``augment_fn``
+    (uint8 image → uint8 image, e.g. AutoAugment) runs on the resized crop.
+    """
+    shape = _decoded_shape(image_bytes)
+    if seed is not None:
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    else:
+        crop_seed = flip_seed = None
+    offset_y, offset_x, height, width = random_crop_window(shape, crop_seed)
+    image = _decode_and_crop(image_bytes, offset_y, offset_x, height, width)
+    image = _resize(image, image_size)
+    if augment_fn is not None:
+        image = tf.cast(augment_fn(tf.cast(tf.round(image), tf.uint8)), tf.float32)
+    if flip_seed is not None:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    else:
+        image = tf.image.random_flip_left_right(image)
+    return image
+
+
+def preprocess_for_eval(image_bytes, image_size: int):
+    """Centre crop of ratio 0.875 and resize: deterministic."""
+    offset_y, offset_x, height, width = _center_window(_decoded_shape(image_bytes), EVAL_CROP_RATIO)
+    image = _decode_and_crop(image_bytes, offset_y, offset_x, height, width)
+    return _resize(image, image_size)
+
+
+def small_image_train(image, image_size: int, padding: int = 4, seed=None):
+    """CIFAR-style: resize to size, pad by ``padding`` (reflect), random crop, flip."""
+    image = _resize(tf.cast(image, tf.float32), image_size)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
+    if seed is not None:
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = tf.image.stateless_random_crop(padded, [image_size, image_size, 3], crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = tf.image.random_crop(padded, [image_size, image_size, 3])
+    return tf.image.random_flip_left_right(image)
+
+
+def small_image_eval(image, image_size: int):
+    return _resize(tf.cast(image, tf.float32), image_size)

@@ -1,0 +1,216 @@
+"""ImageNet-layout TFRecords, preprocessing and the folder converter, on generated images."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from input_pipeline import convert, preprocessing
+from input_pipeline.base import EVAL, TRAIN, DataError, PipelineOptions
+from input_pipeline.imagenet import FolderSource, ImageNetSource
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _jpeg(rng, height, width):
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return tf.io.encode_jpeg(pixels).numpy()
+
+
+def _png(rng, height, width):
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+
+def write_imagenet_layout(directory, files_per_split=(4, 2), per_file=5, one_based=True):
+    """Shards with labels 1..10 (or 0..9); returns {split: [(file, labels...)]}."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for prefix, num_files in zip(("train", "validation"), files_per_split):
+        written[prefix] = []
+        for f in range(num_files):
+            path = os.path.join(directory, f"{prefix}-{f:05d}-of-{num_files:05d}")
+            labels = [(f * per_file + i) % 10 for i in range(per_file)]
+            with tf.io.TFRecordWriter(path) as writer:
+                for label in labels:
+                    writer.write(convert._example(_jpeg(rng, 40, 56), label + int(one_based)))
+            written[prefix].append((path, labels))
+    return written
+
+
+class ImageNetSourceTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.dir = self.get_temp_dir()
+        self.written = write_imagenet_layout(self.dir)
+
+    def _source(self, num_classes=10, **kwargs):
+        return ImageNetSource(self.dir, image_size=32, num_classes=num_classes, **kwargs)
+
+    def test_one_based_labels_read_back_zero_based(self):
+        source = self._source(one_based_labels=True)
+        labels = np.concatenate([y.numpy() for _, y in source.dataset(EVAL, 4)])
+        expected = [label for _, labels in self.written["validation"] for label in labels]
+        self.assertAllEqual(labels, expected)
+
+    def test_label_out_of_range_names_file_and_record(self):
+        source = self._source(one_based_labels=False, num_classes=2)
+        with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"validation-00000.*record"):
+            for _ in source.dataset(EVAL, 4):
+                pass
+
+    def test_per_host_sharding_covers_every_file_once(self):
+        source = self._source(one_based_labels=True)
+        seen = collections.Counter()
+        for host in range(2):
+            context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=host)
+            records = source._records(source.train_files, context, training=False)
+            files = {f.numpy().decode() for f, _, _ in records}
+            seen.update(files)
+        self.assertEqual(sorted(seen), sorted(p for p, _ in self.written["train"]))
+        self.assertEqual(set(seen.values()), {1})
+
+    def test_train_batches_and_eval_determinism(self):
+        source = self._source(one_based_labels=True, options=PipelineOptions(seed=1))
+        images, labels = next(iter(source.dataset(TRAIN, 8)))
+        self.assertEqual(images.shape, (8, 32, 32, 3))
+        self.assertTrue(np.all((labels.numpy() >= 0) & (labels.numpy() < 10)))
+        self.assertBetween(float(tf.reduce_min(images)), 0.0, 255.0)
+        self.assertLessEqual(float(tf.reduce_max(images)), 255.0)
+        first = [x.numpy() for x, _ in source.dataset(EVAL, 3)]
+        second = [x.numpy() for x, _ in source.dataset(EVAL, 3)]
+        for a, b in zip(first, second):
+            self.assertAllEqual(a, b)
+
+    def test_missing_files_is_one_line_data_error(self):
+        with self.assertRaisesRegex(DataError, "--data_dir=.*train-\\*"):
+            ImageNetSource(os.path.join(self.dir, "empty"))
+
+
+class PreprocessingTest(tf.test.TestCase):
+    def test_train_crop_windows_stay_inside_the_image(self):
+        for height, width in [(40, 56), (300, 200), (17, 90)]:
+            shape = tf.constant([height, width])
+            for s in range(40):
+                y, x, h, w = [
+                    int(v)
+                    for v in preprocessing.random_crop_window(shape, tf.constant([s, 7], tf.int64))
+                ]
+                self.assertGreater(h, 0)
+                self.assertGreater(w, 0)
+                self.assertLessEqual(y + h, height)
+                self.assertLessEqual(x + w, width)
+                self.assertGreaterEqual(min(y, x), 0)
+
+    def test_train_and_eval_output_size_and_range(self):
+        rng = np.random.default_rng(1)
+        for encode in (_jpeg, _png):
+            data = tf.constant(encode(rng, 50, 70))
+            train = preprocessing.preprocess_for_train(data, 24, seed=tf.constant([1, 2]))
+            evals = [preprocessing.preprocess_for_eval(data, 24) for _ in range(2)]
+            self.assertEqual(train.shape, (24, 24, 3))
+            self.assertEqual(evals[0].shape, (24, 24, 3))
+            self.assertAllEqual(evals[0], evals[1])
+            self.assertLessEqual(float(tf.reduce_max(train)), 255.0)
+            self.assertGreaterEqual(float(tf.reduce_min(train)), 0.0)
+
+    def test_eval_is_the_centre_crop(self):
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[4:60, 4:60] = 200  # the 0.875 centre crop is exactly rows/cols 4..59
+        data = tf.io.encode_png(pixels)
+        image = preprocessing.preprocess_for_eval(data, 56).numpy()
+        self.assertAllEqual(image, np.full((56, 56, 3), 200.0))
+
+
+class ConverterTest(tf.test.TestCase):
+    def test_round_trip_and_training(self):
+        rng = np.random.default_rng(3)
+        src = os.path.join(self.get_temp_dir(), "images")
+        expected = collections.Counter()
+        for label, name in enumerate(["cat", "dog", "emu"]):
+            os.makedirs(os.path.join(src, name))
+            for i in range(6):
+                size = (30 + 7 * i, 40 + 5 * label)
+                encode, ext = (_jpeg, "jpg") if i % 2 else (_png, "png")
+                with open(os.path.join(src, name, f"{i}.{ext}"), "wb") as f:
+                    f.write(encode(rng, *size))
+                expected[label] += 1
+        out = os.path.join(self.get_temp_dir(), "records")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "input_pipeline.convert",
+                f"--src={src}",
+                f"--out={out}",
+                "--val_fraction=0.34",
+                "--shards=2",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+        self.assertIn("3 classes: 12 train and 6 validation", proc.stdout)
+        with open(os.path.join(out, "labels.txt")) as f:
+            self.assertEqual(f.read().split(), ["cat", "dog", "emu"])
+        with open(os.path.join(out, "counts.json")) as f:
+            self.assertEqual(json.load(f), {"num_classes": 3, "train": 12, "validation": 6})
+
+        source = FolderSource(out, image_size=32)
+        self.assertEqual((source.num_classes, source.num_train_examples), (3, 12))
+        read = collections.Counter()
+        for split in ("train", "validation"):
+            for _, labels in source._records(
+                source.train_files if split == "train" else source.eval_files, None, False
+            ).map(lambda f, i, r: source._parse(f, i, r)):
+                read[int(labels)] += 1
+        self.assertEqual(read, expected)
+
+        model_dir = os.path.join(self.get_temp_dir(), "run")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "main.py",
+                "--dataset=folder",
+                f"--data_dir={out}",
+                "--model=resnet20",
+                "--width_multiplier=0.25",
+                "--image_size=32",
+                "--batch_size=4",
+                "--eval_batch_size=4",
+                "--train_steps=5",
+                "--steps_per_loop=5",
+                f"--model_dir={model_dir}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        with open(os.path.join(model_dir, "summary.json")) as f:
+            self.assertEqual(json.load(f)["train_steps"], 5)
+
+    def test_bad_source_folder_is_one_line_error(self):
+        empty = os.path.join(self.get_temp_dir(), "empty")
+        os.makedirs(empty)
+        proc = subprocess.run(
+            [sys.executable, "-m", "input_pipeline.convert", f"--src={empty}", f"--out={empty}/o"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("no class sub-folders", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+
+
+if __name__ == "__main__":
+    tf.test.main()
