@@ -15,6 +15,7 @@ from absl import app, logging
 from absl import flags as absl_flags
 
 import flags as conadv_flags
+from conadv.trainer import CheckpointMismatchError
 from flags.validation import FlagError
 from input_pipeline.base import DataError, PipelineOptions
 
@@ -45,7 +46,8 @@ def _train_config(values, strategy):
     else:
         jit = values.jit_compile == "true"
     return TrainConfig(
-        model_dir=values.model_dir,
+        model_dir=values.model_dir
+        or conadv_flags.run.default_model_dir(values.dataset, values.model, values.method),
         method=values.method,
         staleness=values.staleness,
         model=values.model,
@@ -149,7 +151,7 @@ def main(argv):
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}: every option is a --flag")
     try:
         run_main(FLAGS)
-    except (FlagError, DataError) as error:
+    except (FlagError, DataError, CheckpointMismatchError) as error:
         _fail(str(error))
 
 

@@ -31,6 +31,10 @@ from official import losses, optimizers, resnet, schedules
 EVAL_SUMS = ("examples", "loss", "top1", "top5")
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint in model_dir that cannot be restored into the model the flags describe."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """One run, as the flags describe it (see ``flags/``)."""
@@ -142,13 +146,17 @@ class Trainer:
 
     def _make_checkpoint(self):
         replicas = self.strategy.num_replicas_in_sync
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        worker = resolver.task_id if resolver is not None and resolver.task_type else 0
         items = dict(model=self.model, optimizer=self.optimizer)
+        # Per-worker state is keyed by worker and layout: a checkpoint from
+        # another replica count, batch or worker leaves it unrestored, and the
+        # ring is then refilled from the restored weights (see train()).
         if self.ring is not None:
-            # Keyed by layout: a checkpoint from another replica count or batch
-            # leaves this ring unrestored, and it is refilled (see restore()).
-            items[f"ring_{self.ring.layout}"] = self.ring
+            items[f"ring_w{worker}_{self.ring.layout}"] = self.ring
         if self.source.checkpointable_iterator:
-            items[f"train_iterator_r{replicas}_b{self.config.global_batch_size}"] = self.iterator
+            key = f"train_iterator_w{worker}_r{replicas}_b{self.config.global_batch_size}"
+            items[key] = self.iterator
         checkpoint = tf.train.Checkpoint(**items)
         manager = tf.train.CheckpointManager(
             checkpoint,
@@ -170,7 +178,14 @@ class Trainer:
         """Restores the latest checkpoint in model_dir, if any; returns the step."""
         latest = self._manager.latest_checkpoint
         if latest:
-            self._checkpoint.restore(latest).expect_partial()
+            try:
+                self._checkpoint.restore(latest).expect_partial()
+            except (ValueError, tf.errors.InvalidArgumentError) as error:
+                raise CheckpointMismatchError(
+                    f"the checkpoint {latest} does not fit this model "
+                    f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
+                    "flags it was trained with"
+                ) from None
             logging.info("Restored %s at step %d", latest, self.global_step)
         return self.global_step
 

@@ -19,4 +19,4 @@ def define_all(flag_values: absl_flags.FlagValues = absl_flags.FLAGS):
         group.define(flag_values)
 
 
-__all__ = ["define_all", "validation"]
+__all__ = ["define_all", "run", "validation"]

@@ -5,7 +5,11 @@ import tempfile
 
 from absl import flags as absl_flags
 
-DEFAULT_MODEL_DIR = os.path.join(tempfile.gettempdir(), "conadv", "digits_conadv")
+
+def default_model_dir(dataset: str, model: str, method: str) -> str:
+    """One directory per (dataset, model, method), so runs never resume each other."""
+    name = f"{dataset.replace(':', '_')}_{model}_{method}"
+    return os.path.join(tempfile.gettempdir(), "conadv", name)
 
 
 def define(fv):
@@ -19,9 +23,9 @@ def define(fv):
     )
     absl_flags.DEFINE_string(
         "model_dir",
-        DEFAULT_MODEL_DIR,
-        "Checkpoints, TensorBoard logs, summary.json and the export. A run "
-        "on a directory with a checkpoint resumes from it.",
+        None,
+        "Checkpoints, TensorBoard logs, summary.json and the export. A run on a directory "
+        "with a checkpoint resumes from it. Default: <tmp>/conadv/<dataset>_<model>_<method>.",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(

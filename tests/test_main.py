@@ -87,6 +87,20 @@ class TrainAndResumeTest(tf.test.TestCase):
             self.assertTrue(progress[0].startswith("step 30/30"), progress[0])
             self.assertEqual(checkpoint_steps(model_dir)[-1], 30)
 
+        # A checkpoint of another architecture is refused in one line, not a traceback.
+        args = [a for a in SYNTHETIC if not a.startswith("--width")]
+        proc = run_main(
+            *args,
+            "--width_multiplier=0.5",
+            "--method=conadv",
+            "--train_steps=40",
+            f"--model_dir={model_dir}",
+            expect_ok=False,
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("does not fit this model", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+
     def test_interrupted_conadv_run_resumes_exactly(self):
         """6 steps at once equal 3 steps, a restart, then 3 more (ring and data restored)."""
         common = [
