@@ -102,71 +102,17 @@ class _Builder:
 
 
 class _Block(keras.layers.Layer):
-    """A residual block: ``forward`` is written once for both models."""
+    """A residual block: ``residual`` is written once for both models.
 
-    def call(self, x, training=False, bn_branch="main", update_stats=True):
-        def apply(layer, tensor):
-            if isinstance(layer, SplitBatchNormalization):
-                return layer(
-                    tensor, training=training, bn_branch=bn_branch, update_stats=update_stats
-                )
-            return layer(tensor)
+    Subclasses create their layers and set ``out_filters``; the projection
+    shortcut (1×1 convolution + BatchNorm) appears wherever the shape changes.
+    """
 
-        return self.forward(x, apply)
-
-    def compute_output_shape(self, input_shape):
-        return self.output_shape_for(input_shape)
-
-
-class BasicBlock(_Block):
-    """Two 3×3 convolutions (ResNet-18/34 and the small family)."""
-
-    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
+    def __init__(self, builder, stride, out_filters, **kwargs):
         super().__init__(**kwargs)
-        self.filters, self.stride = filters, stride
-        self.conv1 = builder.conv(filters, 3, stride, name="conv1")
-        self.bn1 = builder.bn(name="bn1")
-        self.conv2 = builder.conv(filters, 3, name="conv2")
-        self.bn2 = builder.bn(zero_gamma=zero_init_last_bn, name="bn2")
         self._builder = builder
-        self.shortcut_conv = self.shortcut_bn = None
-
-    def build(self, input_shape):
-        if self.stride != 1 or input_shape[-1] != self.filters:
-            self.shortcut_conv = self._builder.conv(
-                self.filters, 1, self.stride, name="shortcut_conv"
-            )
-            self.shortcut_bn = self._builder.bn(name="shortcut_bn")
-
-    def forward(self, x, apply):
-        shortcut = x
-        if self.shortcut_conv is not None:
-            shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
-        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
-        y = apply(self.bn2, apply(self.conv2, y))
-        return ops.relu(ops.add(y, shortcut))
-
-    def output_shape_for(self, s):
-        size = lambda d: None if d is None else (d + self.stride - 1) // self.stride  # noqa: E731
-        return (s[0], size(s[1]), size(s[2]), self.filters)
-
-
-class BottleneckBlock(_Block):
-    """1×1 → 3×3 (with the stride: v1.5) → 1×1 ×4 (ResNet-50 and deeper)."""
-
-    expansion = 4
-
-    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
-        super().__init__(**kwargs)
-        self.filters, self.stride = filters, stride
-        self.out_filters = filters * self.expansion
-        self.conv1 = builder.conv(filters, 1, name="conv1")
-        self.bn1 = builder.bn(name="bn1")
-        self.conv2 = builder.conv(filters, 3, stride, name="conv2")
-        self.bn2 = builder.bn(name="bn2")
-        self.conv3 = builder.conv(self.out_filters, 1, name="conv3")
-        self.bn3 = builder.bn(zero_gamma=zero_init_last_bn, name="bn3")
-        self._builder = builder
+        self.stride = stride
+        self.out_filters = out_filters
         self.shortcut_conv = self.shortcut_bn = None
 
     def build(self, input_shape):
@@ -180,14 +126,56 @@ class BottleneckBlock(_Block):
         shortcut = x
         if self.shortcut_conv is not None:
             shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
-        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
-        y = ops.relu(apply(self.bn2, apply(self.conv2, y)))
-        y = apply(self.bn3, apply(self.conv3, y))
-        return ops.relu(ops.add(y, shortcut))
+        return ops.relu(ops.add(self.residual(x, apply), shortcut))
 
-    def output_shape_for(self, s):
+    def call(self, x, training=False, bn_branch="main", update_stats=True):
+        def apply(layer, tensor):
+            if isinstance(layer, SplitBatchNormalization):
+                return layer(
+                    tensor, training=training, bn_branch=bn_branch, update_stats=update_stats
+                )
+            return layer(tensor)
+
+        return self.forward(x, apply)
+
+    def compute_output_shape(self, s):
         size = lambda d: None if d is None else (d + self.stride - 1) // self.stride  # noqa: E731
         return (s[0], size(s[1]), size(s[2]), self.out_filters)
+
+
+class BasicBlock(_Block):
+    """Two 3×3 convolutions (ResNet-18/34 and the small family)."""
+
+    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
+        super().__init__(builder, stride, filters, **kwargs)
+        self.conv1 = builder.conv(filters, 3, stride, name="conv1")
+        self.bn1 = builder.bn(name="bn1")
+        self.conv2 = builder.conv(filters, 3, name="conv2")
+        self.bn2 = builder.bn(zero_gamma=zero_init_last_bn, name="bn2")
+
+    def residual(self, x, apply):
+        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
+        return apply(self.bn2, apply(self.conv2, y))
+
+
+class BottleneckBlock(_Block):
+    """1×1 → 3×3 (with the stride: v1.5) → 1×1 ×4 (ResNet-50 and deeper)."""
+
+    expansion = 4
+
+    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
+        super().__init__(builder, stride, filters * self.expansion, **kwargs)
+        self.conv1 = builder.conv(filters, 1, name="conv1")
+        self.bn1 = builder.bn(name="bn1")
+        self.conv2 = builder.conv(filters, 3, stride, name="conv2")
+        self.bn2 = builder.bn(name="bn2")
+        self.conv3 = builder.conv(self.out_filters, 1, name="conv3")
+        self.bn3 = builder.bn(zero_gamma=zero_init_last_bn, name="bn3")
+
+    def residual(self, x, apply):
+        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
+        y = ops.relu(apply(self.bn2, apply(self.conv2, y)))
+        return apply(self.bn3, apply(self.conv3, y))
 
 
 class SplitBNResNet(keras.Model):

@@ -1,16 +1,10 @@
 """LARS and momentum SGD against an independent NumPy implementation of the MLPerf update."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import tensorflow as tf
 
 from official import lars, momentum_sgd, optimizers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.child_process import run_for_result
 
 
 def numpy_lars_step(w, g, v, lr, momentum, wd, eta, eps, trust=True):
@@ -135,16 +129,7 @@ print("RESULT " + json.dumps({"w": v.numpy().tolist(), "w0": w0.tolist(), "g": g
 
 class LarsMirroredTest(tf.test.TestCase):
     def test_replica_step_equals_single_step_on_mean_gradient(self):
-        proc = subprocess.run(
-            [sys.executable, "-c", MIRRORED_PROGRAM],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        self.assertTrue(lines, proc.stderr[-3000:])
-        r = json.loads(lines[-1][7:])
+        r = run_for_result("-c", MIRRORED_PROGRAM)
         w0, g = np.array(r["w0"]), np.array(r["g"])
         want, _ = numpy_lars_step(w0, g.mean(axis=0), 0.0, 1.0, 0.9, 1e-3, 0.01, 0.0)
         self.assertAllClose(np.array(r["w"]), want, rtol=1e-5)

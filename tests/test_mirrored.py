@@ -1,13 +1,9 @@
 """MirroredStrategy over 2 logical CPU devices (in a child process, see mirrored_program)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import tensorflow as tf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.child_process import run_for_result
+
 SYNC_TOLERANCE = 1e-4  # relative, after 3 steps: float32 summation order differs
 
 
@@ -15,17 +11,7 @@ class MirroredTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        proc = subprocess.run(
-            [sys.executable, "-m", "tests.mirrored_program"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise AssertionError(f"mirrored program failed:\n{proc.stderr[-4000:]}")
-        cls.result = json.loads(lines[-1][len("RESULT ") :])
+        cls.result = run_for_result("-m", "tests.mirrored_program")
 
     def test_all_methods_run_on_two_replicas(self):
         self.assertEqual(self.result["replicas"], 2)

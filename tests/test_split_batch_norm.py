@@ -1,9 +1,6 @@
 """Split BatchNorm: branch isolation, update rules, export, synchronised moments."""
 
-import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -11,8 +8,7 @@ import tensorflow as tf
 
 from official import resnet
 from official.split_batch_norm import SplitBatchNormalization
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.child_process import run_for_result
 
 
 def _layer(channels=4, **kwargs):
@@ -145,16 +141,7 @@ print("RESULT " + json.dumps(out))
 
 class SynchronizedTest(tf.test.TestCase):
     def test_synchronized_uses_global_batch_moments(self):
-        proc = subprocess.run(
-            [sys.executable, "-c", SYNC_PROGRAM],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        self.assertTrue(lines, proc.stderr[-3000:])
-        result = json.loads(lines[-1][7:])
+        result = run_for_result("-c", SYNC_PROGRAM)
         rng = np.random.default_rng(0)
         x = np.concatenate([rng.normal(0, 1, (4, 2, 2, 3)), rng.normal(5, 2, (4, 2, 2, 3))]).astype(
             "float32"
