@@ -61,24 +61,21 @@ class DataSource(abc.ABC):
         del name, data_dir, num_classes
         return cls(image_size=image_size or cls.default_image_size, options=options, **kwargs)
 
-    def __init__(self, image_size: int, options: PipelineOptions | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        options: PipelineOptions | None,
+        num_classes: int,
+        num_train_examples: int,
+        num_eval_examples: int,
+    ):
         self.image_size = int(image_size)
         self.options = options or PipelineOptions()
-
-    @property
-    @abc.abstractmethod
-    def num_classes(self) -> int:
-        """Number of label classes."""
-
-    @property
-    @abc.abstractmethod
-    def num_train_examples(self) -> int:
-        """Examples in one training epoch."""
-
-    @property
-    @abc.abstractmethod
-    def num_eval_examples(self) -> int:
-        """Examples in the evaluation split."""
+        #: Number of label classes.
+        self.num_classes = int(num_classes)
+        #: Examples in one training epoch, and in the evaluation split.
+        self.num_train_examples = int(num_train_examples)
+        self.num_eval_examples = int(num_eval_examples)
 
     @abc.abstractmethod
     def dataset(

@@ -48,8 +48,14 @@ class DigitsSource(DataSource):
         )
 
     def __init__(self, image_size, options=None):
-        super().__init__(image_size, options)
         self._splits = load_digits_split()
+        super().__init__(
+            image_size,
+            options,
+            num_classes=10,
+            num_train_examples=len(self._splits[TRAIN][1]),
+            num_eval_examples=len(self._splits[EVAL][1]),
+        )
         self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
 
     def _resize(self, images: np.ndarray) -> np.ndarray:
@@ -58,18 +64,6 @@ class DigitsSource(DataSource):
         x = tf.image.resize(x, [self.image_size, self.image_size], method="bilinear")
         x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
         return tf.tile(x, [1, 1, 1, 3]).numpy()
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def num_train_examples(self) -> int:
-        return len(self._splits[TRAIN][1])
-
-    @property
-    def num_eval_examples(self) -> int:
-        return len(self._splits[EVAL][1])
 
     def dataset(self, split, batch_size, input_context=None):
         source_split = EVAL if split == EVAL else TRAIN

@@ -62,7 +62,13 @@ class ImageNetSource(DataSource):
         num_train_examples: int | None = None,
         num_eval_examples: int | None = None,
     ):
-        super().__init__(image_size, options)
+        super().__init__(
+            image_size,
+            options,
+            num_classes=num_classes or 1000,
+            num_train_examples=num_train_examples or 1_281_167,
+            num_eval_examples=num_eval_examples or 50_000,
+        )
         self.data_dir = data_dir
         self.train_files = _files(data_dir, self.train_prefix)
         self.eval_files = _files(data_dir, self.eval_prefix)
@@ -73,21 +79,6 @@ class ImageNetSource(DataSource):
                 f"named {self.train_prefix}-* and {self.eval_prefix}-*"
             )
         self.label_offset = 1 if one_based_labels else 0
-        self._num_classes = num_classes or 1000
-        self._num_train = num_train_examples or 1_281_167
-        self._num_eval = num_eval_examples or 50_000
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def num_train_examples(self) -> int:
-        return self._num_train
-
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval
 
     @property
     def small_images(self) -> bool:
@@ -129,7 +120,7 @@ class ImageNetSource(DataSource):
     def _parse(self, filename, index, record):
         example = tf.io.parse_single_example(record, FEATURES)
         label = tf.cast(example["image/class/label"], tf.int32) - self.label_offset
-        in_range = tf.logical_and(label >= 0, label < self._num_classes)
+        in_range = tf.logical_and(label >= 0, label < self.num_classes)
         check = tf.debugging.Assert(
             in_range,
             [

@@ -35,22 +35,7 @@ class SyntheticSource(DataSource):
         num_train_examples: int = 1_281_167,
         num_eval_examples: int = 1_024,
     ):
-        super().__init__(image_size, options)
-        self._num_classes = int(num_classes)
-        self._num_train = int(num_train_examples)
-        self._num_eval = int(num_eval_examples)
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def num_train_examples(self) -> int:
-        return self._num_train
-
-    @property
-    def num_eval_examples(self) -> int:
-        return self._num_eval
+        super().__init__(image_size, options, num_classes, num_train_examples, num_eval_examples)
 
     def dataset(self, split, batch_size, input_context=None):
         seed = 0 if self.options.seed is None else self.options.seed
@@ -59,10 +44,10 @@ class SyntheticSource(DataSource):
         shape = [batch_size, self.image_size, self.image_size, 3]
         images = tf.random.stateless_uniform(shape, [seed, 1], 0.0, 255.0)
         labels = tf.random.stateless_uniform(
-            [batch_size], [seed, 2], 0, self._num_classes, dtype=tf.int32
+            [batch_size], [seed, 2], 0, self.num_classes, dtype=tf.int32
         )
         batch = tf.data.Dataset.from_tensors((images, labels))
         if split == TRAIN:
             return batch.repeat()
-        num_batches = max(1, self._num_eval // batch_size)
+        num_batches = max(1, self.num_eval_examples // batch_size)
         return batch.repeat(num_batches)
