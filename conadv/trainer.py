@@ -154,7 +154,11 @@ class Trainer:
         # ring is then refilled from the restored weights (see train()).
         if self.ring is not None:
             items[f"ring_w{worker}_{self.ring.layout}"] = self.ring
-        if self.source.checkpointable_iterator:
+        # Distributed iterators over several replicas cannot be saved: such a
+        # resumed run continues with a fresh data order.
+        if self.source.checkpointable_iterator and isinstance(
+            self.iterator, tf.__internal__.tracking.Trackable
+        ):
             key = f"train_iterator_w{worker}_r{replicas}_b{self.config.global_batch_size}"
             items[key] = self.iterator
         checkpoint = tf.train.Checkpoint(**items)

@@ -132,6 +132,27 @@ class TrainAndResumeTest(tf.test.TestCase):
         self.assertGreater(np.abs(first_half.get_tensor(kernel) - b.get_tensor(kernel)).max(), 0)
 
 
+class MirroredMainTest(tf.test.TestCase):
+    def test_conadv_on_two_logical_devices_trains_checkpoints_and_evaluates(self):
+        model_dir = os.path.join(self.get_temp_dir(), "mirrored")
+        run_main(
+            *SYNTHETIC,
+            "--num_cpu_devices=2",
+            "--distribution_strategy=mirrored",
+            "--train_steps=4",
+            "--steps_per_loop=2",
+            "--eval_batch_size=48",
+            f"--model_dir={model_dir}",
+        )
+        with open(os.path.join(model_dir, "summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["train_steps"], 4)
+        self.assertEqual(checkpoint_steps(model_dir), [4])
+        reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+        rings = [n for n in reader.get_variable_to_shape_map() if "adversarial" in n]
+        self.assertLen(rings, 2)  # one ring per replica
+
+
 class BadFlagsTest(tf.test.TestCase):
     CASES = [
         (
