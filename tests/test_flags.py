@@ -63,6 +63,7 @@ class ValidationTest(tf.test.TestCase):
         (["--label_smoothing=1.0"], "--label_smoothing"),
         (["--width_multiplier=0"], "--width_multiplier"),
         (["--num_classes=1"], "--num_classes"),
+        (["--augment=autoaugment"], "--augment"),
     ]
 
     def test_each_bad_value_names_its_flag_in_one_line(self):
