@@ -47,8 +47,8 @@ def source_class(name: str) -> type[DataSource]:
         return getattr(importlib.import_module(module), cls)
     except ImportError as error:
         raise DataError(
-            f"--dataset={name} is not available here ({error}); "
-            f"use one of {', '.join(sorted(_SOURCES))} or install what it needs"
+            f"--dataset={name} is not available in this version ({error}); "
+            f"use one of {', '.join(sorted(_SOURCES))}"
         ) from None
 
 
