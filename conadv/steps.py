@@ -87,7 +87,7 @@ def _apply(ctx: StepContext, tape, loss, wait_for=()):
     ctx.optimizer.apply_gradients(zip(grads, variables))
 
 
-def _clean_statistics(ctx, labels, logits, per_example_loss):
+def _clean_statistics(labels, logits, per_example_loss):
     return dict(
         examples=tf.size(labels),
         clean_loss=tf.reduce_sum(per_example_loss),
@@ -103,7 +103,7 @@ def update_on_clean(ctx: StepContext, images, labels):
         loss = tf.reduce_sum(per_example) / ctx.global_batch_size
     _apply(ctx, tape, loss)
     if ctx.sums is not None:
-        ctx.sums.add(**_clean_statistics(ctx, labels, logits, per_example))
+        ctx.sums.add(**_clean_statistics(labels, logits, per_example))
 
 
 def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
@@ -117,7 +117,7 @@ def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversaria
     _apply(ctx, tape, loss, wait_for)
     if ctx.sums is not None:
         ctx.sums.add(
-            **_clean_statistics(ctx, labels, clean_logits, clean),
+            **_clean_statistics(labels, clean_logits, clean),
             adv_examples=tf.size(labels),
             adv_loss=tf.reduce_sum(adv),
             adv_linf=tf.reduce_sum(attack_lib.linf_distance(adversarial, images)),

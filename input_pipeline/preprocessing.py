@@ -19,16 +19,6 @@ EVAL_CROP_RATIO = 0.875
 SMALL_IMAGE_LIMIT = 64
 
 
-def _decoded_shape(image_bytes):
-    """(height, width); JPEG headers are read without decoding the pixels."""
-    is_jpeg = tf.io.is_jpeg(image_bytes)
-    return tf.cond(
-        is_jpeg,
-        lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
-        lambda: tf.shape(decode_any(image_bytes))[:2],
-    )
-
-
 def decode_any(image_bytes) -> tf.Tensor:
     """uint8 [H, W, 3] from JPEG or PNG bytes."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
@@ -36,17 +26,18 @@ def decode_any(image_bytes) -> tf.Tensor:
     return image
 
 
-def _decode_and_crop(image_bytes, offset_y, offset_x, height, width):
-    """Decodes only the crop window of a JPEG (the fused op); crops after decoding otherwise."""
-    window = tf.stack([offset_y, offset_x, height, width])
+def _decode_cropped(image_bytes, window_fn):
+    """Decodes the window ``window_fn(shape)`` once: a fused decode-and-crop for
+    JPEG (its header gives the shape without decoding), decode then crop for PNG."""
 
     def jpeg():
+        shape = tf.image.extract_jpeg_shape(image_bytes)[:2]
+        window = tf.stack(window_fn(shape))
         return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
 
     def other():
-        return tf.image.crop_to_bounding_box(
-            decode_any(image_bytes), offset_y, offset_x, height, width
-        )
+        image = decode_any(image_bytes)
+        return tf.image.crop_to_bounding_box(image, *window_fn(tf.shape(image)[:2]))
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
     image.set_shape([None, None, 3])
@@ -98,13 +89,11 @@ def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=Non
     ``seed`` (shape [2]) makes the crop and flip reproducible; ``augment_fn``
     (uint8 image → uint8 image, e.g. AutoAugment) runs on the resized crop.
     """
-    shape = _decoded_shape(image_bytes)
     if seed is not None:
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     else:
         crop_seed = flip_seed = None
-    offset_y, offset_x, height, width = random_crop_window(shape, crop_seed)
-    image = _decode_and_crop(image_bytes, offset_y, offset_x, height, width)
+    image = _decode_cropped(image_bytes, lambda shape: random_crop_window(shape, crop_seed))
     image = _resize(image, image_size)
     if augment_fn is not None:
         image = tf.cast(augment_fn(tf.cast(tf.round(image), tf.uint8)), tf.float32)
@@ -117,8 +106,7 @@ def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=Non
 
 def preprocess_for_eval(image_bytes, image_size: int):
     """Centre crop of ratio 0.875 and resize: deterministic."""
-    offset_y, offset_x, height, width = _center_window(_decoded_shape(image_bytes), EVAL_CROP_RATIO)
-    image = _decode_and_crop(image_bytes, offset_y, offset_x, height, width)
+    image = _decode_cropped(image_bytes, lambda shape: _center_window(shape, EVAL_CROP_RATIO))
     return _resize(image, image_size)
 
 
