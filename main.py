@@ -17,7 +17,7 @@ from absl import flags as absl_flags
 import flags as conadv_flags
 from conadv.trainer import CheckpointMismatchError
 from flags.validation import FlagError
-from input_pipeline.base import DataError, PipelineOptions
+from input_pipeline.base import DataError, PipelineOptions, data_error_from
 
 conadv_flags.define_all()
 FLAGS = absl_flags.FLAGS
@@ -153,6 +153,13 @@ def main(argv):
         run_main(FLAGS)
     except (FlagError, DataError, CheckpointMismatchError) as error:
         _fail(str(error))
+    except Exception as error:
+        # A failed in-graph data check (corrupt image, label out of range)
+        # surfaces as a TensorFlow error; report the record it names.
+        data_error = data_error_from(error)
+        if data_error is None:
+            raise
+        _fail(str(data_error))
 
 
 def _fail(message: str):

@@ -105,9 +105,9 @@ def validate(values, num_replicas: int = 1):
     _require(v.poly_power > 0, f"--poly_power={v.poly_power} must be > 0")
     _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")
     _require(
-        v.augment == "none",
-        f"--augment={v.augment}: AutoAugment and RandAugment policies are not in this version "
-        "yet (only their point-wise ops are); use --augment=none",
+        v.augment == "none" or v.dataset != "synthetic",
+        f"--augment={v.augment} has no meaning for --dataset=synthetic (random pixels); "
+        "use --augment=none",
     )
     _require(v.randaugment_layers >= 0, f"--randaugment_layers={v.randaugment_layers} must be >= 0")
     _require(

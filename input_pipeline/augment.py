@@ -6,11 +6,20 @@ policy table written for Pillow-based implementations carries over:
 ``ImageEnhance`` factors (0 = degenerate image, 1 = original, > 1
 extrapolates), ``ImageOps.solarize`` thresholds, ``ImageOps.posterize`` bits.
 
-This version holds the point-wise operations; the geometric ones and the
-policies are still to come (see BUILD.md).
+Geometric ops (rotate, shear, translate) are Pillow's
+``Image.transform(size, AFFINE, matrix, NEAREST, fillcolor=fill)`` with the
+same matrix, run by TensorFlow's projective-transform kernel; ``cutout`` paints
+a square of ``fill``.
+
+The policies (``autoaugment``, ``randaugment``) draw every random choice from
+one seed: the same seed gives the same augmentation, which the deterministic
+input mode relies on. Their ``*_plan`` functions return those choices, so the
+choice probabilities can be tested apart from the image work.
 """
 
 from __future__ import annotations
+
+import math
 
 import tensorflow as tf
 
@@ -27,7 +36,8 @@ def _to_uint8(values):
 def blend(degenerate, image, factor):
     """Pillow's ``Image.blend(degenerate, image, factor)``: d + factor·(image − d)."""
     degenerate, image = _as_float(degenerate), _as_float(image)
-    return _to_uint8(degenerate + float(factor) * (image - degenerate))
+    factor = tf.cast(factor, tf.float32)
+    return _to_uint8(degenerate + factor * (image - degenerate))
 
 
 def grayscale(image):
@@ -38,25 +48,30 @@ def grayscale(image):
     return tf.cast(luma, tf.uint8)[..., None]
 
 
+def identity(image):
+    return image
+
+
 def invert(image):
     return 255 - image
 
 
 def posterize(image, bits):
     """Keeps the ``bits`` most significant bits of every channel."""
-    shift = 8 - int(bits)
+    shift = tf.cast(8 - tf.clip_by_value(tf.cast(bits, tf.int32), 1, 8), tf.uint8)
     return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
 def solarize(image, threshold=128):
     """Inverts every value at or above ``threshold``."""
-    return tf.where(tf.cast(image, tf.int32) >= threshold, 255 - image, image)
+    return tf.where(_as_float(image) >= tf.cast(threshold, tf.float32), 255 - image, image)
 
 
 def solarize_add(image, addition=0, threshold=128):
     """Adds ``addition`` to every value below ``threshold``, clipped to [0, 255]."""
-    added = tf.clip_by_value(tf.cast(image, tf.int32) + int(addition), 0, 255)
-    return tf.where(tf.cast(image, tf.int32) < threshold, tf.cast(added, tf.uint8), image)
+    added = tf.clip_by_value(tf.cast(image, tf.int32) + tf.cast(addition, tf.int32), 0, 255)
+    below = _as_float(image) < tf.cast(threshold, tf.float32)
+    return tf.where(below, tf.cast(added, tf.uint8), image)
 
 
 def _lookup(image, luts):
@@ -132,3 +147,338 @@ def sharpness(image, factor):
     interior = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
     degenerate = tf.where(interior[..., None], degenerate, x)
     return blend(tf.cast(degenerate, tf.uint8), image, factor)
+
+
+# --------------------------------------------------------------- geometric ops
+
+
+_TIE_NUDGE = 1.0 / 1024.0
+
+
+def _affine(image, matrix, fill):
+    """Pillow's ``Image.transform(size, AFFINE, matrix, NEAREST, fillcolor=fill)``.
+
+    Pillow maps the centre of output pixel (x, y) to ``(a·x' + b·y' + c,
+    d·x' + e·y' + f)`` with x' = x + ½, y' = y + ½, and takes the input pixel
+    the point falls in (floor). TensorFlow's kernel maps integer coordinates
+    and rounds, so the offsets are shifted by the half pixel on both ends; a
+    small nudge makes exact ties (common: 30°, odd sizes) round like floor
+    despite float32. ``fill`` is one grey level or an RGB triple.
+    """
+    a, b, c, d, e, f = (tf.cast(m, tf.float32) for m in matrix)
+    shift = 0.5 - _TIE_NUDGE
+    offset_x = 0.5 * (a + b) + c - shift
+    offset_y = 0.5 * (d + e) + f - shift
+    transform = tf.stack([a, b, offset_x, d, e, offset_y, 0.0, 0.0])[None]
+    shape = tf.shape(image)[:2]
+    scalar_fill = isinstance(fill, (int, float))
+
+    def warp(pixels, fill_value):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=pixels[None],
+            transforms=transform,
+            output_shape=shape,
+            fill_value=fill_value,
+            interpolation="NEAREST",
+            fill_mode="CONSTANT",
+        )[0]
+
+    if scalar_fill:
+        out = warp(image, float(fill))
+    else:
+        # A per-channel fill: carry a mask channel through the warp and paint
+        # where it comes back empty.
+        with_mask = tf.concat([image, tf.ones_like(image[..., :1])], axis=-1)
+        warped = warp(with_mask, 0.0)
+        inside = warped[..., 3:] > 0
+        fill_rgb = tf.cast(tf.reshape(tf.convert_to_tensor(fill), [3]), tf.uint8)
+        out = tf.where(inside, warped[..., :3], tf.broadcast_to(fill_rgb, tf.shape(image)))
+    out.set_shape(image.shape)
+    return out
+
+
+def rotate(image, degrees, fill=128):
+    """``Image.rotate(degrees, NEAREST, fillcolor=fill)``: counter-clockwise about the centre."""
+    height = tf.cast(tf.shape(image)[0], tf.float32)
+    width = tf.cast(tf.shape(image)[1], tf.float32)
+    angle = -tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    center_x, center_y = width / 2.0, height / 2.0
+    c = -cos * center_x - sin * center_y + center_x
+    f = sin * center_x - cos * center_y + center_y
+    return _affine(image, (cos, sin, c, -sin, cos, f), fill)
+
+
+def shear_x(image, level, fill=128):
+    """Affine ``(1, level, 0, 0, 1, 0)``: row y moves by ``-level·y`` pixels."""
+    return _affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(image, level, fill=128):
+    """Affine ``(1, 0, 0, level, 1, 0)``: column x moves by ``-level·x`` pixels."""
+    return _affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0), fill)
+
+
+def translate_x(image, pixels, fill=128):
+    """Affine ``(1, 0, pixels, 0, 1, 0)``: content moves ``pixels`` to the left."""
+    return _affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def translate_y(image, pixels, fill=128):
+    """Affine ``(1, 0, 0, 0, 1, pixels)``: content moves ``pixels`` up."""
+    return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+def cutout(image, size, fill=128, seed=None):
+    """Paints a ``size``×``size`` square (clipped at the border) with ``fill``.
+
+    The square's centre is uniform over the image; its top-left corner is
+    ``size // 2`` above and left of the centre. ``seed`` (shape [2]) makes
+    the position reproducible.
+    """
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    if seed is None:
+        seed = _fresh_seed()
+    center = tf.random.stateless_uniform(
+        [2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32
+    ) % tf.stack([height, width])
+    size = tf.cast(size, tf.int32)
+    top, left = center[0] - size // 2, center[1] - size // 2
+    rows = tf.range(height)[:, None]
+    cols = tf.range(width)[None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    fill_rgb = tf.cast(tf.broadcast_to(tf.convert_to_tensor(fill), [3]), tf.uint8)
+    return tf.where(inside[..., None], tf.broadcast_to(fill_rgb, tf.shape(image)), image)
+
+
+# -------------------------------------------------------------------- policies
+
+#: AutoAugment "v0": the ImageNet policy of the TPU reference implementations,
+#: (op, probability, level) with levels on a 0–10 scale.
+POLICY_V0 = (
+    (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)),
+    (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
+    (("Color", 0.4, 1), ("Rotate", 0.6, 8)),
+    (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
+    (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)),
+    (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
+    (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)),
+    (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
+    (("Color", 0.6, 1), ("Equalize", 1.0, 2)),
+    (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
+    (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)),
+    (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
+    (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)),
+    (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
+    (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)),
+    (("Rotate", 1.0, 7), ("TranslateY", 0.8, 9)),
+    (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)),
+    (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
+    (("Color", 1.0, 0), ("Rotate", 0.6, 2)),
+    (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
+    (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)),
+    (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
+    (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)),
+    (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)),
+    (("Color", 0.8, 6), ("Rotate", 0.4, 5)),
+)
+
+#: The ImageNet policy of Cubuk et al. 2019 (AutoAugment, Appendix), with the
+#: paper's ten magnitudes 0–9.
+POLICY_IMAGENET = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, 2)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, 8), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
+    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
+)
+
+#: policy name -> (sub-policies, the level that means full strength).
+POLICIES = {"v0": (POLICY_V0, 10), "imagenet": (POLICY_IMAGENET, 9)}
+
+#: The 14 transformations of RandAugment (Cubuk et al. 2020), drawn uniformly.
+RANDAUGMENT_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Rotate",
+    "Solarize",
+    "Color",
+    "Posterize",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+)
+
+#: Full-strength arguments (the AutoAugment paper's search ranges): rotation
+#: ±30°, shear ±0.3, translation ±150/331 of the image side, enhancement
+#: factors 1 ± 0.9 (reached as 0.1 + 1.8·strength), posterize down to 4 bits,
+#: solarize threshold down to 0, solarize-add up to +110 (TPU reference).
+MAX_ROTATE_DEGREES = 30.0
+MAX_SHEAR = 0.3
+MAX_TRANSLATE_FRACTION = 150.0 / 331.0
+MAX_SOLARIZE_ADD = 110.0
+#: Grey used outside the image by the geometric ops of the policies.
+POLICY_FILL = 128
+
+
+def _fresh_seed():
+    return tf.random.uniform([2], minval=0, maxval=tf.int32.max, dtype=tf.int32)
+
+
+def _signed(value, negate):
+    return tf.where(negate, -value, value)
+
+
+def apply_op(image, name, strength, negate, fill=POLICY_FILL):
+    """Applies policy op ``name`` at ``strength`` (1.0 = the level of full strength).
+
+    Geometric ops are mirrored when ``negate`` is true; magnitudes above full
+    strength (RandAugment with M > 10) extrapolate, clipped to valid arguments.
+    """
+    s = float(strength)
+    side = tf.cast(tf.shape(image)[:2], tf.float32)
+    if name in ("Identity", "AutoContrast", "Equalize", "Invert"):
+        return {
+            "Identity": identity,
+            "AutoContrast": autocontrast,
+            "Equalize": equalize,
+            "Invert": invert,
+        }[name](image)
+    if name == "Rotate":
+        return rotate(image, _signed(MAX_ROTATE_DEGREES * s, negate), fill)
+    if name == "ShearX":
+        return shear_x(image, _signed(MAX_SHEAR * s, negate), fill)
+    if name == "ShearY":
+        return shear_y(image, _signed(MAX_SHEAR * s, negate), fill)
+    if name == "TranslateX":
+        return translate_x(image, _signed(MAX_TRANSLATE_FRACTION * s * side[1], negate), fill)
+    if name == "TranslateY":
+        return translate_y(image, _signed(MAX_TRANSLATE_FRACTION * s * side[0], negate), fill)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        enhance = {"Color": color, "Contrast": contrast, "Brightness": brightness}
+        return enhance.get(name, sharpness)(image, max(0.0, 0.1 + 1.8 * s))
+    if name == "Posterize":
+        return posterize(image, 8 - round(4 * s))
+    if name == "Solarize":
+        return solarize(image, min(256.0, max(0.0, 256.0 * (1.0 - s))))
+    if name == "SolarizeAdd":
+        return solarize_add(image, round(MAX_SOLARIZE_ADD * s), 128)
+    raise ValueError(f"unknown augmentation op {name!r}")
+
+
+def _seed_or_fresh(seed):
+    return _fresh_seed() if seed is None else tf.cast(seed, tf.int32)
+
+
+def autoaugment_plan(policy="v0", seed=None):
+    """The random choices of one AutoAugment draw.
+
+    ``subpolicy``: uniform index into the policy's table; ``apply`` [2]: each
+    op of the sub-policy runs with its probability; ``negate`` [2]: the sign
+    of geometric ops, fair coin.
+    """
+    table, _ = _policy(policy)
+    choose, coin, sign = tf.unstack(tf.random.experimental.stateless_split(_seed_or_fresh(seed), 3))
+    index = tf.random.stateless_uniform([], choose, 0, len(table), dtype=tf.int32)
+    probabilities = tf.constant([[op[1] for op in sub] for sub in table], tf.float32)
+    apply = tf.random.stateless_uniform([2], coin) < tf.gather(probabilities, index)
+    negate = tf.random.stateless_uniform([2], sign) < 0.5
+    return {"subpolicy": index, "apply": apply, "negate": negate}
+
+
+def _policy(policy):
+    if policy not in POLICIES:
+        raise ValueError(f"unknown AutoAugment policy {policy!r}; choose one of {list(POLICIES)}")
+    return POLICIES[policy]
+
+
+def autoaugment(image, policy="v0", seed=None):
+    """One random sub-policy of ``policy`` ("v0" or "imagenet") applied to ``image``."""
+    table, full_level = _policy(policy)
+    plan = autoaugment_plan(policy, seed)
+
+    def branch(sub):
+        def run():
+            out = image
+            for j, (name, _, level) in enumerate(sub):
+                out = tf.cond(
+                    plan["apply"][j],
+                    lambda out=out, name=name, level=level, j=j: apply_op(
+                        out, name, level / full_level, plan["negate"][j]
+                    ),
+                    lambda out=out: out,
+                )
+            return out
+
+        return run
+
+    out = tf.switch_case(plan["subpolicy"], [branch(sub) for sub in table])
+    out.set_shape(image.shape)
+    return out
+
+
+def randaugment_plan(num_layers=2, seed=None):
+    """The random choices of one RandAugment draw: ``ops`` [N] uniform over
+    ``RANDAUGMENT_OPS`` (with replacement) and ``negate`` [N] fair coins."""
+    choose, sign = tf.unstack(tf.random.experimental.stateless_split(_seed_or_fresh(seed), 2))
+    ops = tf.random.stateless_uniform([num_layers], choose, 0, len(RANDAUGMENT_OPS), tf.int32)
+    negate = tf.random.stateless_uniform([num_layers], sign) < 0.5
+    return {"ops": ops, "negate": negate}
+
+
+def randaugment(image, num_layers=2, magnitude=10.0, seed=None):
+    """``num_layers`` uniformly chosen ops, each at ``magnitude`` (10 = full strength)."""
+    plan = randaugment_plan(num_layers, seed)
+    strength = float(magnitude) / 10.0
+    out = image
+    for layer in range(num_layers):
+        branches = [
+            lambda out=out, name=name, layer=layer: apply_op(
+                out, name, strength, plan["negate"][layer]
+            )
+            for name in RANDAUGMENT_OPS
+        ]
+        out = tf.switch_case(plan["ops"][layer], branches)
+        out.set_shape(image.shape)
+    return out
+
+
+def policy_fn(
+    augment="none", autoaugment_policy="v0", randaugment_layers=2, randaugment_magnitude=10.0
+):
+    """The ``--augment`` setting as ``fn(uint8 image, seed=None) -> uint8 image``, or None."""
+    if augment == "none":
+        return None
+    if augment == "autoaugment":
+        _policy(autoaugment_policy)
+        return lambda image, seed=None: autoaugment(image, autoaugment_policy, seed)
+    if augment == "randaugment":
+        return lambda image, seed=None: randaugment(
+            image, randaugment_layers, randaugment_magnitude, seed
+        )
+    raise ValueError(f"unknown augmentation {augment!r}; choose none, autoaugment or randaugment")

@@ -28,6 +28,32 @@ class DataError(ValueError):
     """A problem with the user's data or data flags, reported as one line."""
 
 
+#: Marks the message of a failed in-graph data check (see ``bad_record_message``).
+BAD_RECORD = "bad record: "
+
+
+def bad_record_message(problem, values, filename, index, fix):
+    """A string tensor for ``tf.debugging.Assert`` naming the file and record.
+
+    ``problem`` is a ``tf.strings.format`` template filled with ``values``.
+    ``data_error_from`` finds the message again in the error the iterator raises.
+    """
+    template = BAD_RECORD + problem + " in file {} record {}; " + fix
+    return tf.strings.format(template, [*values, filename, index])
+
+
+def data_error_from(error: Exception) -> DataError | None:
+    """The ``DataError`` inside a TensorFlow error raised by a failed data check."""
+    text = str(error)
+    start = text.find(BAD_RECORD)
+    if start < 0:
+        return None
+    message = text[start + len(BAD_RECORD) :]
+    for end in ("]", "\n", "\\n", "'"):  # the end of the Assert data, in any rendering
+        message = message.split(end)[0]
+    return DataError(message.replace('\\"', '"').strip())
+
+
 @dataclasses.dataclass
 class PipelineOptions:
     """Knobs shared by all sources; each source uses what applies to it."""
@@ -76,6 +102,16 @@ class DataSource(abc.ABC):
         #: Examples in one training epoch, and in the evaluation split.
         self.num_train_examples = int(num_train_examples)
         self.num_eval_examples = int(num_eval_examples)
+
+    @property
+    def augment_fn(self):
+        """``--augment`` as ``fn(uint8 image, seed) -> uint8 image``, or None."""
+        from input_pipeline import augment
+
+        o = self.options
+        return augment.policy_fn(
+            o.augment, o.autoaugment_policy, o.randaugment_layers, o.randaugment_magnitude
+        )
 
     @abc.abstractmethod
     def dataset(

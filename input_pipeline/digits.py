@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from input_pipeline import preprocessing
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataError, DataSource
 
 _SPLIT_SEED = 20220425  # fixed: the split must never change between runs
@@ -65,6 +66,15 @@ class DigitsSource(DataSource):
         x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
         return tf.tile(x, [1, 1, 1, 3]).numpy()
 
+    def _augment(self, position, example):
+        """``--augment`` on one training image; with ``--seed`` its draw depends
+        only on the example's position in the stream, so resumes repeat it."""
+        image, label = example
+        seed = None
+        if self.options.seed is not None:
+            seed = tf.stack([tf.constant(self.options.seed, tf.int64), position])
+        return preprocessing.augment_pixels(image, self.augment_fn, seed), label
+
     def dataset(self, split, batch_size, input_context=None):
         source_split = EVAL if split == EVAL else TRAIN
         images = self._pixels[source_split]
@@ -75,6 +85,8 @@ class DigitsSource(DataSource):
         if split == TRAIN:
             seed = self.options.seed
             ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+            if self.augment_fn is not None:
+                ds = ds.enumerate().map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
             return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
         if split not in (EVAL, TRAIN_EVAL):
             raise ValueError(f"unknown split {split!r}")

@@ -8,19 +8,28 @@ and a ``labels.txt`` and ``counts.json`` beside the shards (``--dataset=folder``
 Training reads files in parallel (sharded per host by file when there are
 enough files), shuffles, decodes and crops in one op, and prefetches; the
 evaluation pass reads files in a fixed order. Each record carries its file
-name and index, so a label out of range stops the run naming both.
+name and index, so a label out of range or an undecodable image stops the
+run naming both (``--skip_corrupt_records`` skips and counts the images).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import tensorflow as tf
 from absl import logging
 
 from input_pipeline import preprocessing
-from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataError, DataSource
+from input_pipeline.base import (
+    EVAL,
+    TRAIN,
+    TRAIN_EVAL,
+    DataError,
+    DataSource,
+    bad_record_message,
+)
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -124,19 +133,44 @@ class ImageNetSource(DataSource):
         check = tf.debugging.Assert(
             in_range,
             [
-                "label out of range [0, num_classes) in file",
-                filename,
-                "record",
-                index,
-                "label (after offset)",
-                label,
-                "— check --one_based_labels and --num_classes",
+                bad_record_message(
+                    "label {} (after offset) outside [0, --num_classes={})",
+                    [label, self.num_classes],
+                    filename,
+                    index,
+                    "check --one_based_labels and --num_classes",
+                )
             ],
-            summarize=1,
         )
         with tf.control_dependencies([check]):
             label = tf.identity(label)
         return example["image/encoded"], label
+
+    def _image_or_flag(self, filename, index, image_bytes, preprocess):
+        """``(preprocess(image_bytes), True)``, or a blank image and False if it fails.
+
+        A graph has no try/except; a one-element dataset with ``ignore_errors``
+        is one, so a corrupt image is caught where its file and record index
+        are still known. Without ``--skip_corrupt_records`` the failure stops
+        the run naming both.
+        """
+        size = self.image_size
+        decoded = tf.data.Dataset.from_tensors(image_bytes).map(preprocess).ignore_errors()
+        blank = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3]), False))
+        image, ok = decoded.map(lambda x: (x, True)).concatenate(blank).take(1).get_single_element()
+        image.set_shape([size, size, 3])
+        if not self.options.skip_corrupt_records:
+            check = tf.debugging.Assert(
+                ok,
+                [
+                    bad_record_message(
+                        "undecodable image", [], filename, index, "pass --skip_corrupt_records"
+                    )
+                ],
+            )
+            with tf.control_dependencies([check]):
+                image = tf.identity(image)
+        return image, ok
 
     def _train_map(self, filename, index, record):
         image_bytes, label = self._parse(filename, index, record)
@@ -145,23 +179,63 @@ class ImageNetSource(DataSource):
             # Per-record seed: the same record always gets the same crop.
             file_key = tf.strings.to_hash_bucket_fast(filename, 2**31)
             seed = tf.stack([tf.constant(self.options.seed, tf.int64), file_key * 100_003 + index])
-        if self.small_images:
-            image = preprocessing.small_image_train(
-                preprocessing.decode_any(image_bytes), self.image_size, seed=seed
+        augment_fn = self.augment_fn
+
+        def preprocess(data):
+            if self.small_images:
+                return preprocessing.small_image_train(
+                    preprocessing.decode_any(data),
+                    self.image_size,
+                    seed=seed,
+                    augment_fn=augment_fn,
+                )
+            return preprocessing.preprocess_for_train(
+                data, self.image_size, seed=seed, augment_fn=augment_fn
             )
-        else:
-            image = preprocessing.preprocess_for_train(image_bytes, self.image_size, seed=seed)
-        return image, label
+
+        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+        return image, label, ok, filename, index
 
     def _eval_map(self, filename, index, record):
         image_bytes, label = self._parse(filename, index, record)
-        if self.small_images:
-            image = preprocessing.small_image_eval(
-                preprocessing.decode_any(image_bytes), self.image_size
-            )
-        else:
-            image = preprocessing.preprocess_for_eval(image_bytes, self.image_size)
-        return image, label
+
+        def preprocess(data):
+            if self.small_images:
+                return preprocessing.small_image_eval(
+                    preprocessing.decode_any(data), self.image_size
+                )
+            return preprocessing.preprocess_for_eval(data, self.image_size)
+
+        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+        return image, label, ok, filename, index
+
+    def _drop_corrupt(self, ds):
+        """Removes flagged records, logging each with a running count (when
+        skipping); otherwise the map has already stopped at the first one."""
+        if self.options.skip_corrupt_records:
+
+            def count(skipped, element):
+                _, _, ok, filename, index = element
+                skipped += tf.cast(tf.logical_not(ok), tf.int64)
+
+                def log():
+                    tf.print(
+                        "skipped corrupt record: file",
+                        filename,
+                        "record",
+                        index,
+                        "; corrupt records skipped so far:",
+                        skipped,
+                        output_stream=sys.stderr,
+                    )
+                    return tf.constant(True)
+
+                tf.cond(ok, lambda: tf.constant(False), log)
+                return skipped, element
+
+            ds = ds.scan(tf.constant(0, tf.int64), count)
+            ds = ds.filter(lambda image, label, ok, filename, index: ok)
+        return ds.map(lambda image, label, ok, filename, index: (image, label))
 
     def dataset(self, split, batch_size, input_context=None):
         if split == TRAIN:
@@ -172,13 +246,14 @@ class ImageNetSource(DataSource):
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=self.options.deterministic,
             )
-            ds = ds.batch(batch_size, drop_remainder=True)
+            ds = self._drop_corrupt(ds).batch(batch_size, drop_remainder=True)
         elif split in (EVAL, TRAIN_EVAL):
             files = self.eval_files if split == EVAL else self.train_files
             ds = self._records(files, input_context, training=False)
             if split == TRAIN_EVAL:
                 ds = ds.take(TRAIN_EVAL_EXAMPLES)
             ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = self._drop_corrupt(ds)
             if self.options.cache_eval:
                 ds = ds.cache()
             ds = ds.batch(batch_size)

@@ -78,6 +78,21 @@ def random_crop_window(shape, seed=None):
     return tuple(tf.where(whole, c, r) for c, r in zip(center, (offset_y, offset_x, height, width)))
 
 
+def _split_seed(seed):
+    """(crop, flip, augment) seeds from one [2] seed, or three Nones."""
+    if seed is None:
+        return None, None, None
+    return tuple(tf.unstack(tf.random.experimental.stateless_split(seed, 3)))
+
+
+def augment_pixels(image, augment_fn, seed):
+    """Runs a uint8 augmentation on float pixels (rounded to the nearest level)."""
+    if augment_fn is None:
+        return image
+    pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    return tf.cast(augment_fn(pixels, seed), tf.float32)
+
+
 def _resize(image, image_size):
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return tf.clip_by_value(image, 0.0, 255.0)
@@ -86,17 +101,13 @@ def _resize(image, image_size):
 def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=None):
     """Random crop (decoded in one op for JPEG), resize, flip → float32 [S, S, 3].
 
-    ``seed`` (shape [2]) makes the crop and flip reproducible; ``augment_fn``
-    (uint8 image → uint8 image, e.g. AutoAugment) runs on the resized crop.
+    ``seed`` (shape [2]) makes the crop, flip and augmentation reproducible;
+    ``augment_fn(uint8 image, seed) -> uint8 image`` (AutoAugment,
+    RandAugment) runs on the resized crop.
     """
-    if seed is not None:
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    else:
-        crop_seed = flip_seed = None
+    crop_seed, flip_seed, augment_seed = _split_seed(seed)
     image = _decode_cropped(image_bytes, lambda shape: random_crop_window(shape, crop_seed))
-    image = _resize(image, image_size)
-    if augment_fn is not None:
-        image = tf.cast(augment_fn(tf.cast(tf.round(image), tf.uint8)), tf.float32)
+    image = augment_pixels(_resize(image, image_size), augment_fn, augment_seed)
     if flip_seed is not None:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     else:
@@ -110,16 +121,19 @@ def preprocess_for_eval(image_bytes, image_size: int):
     return _resize(image, image_size)
 
 
-def small_image_train(image, image_size: int, padding: int = 4, seed=None):
-    """CIFAR-style: resize to size, pad by ``padding`` (reflect), random crop, flip."""
+def small_image_train(image, image_size: int, padding: int = 4, seed=None, augment_fn=None):
+    """CIFAR-style: resize to size, pad by ``padding`` (reflect), random crop, flip,
+    then ``augment_fn`` as in ``preprocess_for_train``."""
+    crop_seed, flip_seed, augment_seed = _split_seed(seed)
     image = _resize(tf.cast(image, tf.float32), image_size)
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
     if seed is not None:
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         image = tf.image.stateless_random_crop(padded, [image_size, image_size, 3], crop_seed)
-        return tf.image.stateless_random_flip_left_right(image, flip_seed)
-    image = tf.image.random_crop(padded, [image_size, image_size, 3])
-    return tf.image.random_flip_left_right(image)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    else:
+        image = tf.image.random_crop(padded, [image_size, image_size, 3])
+        image = tf.image.random_flip_left_right(image)
+    return augment_pixels(image, augment_fn, augment_seed)
 
 
 def small_image_eval(image, image_size: int):

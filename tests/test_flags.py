@@ -63,7 +63,8 @@ class ValidationTest(tf.test.TestCase):
         (["--label_smoothing=1.0"], "--label_smoothing"),
         (["--width_multiplier=0"], "--width_multiplier"),
         (["--num_classes=1"], "--num_classes"),
-        (["--augment=autoaugment"], "--augment"),
+        (["--dataset=synthetic", "--augment=autoaugment"], "--augment"),
+        (["--randaugment_magnitude=31"], "--randaugment_magnitude"),
     ]
 
     def test_each_bad_value_names_its_flag_in_one_line(self):

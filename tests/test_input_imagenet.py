@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import convert, preprocessing
-from input_pipeline.base import EVAL, TRAIN, DataError, PipelineOptions
+from input_pipeline.base import EVAL, TRAIN, DataError, PipelineOptions, data_error_from
 from input_pipeline.imagenet import FolderSource, ImageNetSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +89,103 @@ class ImageNetSourceTest(tf.test.TestCase):
     def test_missing_files_is_one_line_data_error(self):
         with self.assertRaisesRegex(DataError, "--data_dir=.*train-\\*"):
             ImageNetSource(os.path.join(self.dir, "empty"))
+
+
+def corrupt_one_record(path, record, data=b"\xff\xd8\xff\xe0 truncated JPEG"):
+    """Rewrites TFRecord file ``path`` with record ``record``'s image replaced by ``data``."""
+    examples = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    examples[record].features.feature["image/encoded"].bytes_list.value[0] = data
+    with tf.io.TFRecordWriter(path) as writer:
+        for example in examples:
+            writer.write(example.SerializeToString())
+
+
+class CorruptRecordTest(tf.test.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.dir = self.get_temp_dir()
+        self.written = write_imagenet_layout(self.dir)
+        self.bad_eval = self.written["validation"][1][0]
+        corrupt_one_record(self.bad_eval, 3)
+        self.bad_train = self.written["train"][2][0]
+        corrupt_one_record(self.bad_train, 0, data=b"not an image at all")
+
+    def _source(self, skip, image_size=32):
+        options = PipelineOptions(seed=3, skip_corrupt_records=skip)
+        return ImageNetSource(
+            self.dir, image_size=image_size, num_classes=10, one_based_labels=True, options=options
+        )
+
+    def test_corrupt_image_error_names_file_and_record(self):
+        for image_size in (32, 80):  # both preprocessing paths
+            with self.assertRaises(tf.errors.InvalidArgumentError) as caught:
+                for _ in self._source(skip=False, image_size=image_size).dataset(EVAL, 4):
+                    pass
+            error = data_error_from(caught.exception)
+            self.assertIsNotNone(error, str(caught.exception)[:500])
+            self.assertIn(f"{self.bad_eval}", str(error))
+            self.assertIn("record 3", str(error))
+            self.assertIn("--skip_corrupt_records", str(error))
+            self.assertNotIn("\n", str(error))
+
+    def test_skip_drops_exactly_the_corrupt_records(self):
+        source = self._source(skip=True)
+        labels = np.concatenate([y.numpy() for _, y in source.dataset(EVAL, 4)])
+        expected = [label for _, labels in self.written["validation"] for label in labels]
+        del expected[5 + 3]  # file 1, record 3
+        self.assertAllEqual(labels, expected)
+        # Training never delivers the blank stand-in of the corrupt record:
+        # three epochs of labels are the clean multiset three times.
+        train_labels = collections.Counter()
+        stream = source.dataset(TRAIN, 19).take(3)
+        for images, labels in stream:
+            self.assertGreater(float(tf.reduce_min(tf.reduce_max(images, axis=[1, 2, 3]))), 0.0)
+            train_labels.update(labels.numpy().tolist())
+        clean = collections.Counter(
+            label
+            for path, labels in self.written["train"]
+            for i, label in enumerate(labels)
+            if (path, i) != (self.bad_train, 0)
+        )
+        self.assertEqual(sum(clean.values()), 19)
+        self.assertEqual(sum(train_labels.values()), 57)
+
+    def test_main_stops_or_skips_and_counts(self):
+        common = [
+            sys.executable,
+            "main.py",
+            "--dataset=imagenet",
+            f"--data_dir={self.dir}",
+            "--one_based_labels",
+            "--num_classes=10",
+            "--model=resnet20",
+            "--width_multiplier=0.25",
+            "--image_size=32",
+            "--batch_size=4",
+            "--eval_batch_size=4",
+            "--train_steps=2",
+            "--steps_per_loop=2",
+            "--method=vanilla",
+        ]
+        runs = {}
+        for skip in (False, True):
+            model_dir = os.path.join(self.get_temp_dir(), f"run_{skip}")
+            args = common + [f"--model_dir={model_dir}", f"--skip_corrupt_records={skip}"]
+            runs[skip] = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        stopped, skipped = runs[False], runs[True]
+        self.assertEqual(stopped.returncode, 2, stopped.stderr[-3000:])
+        last_line = stopped.stderr.strip().splitlines()[-1]
+        self.assertRegex(
+            last_line,
+            r'^error: undecodable image in file "[^"]*'
+            r"(validation-00001\S* record 3|train-00002\S* record 0);",
+        )
+        self.assertEqual(skipped.returncode, 0, skipped.stderr[-3000:])
+        self.assertRegex(
+            skipped.stderr,
+            r"skipped corrupt record: file .*validation-00001.* record 3 ; "
+            r"corrupt records skipped so far: 1",
+        )
 
 
 class PreprocessingTest(tf.test.TestCase):
