@@ -17,13 +17,17 @@ EXTRAS = {
     "cpu": ["tensorflow-cpu>=2.16"],
     "gpu": ["tensorflow[and-cuda]>=2.16"],
     "tpu": ["tensorflow-tpu>=2.16"],
-    "tfds": ["tensorflow-datasets>=4.9"],
+    # importlib_resources: tensorflow-datasets needs it for builders defined
+    # outside its package (a user's own dataset, the tests' tiny dataset).
+    "tfds": ["tensorflow-datasets>=4.9", "importlib_resources"],
     "test": [
         "pytest>=7",
         "pytest-xdist>=3",
         "pillow>=9",
         "ruff>=0.5",
+        "scipy",  # chi-square test of the augmentation policies
         "tensorflow-datasets>=4.9",
+        "importlib_resources",
     ],
 }
 

@@ -12,10 +12,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_for_result(*python_args: str, timeout: int = 600) -> dict:
-    """``python *python_args`` in the project root; the parsed last ``RESULT`` line."""
+def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) -> dict:
+    """``python *python_args`` in the project root; the parsed last ``RESULT`` line.
+
+    ``prefix`` runs the interpreter under another command (for example a
+    private network namespace).
+    """
     proc = subprocess.run(
-        [sys.executable, *python_args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [*prefix, sys.executable, *python_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -283,6 +283,8 @@ class ConverterTest(tf.test.TestCase):
                 "--eval_batch_size=4",
                 "--train_steps=5",
                 "--steps_per_loop=5",
+                "--augment=autoaugment",
+                "--autoaugment_policy=imagenet",
                 f"--model_dir={model_dir}",
             ],
             cwd=ROOT,

@@ -1,0 +1,188 @@
+"""What every source of encoded-image records shares: decode, crop, augment, check.
+
+A record source (``imagenet``, ``folder``, ``tfds:NAME``) yields ``(file name,
+index in file, record)``; this module turns that stream into batches: the
+MLPerf-style crop decoded in one op, ``--augment``, and the in-graph checks
+that stop a run at a bad label or an undecodable image naming the file and
+record (``--skip_corrupt_records`` skips the images and counts them).
+"""
+
+from __future__ import annotations
+
+import abc
+import sys
+
+import tensorflow as tf
+
+from input_pipeline import preprocessing
+from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource, bad_record_message
+
+SHUFFLE_BUFFER = 10_000
+#: TRAIN_EVAL reads at most this many training examples (the first files).
+TRAIN_EVAL_EXAMPLES = 50_000
+
+
+class RecordSource(DataSource):
+    """A source of encoded JPEG/PNG images with integer labels, in files."""
+
+    default_image_size = 224
+
+    @property
+    def small_images(self) -> bool:
+        return self.image_size <= preprocessing.SMALL_IMAGE_LIMIT
+
+    @abc.abstractmethod
+    def _split_records(self, split, input_context, training):
+        """``(file name, index in file, record)`` of ``TRAIN``, ``EVAL`` or
+        ``TRAIN_EVAL``, sharded per input pipeline; training streams repeat."""
+
+    @abc.abstractmethod
+    def _decode_record(self, record):
+        """``(encoded image bytes, 0-based int32 label)`` of one record."""
+
+    def _parse(self, filename, index, record):
+        """The record's image bytes and label; a label outside [0, num_classes)
+        stops the run naming the file and record."""
+        image_bytes, label = self._decode_record(record)
+        in_range = tf.logical_and(label >= 0, label < self.num_classes)
+        check = tf.debugging.Assert(
+            in_range,
+            [
+                bad_record_message(
+                    "label {} (after offset) outside [0, --num_classes={})",
+                    [label, self.num_classes],
+                    filename,
+                    index,
+                    "check --one_based_labels and --num_classes",
+                )
+            ],
+        )
+        with tf.control_dependencies([check]):
+            label = tf.identity(label)
+        return image_bytes, label
+
+    def _image_or_flag(self, filename, index, image_bytes, preprocess):
+        """``(preprocess(image_bytes), True)``, or a blank image and False if it fails.
+
+        A graph has no try/except; a one-element dataset with ``ignore_errors``
+        is one, so a corrupt image is caught where its file and record index
+        are still known. Without ``--skip_corrupt_records`` the failure stops
+        the run naming both.
+        """
+        size = self.image_size
+        decoded = tf.data.Dataset.from_tensors(image_bytes).map(preprocess).ignore_errors()
+        blank = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3]), False))
+        image, ok = decoded.map(lambda x: (x, True)).concatenate(blank).take(1).get_single_element()
+        image.set_shape([size, size, 3])
+        if not self.options.skip_corrupt_records:
+            check = tf.debugging.Assert(
+                ok,
+                [
+                    bad_record_message(
+                        "undecodable image", [], filename, index, "pass --skip_corrupt_records"
+                    )
+                ],
+            )
+            with tf.control_dependencies([check]):
+                image = tf.identity(image)
+        return image, ok
+
+    def _train_map(self, filename, index, record):
+        image_bytes, label = self._parse(filename, index, record)
+        seed = None
+        if self.options.deterministic and self.options.seed is not None:
+            # Per-record seed: the same record always gets the same crop.
+            file_key = tf.strings.to_hash_bucket_fast(filename, 2**31)
+            seed = tf.stack([tf.constant(self.options.seed, tf.int64), file_key * 100_003 + index])
+        augment_fn = self.augment_fn
+
+        def preprocess(data):
+            if self.small_images:
+                return preprocessing.small_image_train(
+                    preprocessing.decode_any(data),
+                    self.image_size,
+                    seed=seed,
+                    augment_fn=augment_fn,
+                )
+            return preprocessing.preprocess_for_train(
+                data, self.image_size, seed=seed, augment_fn=augment_fn
+            )
+
+        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+        return image, label, ok, filename, index
+
+    def _eval_map(self, filename, index, record):
+        image_bytes, label = self._parse(filename, index, record)
+
+        def preprocess(data):
+            if self.small_images:
+                return preprocessing.small_image_eval(
+                    preprocessing.decode_any(data), self.image_size
+                )
+            return preprocessing.preprocess_for_eval(data, self.image_size)
+
+        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+        return image, label, ok, filename, index
+
+    def _drop_corrupt(self, ds):
+        """Removes flagged records, logging each with a running count (when
+        skipping); otherwise the map has already stopped at the first one."""
+        if self.options.skip_corrupt_records:
+
+            def count(skipped, element):
+                _, _, ok, filename, index = element
+                skipped += tf.cast(tf.logical_not(ok), tf.int64)
+
+                def log():
+                    tf.print(
+                        "skipped corrupt record: file",
+                        filename,
+                        "record",
+                        index,
+                        "; corrupt records skipped so far:",
+                        skipped,
+                        output_stream=sys.stderr,
+                    )
+                    return tf.constant(True)
+
+                tf.cond(ok, lambda: tf.constant(False), log)
+                return skipped, element
+
+            ds = ds.scan(tf.constant(0, tf.int64), count)
+            ds = ds.filter(lambda image, label, ok, filename, index: ok)
+        return ds.map(lambda image, label, ok, filename, index: (image, label))
+
+    def dataset(self, split, batch_size, input_context=None):
+        if split == TRAIN:
+            ds = self._split_records(TRAIN, input_context, training=True)
+            ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.options.seed)
+            ds = ds.map(
+                self._train_map,
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=self.options.deterministic,
+            )
+            ds = self._drop_corrupt(ds).batch(batch_size, drop_remainder=True)
+        elif split in (EVAL, TRAIN_EVAL):
+            ds = self._split_records(split, input_context, training=False)
+            if split == TRAIN_EVAL:
+                ds = ds.take(TRAIN_EVAL_EXAMPLES)
+            ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = self._drop_corrupt(ds)
+            if self.options.cache_eval:
+                ds = ds.cache()
+            ds = ds.batch(batch_size)
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        options = tf.data.Options()
+        options.deterministic = self.options.deterministic or split != TRAIN
+        ds = ds.with_options(options)
+        if self.options.tf_data_service and split == TRAIN:
+            # Preprocessing runs on the service's workers; every consumer reads
+            # its own full stream of epochs (its own shuffle, as locally).
+            ds = ds.apply(
+                tf.data.experimental.service.distribute(
+                    processing_mode="parallel_epochs",
+                    service=self.options.tf_data_service,
+                )
+            )
+        return ds.prefetch(tf.data.AUTOTUNE)

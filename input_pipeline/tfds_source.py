@@ -1,0 +1,134 @@
+"""``--dataset=tfds:NAME``: an image classification dataset of tensorflow-datasets.
+
+Reads a dataset already prepared under ``--data_dir`` (TFDS's default
+directory when unset) and downloads nothing unless ``--tfds_download`` is
+given. Images are read still encoded (``SkipDecoding``), so the same fused
+decode-and-crop, augmentation and bad-record checks as for ``imagenet`` apply;
+the file and record a check names come from the example's ``tfds_id``. The
+evaluation split is ``validation`` when the dataset has one, else ``test``.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+from input_pipeline.base import EVAL, TRAIN, DataError
+from input_pipeline.records import RecordSource
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError(
+            "--dataset=tfds:NAME needs tensorflow-datasets: pip install -e '.[tfds]'"
+        ) from None
+    return tfds
+
+
+class TFDSSource(RecordSource):
+    """A TFDS builder with an image feature and a class-label feature."""
+
+    name = "tfds"
+
+    @classmethod
+    def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
+        return cls(
+            name.split(":", 1)[1],
+            data_dir=data_dir,
+            image_size=image_size,
+            options=options,
+            num_classes=num_classes,
+            **kwargs,
+        )
+
+    def __init__(
+        self,
+        tfds_name: str,
+        data_dir: str | None = None,
+        image_size: int | None = None,
+        options=None,
+        num_classes: int | None = None,
+        tfds_download: bool = False,
+    ):
+        tfds = _import_tfds()
+        self._tfds = tfds
+        flag = f"--dataset=tfds:{tfds_name}"
+        try:
+            self.builder = tfds.builder(tfds_name, data_dir=data_dir)
+        except Exception as error:  # tfds raises several types for unknown names
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise DataError(
+                f"{flag}: no such dataset in tensorflow-datasets or under --data_dir={data_dir} "
+                f"({type(error).__name__}: {first_line})"
+            ) from None
+        if not self.builder.is_prepared():
+            if not tfds_download:
+                raise DataError(
+                    f"{flag} is not prepared under --data_dir={data_dir}; prepare it there "
+                    "(tfds build) or pass --tfds_download to download it now"
+                )
+            self.builder.download_and_prepare()
+        info = self.builder.info
+        self.image_key, self.label_key = self._supervised_keys(info, flag)
+        splits = info.splits
+        if TRAIN not in splits:
+            raise DataError(f"{flag} has no 'train' split (it has {', '.join(splits)})")
+        self.eval_split = "validation" if "validation" in splits else "test"
+        if self.eval_split not in splits:
+            raise DataError(f"{flag} has neither a 'validation' nor a 'test' split")
+        native = info.features[self.image_key].shape[0]
+        super().__init__(
+            image_size or native or self.default_image_size,
+            options,
+            num_classes=num_classes or info.features[self.label_key].num_classes,
+            num_train_examples=splits["train"].num_examples,
+            num_eval_examples=splits[self.eval_split].num_examples,
+        )
+
+    @staticmethod
+    def _supervised_keys(info, flag):
+        keys = info.supervised_keys
+        if keys is None or len(keys) != 2:
+            raise DataError(f"{flag} has no (image, label) supervised keys")
+        image_key, label_key = keys
+        if not hasattr(info.features[label_key], "num_classes"):
+            raise DataError(f"{flag}: feature {label_key!r} is not a class label")
+        return image_key, label_key
+
+    def _split_records(self, split, input_context, training):
+        tfds = self._tfds
+        name = self.eval_split if split == EVAL else "train"
+        pipelines = input_context.num_input_pipelines if input_context else 1
+        shards = self.builder.info.splits[name].num_shards
+        by_file = pipelines > 1 and shards >= pipelines
+        read_config = tfds.ReadConfig(
+            input_context=input_context if by_file else None,
+            shuffle_seed=self.options.seed,
+            add_tfds_id=True,
+        )
+        ds = self.builder.as_dataset(
+            split=name,
+            shuffle_files=training,
+            read_config=read_config,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+        )
+        if pipelines > 1 and not by_file:
+            logging.warning(
+                "%d files for %d input pipelines: sharding by record instead", shards, pipelines
+            )
+            ds = ds.shard(pipelines, input_context.input_pipeline_id)
+        if training:
+            ds = ds.repeat()
+
+        def locate(example):
+            # tfds_id is "<file>__<index in file>".
+            parts = tf.strings.split(example["tfds_id"], "__")
+            index = tf.strings.to_number(parts[-1], tf.int64)
+            return parts[0], index, example
+
+        return ds.map(locate)
+
+    def _decode_record(self, record):
+        return record[self.image_key], tf.cast(record[self.label_key], tf.int32)
