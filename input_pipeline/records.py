@@ -155,7 +155,9 @@ class RecordSource(DataSource):
     def dataset(self, split, batch_size, input_context=None):
         if split == TRAIN:
             ds = self._split_records(TRAIN, input_context, training=True)
-            ds = ds.shuffle(SHUFFLE_BUFFER, seed=self.options.seed)
+            # A buffer larger than the split only mixes epochs (and costs memory).
+            buffer = max(1, min(SHUFFLE_BUFFER, self.num_train_examples))
+            ds = ds.shuffle(buffer, seed=self.options.seed)
             ds = ds.map(
                 self._train_map,
                 num_parallel_calls=tf.data.AUTOTUNE,

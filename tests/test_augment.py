@@ -325,5 +325,27 @@ class PolicyTest(tf.test.TestCase):
         self.assertIsNone(augment.policy_fn("none"))
 
 
+class AugmentedSourceTest(tf.test.TestCase):
+    def test_seeded_augmentation_is_reproducible_and_changes_images(self):
+        from input_pipeline.base import TRAIN, PipelineOptions
+        from input_pipeline.digits import DigitsSource
+
+        def first_batch(augment):
+            options = PipelineOptions(seed=4, augment=augment, randaugment_magnitude=9)
+            images, labels = next(iter(DigitsSource(16, options).dataset(TRAIN, 32)))
+            return images.numpy(), labels.numpy()
+
+        plain, plain_labels = first_batch("none")
+        for setting in ("autoaugment", "randaugment"):
+            once, labels = first_batch(setting)
+            again, _ = first_batch(setting)
+            self.assertAllEqual(labels, plain_labels)  # same examples, same order
+            self.assertAllEqual(once, again)  # same seed, same augmentation
+            changed = np.mean(np.any(once != plain, axis=(1, 2, 3)))
+            self.assertGreater(changed, 0.3, msg=setting)
+            self.assertBetween(float(once.min()), 0.0, 255.0)
+            self.assertLessEqual(float(once.max()), 255.0)
+
+
 if __name__ == "__main__":
     tf.test.main()
