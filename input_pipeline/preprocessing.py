@@ -78,7 +78,7 @@ def random_crop_window(shape, seed=None):
     return tuple(tf.where(whole, c, r) for c, r in zip(center, (offset_y, offset_x, height, width)))
 
 
-def _split_seed(seed):
+def split_seed(seed):
     """(crop, flip, augment) seeds from one [2] seed, or three Nones."""
     if seed is None:
         return None, None, None
@@ -93,9 +93,28 @@ def augment_pixels(image, augment_fn, seed):
     return tf.cast(augment_fn(pixels, seed), tf.float32)
 
 
-def _resize(image, image_size):
+def resize(image, image_size):
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def decode_and_random_crop(image_bytes, seed=None):
+    """uint8 random crop, decoded in one op for JPEG: the part of training
+    preprocessing that reads the bytes (and can fail on a corrupt image)."""
+    return _decode_cropped(image_bytes, lambda shape: random_crop_window(shape, seed))
+
+
+def decode_and_center_crop(image_bytes):
+    """uint8 centre crop of ratio 0.875, decoded in one op for JPEG."""
+    return _decode_cropped(image_bytes, lambda shape: _center_window(shape, EVAL_CROP_RATIO))
+
+
+def train_from_crop(crop, image_size: int, flip_seed=None, augment_fn=None, augment_seed=None):
+    """Resize, ``augment_fn``, random flip of a decoded crop → float32 [S, S, 3]."""
+    image = augment_pixels(resize(crop, image_size), augment_fn, augment_seed)
+    if flip_seed is not None:
+        return tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return tf.image.random_flip_left_right(image)
 
 
 def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=None):
@@ -105,27 +124,21 @@ def preprocess_for_train(image_bytes, image_size: int, seed=None, augment_fn=Non
     ``augment_fn(uint8 image, seed) -> uint8 image`` (AutoAugment,
     RandAugment) runs on the resized crop.
     """
-    crop_seed, flip_seed, augment_seed = _split_seed(seed)
-    image = _decode_cropped(image_bytes, lambda shape: random_crop_window(shape, crop_seed))
-    image = augment_pixels(_resize(image, image_size), augment_fn, augment_seed)
-    if flip_seed is not None:
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    else:
-        image = tf.image.random_flip_left_right(image)
-    return image
+    crop_seed, flip_seed, augment_seed = split_seed(seed)
+    crop = decode_and_random_crop(image_bytes, crop_seed)
+    return train_from_crop(crop, image_size, flip_seed, augment_fn, augment_seed)
 
 
 def preprocess_for_eval(image_bytes, image_size: int):
     """Centre crop of ratio 0.875 and resize: deterministic."""
-    image = _decode_cropped(image_bytes, lambda shape: _center_window(shape, EVAL_CROP_RATIO))
-    return _resize(image, image_size)
+    return resize(decode_and_center_crop(image_bytes), image_size)
 
 
 def small_image_train(image, image_size: int, padding: int = 4, seed=None, augment_fn=None):
     """CIFAR-style: resize to size, pad by ``padding`` (reflect), random crop, flip,
     then ``augment_fn`` as in ``preprocess_for_train``."""
-    crop_seed, flip_seed, augment_seed = _split_seed(seed)
-    image = _resize(tf.cast(image, tf.float32), image_size)
+    crop_seed, flip_seed, augment_seed = split_seed(seed)
+    image = resize(tf.cast(image, tf.float32), image_size)
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
     if seed is not None:
         image = tf.image.stateless_random_crop(padded, [image_size, image_size, 3], crop_seed)
@@ -137,4 +150,4 @@ def small_image_train(image, image_size: int, padding: int = 4, seed=None, augme
 
 
 def small_image_eval(image, image_size: int):
-    return _resize(tf.cast(image, tf.float32), image_size)
+    return resize(tf.cast(image, tf.float32), image_size)

@@ -61,19 +61,23 @@ class RecordSource(DataSource):
             label = tf.identity(label)
         return image_bytes, label
 
-    def _image_or_flag(self, filename, index, image_bytes, preprocess):
-        """``(preprocess(image_bytes), True)``, or a blank image and False if it fails.
+    def _decode_or_flag(self, filename, index, image_bytes, decode):
+        """``(decode(image_bytes), True)``, or a small blank image and False if it fails.
 
         A graph has no try/except; a one-element dataset with ``ignore_errors``
         is one, so a corrupt image is caught where its file and record index
-        are still known. Without ``--skip_corrupt_records`` the failure stops
-        the run naming both.
+        are still known. Only the decode runs inside it: the per-record cost
+        of the nested dataset grows with the function it wraps. Without
+        ``--skip_corrupt_records`` the failure stops the run naming both.
         """
-        size = self.image_size
-        decoded = tf.data.Dataset.from_tensors(image_bytes).map(preprocess).ignore_errors()
-        blank = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3]), False))
-        image, ok = decoded.map(lambda x: (x, True)).concatenate(blank).take(1).get_single_element()
-        image.set_shape([size, size, 3])
+        decoded = tf.data.Dataset.from_tensors(image_bytes).map(decode).ignore_errors()
+        # An empty image stands for "failed": a decoded one is never empty.
+        blank = tf.data.Dataset.from_tensors(tf.zeros([0, 0, 3], tf.uint8))
+        image = decoded.concatenate(blank).take(1).get_single_element()
+        image.set_shape([None, None, 3])
+        ok = tf.size(image) > 0
+        # Later steps (resize) need pixels; the flagged record is dropped or stops the run.
+        image = tf.cond(ok, lambda: image, lambda: tf.zeros([8, 8, 3], tf.uint8))
         if not self.options.skip_corrupt_records:
             check = tf.debugging.Assert(
                 ok,
@@ -95,33 +99,38 @@ class RecordSource(DataSource):
             file_key = tf.strings.to_hash_bucket_fast(filename, 2**31)
             seed = tf.stack([tf.constant(self.options.seed, tf.int64), file_key * 100_003 + index])
         augment_fn = self.augment_fn
-
-        def preprocess(data):
-            if self.small_images:
-                return preprocessing.small_image_train(
-                    preprocessing.decode_any(data),
-                    self.image_size,
-                    seed=seed,
-                    augment_fn=augment_fn,
-                )
-            return preprocessing.preprocess_for_train(
-                data, self.image_size, seed=seed, augment_fn=augment_fn
+        if self.small_images:
+            decoded, ok = self._decode_or_flag(
+                filename, index, image_bytes, preprocessing.decode_any
             )
-
-        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+            image = preprocessing.small_image_train(
+                decoded, self.image_size, seed=seed, augment_fn=augment_fn
+            )
+        else:
+            crop_seed, flip_seed, augment_seed = preprocessing.split_seed(seed)
+            crop, ok = self._decode_or_flag(
+                filename,
+                index,
+                image_bytes,
+                lambda data: preprocessing.decode_and_random_crop(data, crop_seed),
+            )
+            image = preprocessing.train_from_crop(
+                crop, self.image_size, flip_seed, augment_fn, augment_seed
+            )
         return image, label, ok, filename, index
 
     def _eval_map(self, filename, index, record):
         image_bytes, label = self._parse(filename, index, record)
-
-        def preprocess(data):
-            if self.small_images:
-                return preprocessing.small_image_eval(
-                    preprocessing.decode_any(data), self.image_size
-                )
-            return preprocessing.preprocess_for_eval(data, self.image_size)
-
-        image, ok = self._image_or_flag(filename, index, image_bytes, preprocess)
+        if self.small_images:
+            decoded, ok = self._decode_or_flag(
+                filename, index, image_bytes, preprocessing.decode_any
+            )
+            image = preprocessing.small_image_eval(decoded, self.image_size)
+        else:
+            crop, ok = self._decode_or_flag(
+                filename, index, image_bytes, preprocessing.decode_and_center_crop
+            )
+            image = preprocessing.resize(crop, self.image_size)
         return image, label, ok, filename, index
 
     def _drop_corrupt(self, ds):
