@@ -66,6 +66,11 @@ class PipelineOptions:
     randaugment_layers: int = 2
     randaugment_magnitude: float = 10.0
     skip_corrupt_records: bool = False
+    #: Decode each image inside a one-element dataset so that a failure can be
+    #: named (file, record) or skipped. False decodes without it (faster, see
+    #: ``input_pipeline.benchmark --nocheck_decode``); a corrupt image then
+    #: stops the run with TensorFlow's own message.
+    check_decode: bool = True
     tf_data_service: str | None = None
 
 

@@ -22,6 +22,20 @@ SHUFFLE_BUFFER = 10_000
 TRAIN_EVAL_EXAMPLES = 50_000
 
 
+def _one_element_options() -> tf.data.Options:
+    """Options for the per-record one-element dataset: no graph rewrites or
+    autotuning, whose fixed cost would be paid once per image."""
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_optimization.inject_prefetch = False
+    options.autotune.enabled = False
+    options.experimental_warm_start = False
+    return options
+
+
+_ONE_ELEMENT_OPTIONS = _one_element_options()
+
+
 class RecordSource(DataSource):
     """A source of encoded JPEG/PNG images with integer labels, in files."""
 
@@ -70,10 +84,13 @@ class RecordSource(DataSource):
         of the nested dataset grows with the function it wraps. Without
         ``--skip_corrupt_records`` the failure stops the run naming both.
         """
+        if not self.options.check_decode:
+            return decode(image_bytes), tf.constant(True)
         decoded = tf.data.Dataset.from_tensors(image_bytes).map(decode).ignore_errors()
         # An empty image stands for "failed": a decoded one is never empty.
         blank = tf.data.Dataset.from_tensors(tf.zeros([0, 0, 3], tf.uint8))
-        image = decoded.concatenate(blank).take(1).get_single_element()
+        single = decoded.concatenate(blank).take(1).with_options(_ONE_ELEMENT_OPTIONS)
+        image = single.get_single_element()
         image.set_shape([None, None, 3])
         ok = tf.size(image) > 0
         # Later steps (resize) need pixels; the flagged record is dropped or stops the run.

@@ -1,7 +1,8 @@
-"""Runs a Python program in a child process and returns the JSON it prints.
+"""Runs Python programs in child processes: ``main.py`` as a user runs it, and
+programs that print ``RESULT {json}``.
 
 Multi-device tests need logical CPU devices configured before TensorFlow
-starts, so they run in a fresh interpreter that ends with ``RESULT {json}``.
+starts, so they run in a fresh interpreter.
 """
 
 import json
@@ -29,3 +30,21 @@ def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) ->
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"child program failed:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+#: A ResNet small enough for end-to-end runs of main.py in tests.
+TINY_RESNET = ("--model=resnet20", "--width_multiplier=0.25")
+
+
+def run_main(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``python main.py *args`` in the project root; raises with its stderr if it fails."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"main.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return proc

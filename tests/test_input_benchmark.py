@@ -22,6 +22,7 @@ class InputBenchmarkTest(tf.test.TestCase):
             batches=2,
             generated_images=8,
             num_classes=10,
+            check_decode=True,
         )
         rows = benchmark.run(values)
         self.assertEqual([row["augment"] for row in rows], values.augment)
@@ -31,6 +32,8 @@ class InputBenchmarkTest(tf.test.TestCase):
         table = benchmark.format_table(rows, values).splitlines()
         self.assertLen(table, 3 + len(rows))
         self.assertIn("autoaugment (imagenet)", table[4])
+        values.check_decode, values.augment = False, ["none"]
+        self.assertGreater(benchmark.run(values)[0]["images_per_s"], 0.0)
 
 
 if __name__ == "__main__":

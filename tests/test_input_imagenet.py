@@ -12,6 +12,7 @@ import tensorflow as tf
 from input_pipeline import convert, preprocessing
 from input_pipeline.base import EVAL, TRAIN, DataError, PipelineOptions, data_error_from
 from input_pipeline.imagenet import FolderSource, ImageNetSource
+from tests.child_process import TINY_RESNET, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +87,14 @@ class ImageNetSourceTest(tf.test.TestCase):
         for a, b in zip(first, second):
             self.assertAllEqual(a, b)
 
+    def test_decode_check_leaves_images_unchanged(self):
+        def eval_images(check):
+            options = PipelineOptions(check_decode=check)
+            source = self._source(one_based_labels=True, options=options)
+            return np.concatenate([x.numpy() for x, _ in source.dataset(EVAL, 4)])
+
+        self.assertAllEqual(eval_images(True), eval_images(False))
+
     def test_missing_files_is_one_line_data_error(self):
         with self.assertRaisesRegex(DataError, "--data_dir=.*train-\\*"):
             ImageNetSource(os.path.join(self.dir, "empty"))
@@ -152,14 +161,11 @@ class CorruptRecordTest(tf.test.TestCase):
 
     def test_main_stops_or_skips_and_counts(self):
         common = [
-            sys.executable,
-            "main.py",
             "--dataset=imagenet",
             f"--data_dir={self.dir}",
             "--one_based_labels",
             "--num_classes=10",
-            "--model=resnet20",
-            "--width_multiplier=0.25",
+            *TINY_RESNET,
             "--image_size=32",
             "--batch_size=4",
             "--eval_batch_size=4",
@@ -170,8 +176,12 @@ class CorruptRecordTest(tf.test.TestCase):
         runs = {}
         for skip in (False, True):
             model_dir = os.path.join(self.get_temp_dir(), f"run_{skip}")
-            args = common + [f"--model_dir={model_dir}", f"--skip_corrupt_records={skip}"]
-            runs[skip] = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            runs[skip] = run_main(
+                *common,
+                f"--model_dir={model_dir}",
+                f"--skip_corrupt_records={skip}",
+                expect_ok=skip,
+            )
         stopped, skipped = runs[False], runs[True]
         self.assertEqual(stopped.returncode, 2, stopped.stderr[-3000:])
         last_line = stopped.stderr.strip().splitlines()[-1]
@@ -270,29 +280,19 @@ class ConverterTest(tf.test.TestCase):
         self.assertEqual(read, expected)
 
         model_dir = os.path.join(self.get_temp_dir(), "run")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "main.py",
-                "--dataset=folder",
-                f"--data_dir={out}",
-                "--model=resnet20",
-                "--width_multiplier=0.25",
-                "--image_size=32",
-                "--batch_size=4",
-                "--eval_batch_size=4",
-                "--train_steps=5",
-                "--steps_per_loop=5",
-                "--augment=autoaugment",
-                "--autoaugment_policy=imagenet",
-                f"--model_dir={model_dir}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run_main(
+            "--dataset=folder",
+            f"--data_dir={out}",
+            *TINY_RESNET,
+            "--image_size=32",
+            "--batch_size=4",
+            "--eval_batch_size=4",
+            "--train_steps=5",
+            "--steps_per_loop=5",
+            "--augment=autoaugment",
+            "--autoaugment_policy=imagenet",
+            f"--model_dir={model_dir}",
         )
-        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         with open(os.path.join(model_dir, "summary.json")) as f:
             self.assertEqual(json.load(f)["train_steps"], 5)
 

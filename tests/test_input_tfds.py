@@ -3,8 +3,6 @@
 import collections
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
@@ -12,6 +10,7 @@ import tensorflow as tf
 from input_pipeline import registry
 from input_pipeline.base import EVAL, TRAIN, DataError, PipelineOptions
 from tests import tfds_test_dataset
+from tests.child_process import TINY_RESNET, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET = f"tfds:{tfds_test_dataset.NAME}"
@@ -68,29 +67,19 @@ class TFDSSourceTest(tf.test.TestCase):
 
     def test_main_trains_on_it_with_randaugment(self):
         model_dir = os.path.join(self.get_temp_dir(), "run")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "main.py",
-                f"--dataset={DATASET}",
-                f"--data_dir={self.data_dir}",
-                "--model=resnet20",
-                "--width_multiplier=0.25",
-                "--image_size=32",
-                "--batch_size=4",
-                "--eval_batch_size=4",
-                "--train_steps=3",
-                "--steps_per_loop=3",
-                "--augment=randaugment",
-                "--randaugment_magnitude=9",
-                f"--model_dir={model_dir}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run_main(
+            f"--dataset={DATASET}",
+            f"--data_dir={self.data_dir}",
+            *TINY_RESNET,
+            "--image_size=32",
+            "--batch_size=4",
+            "--eval_batch_size=4",
+            "--train_steps=3",
+            "--steps_per_loop=3",
+            "--augment=randaugment",
+            "--randaugment_magnitude=9",
+            f"--model_dir={model_dir}",
         )
-        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         with open(os.path.join(model_dir, "summary.json")) as f:
             summary = json.load(f)
         self.assertEqual(summary["train_steps"], 3)

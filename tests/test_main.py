@@ -2,36 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 
+from tests.child_process import TINY_RESNET, run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
-    "--model=resnet20",
-    "--width_multiplier=0.25",
+    *TINY_RESNET,
     "--image_size=16",
     "--eval_batch_size=64",
     "--learning_rate=1.0",
     "--warmup_epochs=0",
 ]
 SYNTHETIC = ["--dataset=synthetic", "--num_classes=10", "--batch_size=16", *SMALL]
-
-
-def run_main(*args, expect_ok=True):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"main.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def checkpoint_steps(model_dir):
