@@ -62,19 +62,10 @@ def posterize(image, bits):
     return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
-def _levels():
-    return tf.range(256, dtype=tf.int32)
-
-
-def _map_levels(image, table):
-    """Replaces every value v by ``table[v]``: one gather instead of per-pixel
-    arithmetic. ``table`` is int [256] for all channels or [3, 256] per channel."""
-    index = tf.cast(image, tf.int32)
-    table = tf.cast(table, tf.uint8)
-    if table.shape.rank == 2:
-        index += tf.constant([0, 256, 512], tf.int32)
-        table = tf.reshape(table, [-1])
-    return tf.gather(table, index)
+def _map_levels(image, tables):
+    """Replaces value v of channel c by ``tables[c, v]`` (int [3, 256]) with one gather."""
+    index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
+    return tf.gather(tf.reshape(tf.cast(tables, tf.uint8), [-1]), index)
 
 
 # Point-wise maps below are float arithmetic on exact integer values: on CPU
@@ -129,7 +120,7 @@ def equalize(image):
     safe_step = tf.maximum(step, 1)
     before = tf.cumsum(histograms, axis=1, exclusive=True)
     luts = tf.minimum((safe_step[:, None] // 2 + before) // safe_step[:, None], 255)
-    identity_luts = tf.broadcast_to(_levels(), [3, 256])
+    identity_luts = tf.broadcast_to(tf.range(256), [3, 256])
     luts = tf.where((step > 0)[:, None], luts, identity_luts)
     return _map_levels(image, luts)
 
@@ -209,7 +200,7 @@ def _affine(image, matrix, fill):
         with_mask = tf.concat([image, tf.ones_like(image[..., :1])], axis=-1)
         warped = warp(with_mask, 0.0)
         inside = warped[..., 3:] > 0
-        fill_rgb = tf.cast(tf.reshape(tf.convert_to_tensor(fill), [3]), tf.uint8)
+        fill_rgb = tf.cast(tf.broadcast_to(tf.convert_to_tensor(fill), [3]), tf.uint8)
         out = tf.where(inside, warped[..., :3], tf.broadcast_to(fill_rgb, tf.shape(image)))
     out.set_shape(image.shape)
     return out

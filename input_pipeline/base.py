@@ -16,6 +16,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from input_pipeline import augment
+
 TRAIN = "train"
 EVAL = "eval"
 #: The training split read like the eval split (one pass, eval preprocessing,
@@ -111,8 +113,6 @@ class DataSource(abc.ABC):
     @property
     def augment_fn(self):
         """``--augment`` as ``fn(uint8 image, seed) -> uint8 image``, or None."""
-        from input_pipeline import augment
-
         o = self.options
         return augment.policy_fn(
             o.augment, o.autoaugment_policy, o.randaugment_layers, o.randaugment_magnitude

@@ -109,6 +109,11 @@ def corrupt_one_record(path, record, data=b"\xff\xd8\xff\xe0 truncated JPEG"):
             writer.write(example.SerializeToString())
 
 
+def count_blank(images):
+    """How many images of a batch are all zeros (the stand-in of a corrupt record)."""
+    return int(np.sum(np.max(images.numpy(), axis=(1, 2, 3)) == 0))
+
+
 class CorruptRecordTest(tf.test.TestCase):
     def setUp(self):
         super().setUp()
@@ -122,7 +127,12 @@ class CorruptRecordTest(tf.test.TestCase):
     def _source(self, skip, image_size=32):
         options = PipelineOptions(seed=3, skip_corrupt_records=skip)
         return ImageNetSource(
-            self.dir, image_size=image_size, num_classes=10, one_based_labels=True, options=options
+            self.dir,
+            image_size=image_size,
+            num_classes=10,
+            one_based_labels=True,
+            options=options,
+            num_train_examples=20,
         )
 
     def test_corrupt_image_error_names_file_and_record(self):
@@ -143,21 +153,18 @@ class CorruptRecordTest(tf.test.TestCase):
         expected = [label for _, labels in self.written["validation"] for label in labels]
         del expected[5 + 3]  # file 1, record 3
         self.assertAllEqual(labels, expected)
-        # Training never delivers the blank stand-in of the corrupt record:
-        # three epochs of labels are the clean multiset three times.
-        train_labels = collections.Counter()
-        stream = source.dataset(TRAIN, 19).take(3)
-        for images, labels in stream:
-            self.assertGreater(float(tf.reduce_min(tf.reduce_max(images, axis=[1, 2, 3]))), 0.0)
-            train_labels.update(labels.numpy().tolist())
-        clean = collections.Counter(
-            label
-            for path, labels in self.written["train"]
-            for i, label in enumerate(labels)
-            if (path, i) != (self.bad_train, 0)
-        )
-        self.assertEqual(sum(clean.values()), 19)
-        self.assertEqual(sum(train_labels.values()), 57)
+        # Training never delivers the blank stand-in of the corrupt record: it is
+        # 1 of 20 records, so 190 unfiltered draws would hold about ten of them.
+        blank_images = 0
+        for images, labels in source.dataset(TRAIN, 19).take(10):
+            blank_images += count_blank(images)
+            self.assertTrue(np.all((labels.numpy() >= 0) & (labels.numpy() < 10)))
+        self.assertEqual(blank_images, 0)
+        # The same stream without the filter does deliver it (the check above can fail).
+        unfiltered = self._source(skip=True)
+        unfiltered._drop_corrupt = lambda ds: ds.map(lambda image, label, *_: (image, label))
+        blanks = [count_blank(images) for images, _ in unfiltered.dataset(TRAIN, 19).take(10)]
+        self.assertGreater(sum(blanks), 0)
 
     def test_main_stops_or_skips_and_counts(self):
         common = [
