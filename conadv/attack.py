@@ -2,9 +2,11 @@
 
 Images stay in pixel space [0, 255] until the model's first layer, so ``eps``
 and ``step_size`` are the paper's perturbation values P directly. The attack's
-forward pass uses batch statistics of the chosen BatchNorm branch and never
-updates moving statistics; its gradient is taken with respect to the input
-only, so no model variable is read for a gradient nor written.
+forward pass uses batch statistics of the chosen BatchNorm branch — of the
+replica's own batch, whatever the BatchNorm group size, so each replica
+attacks its own loss and the attack never communicates — and never updates
+moving statistics; its gradient is taken with respect to the input only, so
+no model variable is read for a gradient nor written.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import dataclasses
 import tensorflow as tf
 
 from official import losses
+
+#: Named, not auto-selected: XLA (hence TPU) and the default CPU/GPU kernels
+#: would otherwise pick different generators and draw different random starts.
+RNG_ALGORITHM = "philox"
 
 UNTARGETED = "untargeted"
 RANDOM_TARGET = "random"
@@ -47,10 +53,25 @@ class AttackConfig:
         return self.eps if self.step_size is None else self.step_size
 
 
+def stateless_uniform(shape, seed, minval: float, maxval: float) -> tf.Tensor:
+    """Float32 uniform in [minval, maxval), drawn identically with and without XLA.
+
+    TensorFlow's kernels and XLA agree on the random bits of a named
+    generator but turn them into floats differently; so the float is made
+    here from the top 24 bits of an int64 draw (exact in float32).
+    """
+    bits = tf.random.stateless_uniform(
+        shape, seed, minval=None, maxval=None, dtype=tf.int64, alg=RNG_ALGORITHM
+    )
+    top = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 40), 0xFFFFFF)
+    fraction = tf.cast(top, tf.float32) * (1.0 / 2**24)
+    return minval + (maxval - minval) * fraction
+
+
 def random_wrong_labels(labels: tf.Tensor, num_classes: int, seed: tf.Tensor) -> tf.Tensor:
     """A uniformly random label different from each true label."""
     shift = tf.random.stateless_uniform(
-        tf.shape(labels), seed, minval=1, maxval=num_classes, dtype=labels.dtype
+        tf.shape(labels), seed, minval=1, maxval=num_classes, dtype=labels.dtype, alg=RNG_ALGORITHM
     )
     return (labels + shift) % num_classes
 
@@ -62,23 +83,28 @@ def pgd_attack(
     config: AttackConfig,
     seed: tf.Tensor,
     num_classes: int | None = None,
+    loss_scale: float = 1.0,
 ) -> tf.Tensor:
     """Adversarial images within ``eps`` of ``images`` (L∞), clipped to [0, 255].
 
     ``seed`` (shape [2], int) makes the random start and the random target
     reproducible: the same images, weights and seed give the same result,
-    which is how the tests recompute a stale attack exactly.
+    which is how the tests recompute a stale attack exactly. ``loss_scale``
+    multiplies the loss before differentiation (float16: small input
+    gradients would otherwise flush to zero before their sign is taken).
     """
     images = tf.convert_to_tensor(images, tf.float32)
     eps = tf.constant(config.eps, tf.float32)
     lower = tf.maximum(images - eps, 0.0)
     upper = tf.minimum(images + eps, 255.0)
     seed = tf.cast(seed, tf.int64)
-    start_seed, target_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    start_seed, target_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2, alg=RNG_ALGORITHM)
+    )
 
     x = images
     if config.random_init and config.eps > 0:
-        noise = tf.random.stateless_uniform(tf.shape(images), start_seed, -config.eps, config.eps)
+        noise = stateless_uniform(tf.shape(images), start_seed, -config.eps, config.eps)
         x = tf.clip_by_value(images + noise, 0.0, 255.0)
 
     targeted = config.target == RANDOM_TARGET
@@ -94,11 +120,20 @@ def pgd_attack(
     for _ in range(config.num_steps):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
-            logits = model(x, training=True, bn_branch=config.bn_branch, update_stats=False)
+            logits = model(
+                x,
+                training=True,
+                bn_branch=config.bn_branch,
+                update_stats=False,
+                group_statistics=False,
+            )
             # A sum, not a mean: only the sign is used, and a mean over a large
             # batch could underflow in low precision.
-            loss = tf.reduce_sum(losses.cross_entropy(attack_labels, logits))
+            loss = tf.reduce_sum(losses.cross_entropy(attack_labels, logits)) * loss_scale
         grad = tape.gradient(loss, x)
+        if loss_scale != 1.0:
+            # An overflowed pixel gradient has no usable sign: leave that pixel.
+            grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
         x = x + direction * config.alpha * tf.sign(grad)
         x = tf.clip_by_value(x, lower, upper)
     return tf.stop_gradient(x)

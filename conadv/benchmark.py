@@ -1,6 +1,8 @@
 """Step throughput of vanilla, DisAdv and ConAdv on one device.
 
     python -m conadv.benchmark --model resnet20 --image_size 32 --batch_size 256
+    python -m conadv.benchmark --update_pass concatenated,separate --methods conadv
+    python -m conadv.benchmark --precision mixed_bfloat16 --num_cpu_devices 2 --bn_group_size 1
 
 Each method runs the trainer's own compiled loop on synthetic in-device
 batches; after a warm-up loop, several loops are timed and the median is
@@ -11,6 +13,12 @@ and weights). Vanilla does 3 per image; ConAdv does 2 (the attack on B) plus
 6 (the update on 2B) per clean image; DisAdv does the same work as ConAdv but
 in two dependent halves, so ConAdv can beat it only where the processor has
 room to run both halves at once.
+
+``--update_pass`` times the adversarial update as one pass over 2B rows
+(concatenated) and as two passes of B rows (separate); ``--num_cpu_devices``
+splits the CPU to run the step under MirroredStrategy (with its BatchNorm
+group collectives). The ring buffer's bytes per replica are printed for the
+configuration (``ring_buffer_bytes_per_replica`` in ``--output_json``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from conadv import attack as attack_lib
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
-from official import optimizers, resnet
+from official import distribute, optimizers, precision, resnet
+from official import split_batch_norm as bn_lib
 
 FORWARD, INPUT_GRADIENT, FULL_BACKWARD = 1.0, 1.0, 2.0
 VANILLA_WORK = FORWARD + FULL_BACKWARD
@@ -48,8 +57,36 @@ def _parse(argv):
     parser.add_argument("--methods", default="vanilla,disadv,conadv")
     parser.add_argument("--attack_eps", type=float, default=4.0)
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument("--precision", default="float32", choices=precision.POLICIES)
+    parser.add_argument(
+        "--bn_group_size",
+        type=int,
+        default=None,
+        help="replicas per BatchNorm statistic (default: smallest group of >= 64 examples)",
+    )
+    parser.add_argument(
+        "--update_pass",
+        default="concatenated",
+        help="comma-separated: concatenated (one pass of 2B) and/or separate (two of B)",
+    )
+    parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument(
+        "--num_cpu_devices",
+        type=int,
+        default=1,
+        help="> 1: split the CPU and run under MirroredStrategy",
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    for name in args.update_pass.split(","):
+        if name not in steps_lib.UPDATE_PASSES:
+            parser.error(
+                f"--update_pass: {name!r} is not one of {', '.join(steps_lib.UPDATE_PASSES)}"
+            )
+    if args.num_cpu_devices < 1 or args.staleness < 1:
+        parser.error("--num_cpu_devices and --staleness must be at least 1")
+    if args.batch_size % args.num_cpu_devices:
+        parser.error(f"--batch_size must be divisible by --num_cpu_devices={args.num_cpu_devices}")
     if args.model not in resnet.MODEL_NAMES:
         parser.error(
             f"--model={args.model} is unknown; choose one of {', '.join(resnet.MODEL_NAMES)}"
@@ -71,21 +108,39 @@ def _device_name(device: str) -> str:
     return device
 
 
-def measure(method: str, args, strategy) -> float:
+def bn_group_size(args, replicas: int) -> int:
+    if args.bn_group_size is not None:
+        return bn_lib.check_group_size(args.bn_group_size, replicas)
+    return bn_lib.default_group_size(args.batch_size // replicas, replicas)[0]
+
+
+def measure(method: str, args, strategy, update_pass: str) -> float:
     """Median clean images per second of ``method`` over the timed loops."""
+    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = resnet.resnet(
             args.model,
             num_classes=args.num_classes,
             image_size=args.image_size,
             width_multiplier=args.width_multiplier,
+            bn_group_size=bn_group_size(args, replicas),
+            dtype_policy=args.precision,
         )
         optimizer = optimizers.build_optimizer("lars", learning_rate=0.1, weight_decay=5e-4)
+        if precision.needs_loss_scaling(args.precision):
+            optimizer = precision.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
         sums = ReplicaSums(steps_lib.TRAIN_SUMS)
     ring = None
+    compute_dtype = precision.compute_dtype(args.precision)
     if method == steps_lib.CONADV:
-        ring = RingBuffer(strategy, 1, args.batch_size, args.image_size)
+        ring = RingBuffer(
+            strategy,
+            args.staleness,
+            args.batch_size // replicas,
+            args.image_size,
+            dtype=compute_dtype,
+        )
     ctx = steps_lib.StepContext(
         model=model,
         optimizer=optimizer,
@@ -95,6 +150,8 @@ def measure(method: str, args, strategy) -> float:
         attack=attack_lib.AttackConfig(eps=args.attack_eps),
         sums=sums,
         ring=ring,
+        update_pass=update_pass,
+        compute_dtype=compute_dtype,
     )
     shape = [args.batch_size, args.image_size, args.image_size, 3]
     images = tf.random.stateless_uniform(shape, [1, 2], 0.0, 255.0)
@@ -112,9 +169,9 @@ def measure(method: str, args, strategy) -> float:
 
     if ring is not None:
         prologue = steps_lib.build_conadv_prologue(ctx)
-        tf.function(lambda it: strategy.run(prologue, args=(next(it), tf.constant(0, tf.int64))))(
-            iterator
-        )
+        fill = tf.function(lambda it, k: strategy.run(prologue, args=(next(it), k)))
+        for k in range(args.staleness):
+            fill(iterator, tf.constant(k, tf.int64))
     n = tf.constant(args.steps_per_loop)
     loop(iterator, n)  # warm-up: tracing and the first execution
     sums.totals()
@@ -127,11 +184,32 @@ def measure(method: str, args, strategy) -> float:
     return statistics.median(rates)
 
 
+def ring_buffer_bytes_per_replica(args, replicas: int) -> int:
+    """What ConAdv's ring holds per replica in this configuration (τ slots)."""
+    pixels = args.staleness * (args.batch_size // replicas) * args.image_size**2 * 3
+    images = 2 * pixels * precision.compute_dtype(args.precision).size
+    return images + args.staleness * (args.batch_size // replicas) * tf.int32.size
+
+
 def main(argv=None):
     args = _parse(sys.argv[1:] if argv is None else argv)
-    strategy = tf.distribute.OneDeviceStrategy(_device_name(args.device))
+    if args.num_cpu_devices > 1:
+        distribute.configure_cpu_devices(args.num_cpu_devices)
+        strategy = distribute.get_strategy("mirrored", args.num_cpu_devices)
+    else:
+        strategy = tf.distribute.OneDeviceStrategy(_device_name(args.device))
+    replicas = strategy.num_replicas_in_sync
     methods = args.methods.split(",")
-    rates = {method: measure(method, args, strategy) for method in methods}
+    passes = args.update_pass.split(",")
+    rates = {}
+    for method in methods:
+        for update_pass in passes if method != steps_lib.VANILLA else passes[:1]:
+            key = (
+                method
+                if len(passes) == 1 or method == steps_lib.VANILLA
+                else (f"{method}/{update_pass}")
+            )
+            rates[key] = measure(method, args, strategy, update_pass)
     result = {
         "config": {
             key: getattr(args, key)
@@ -144,8 +222,15 @@ def main(argv=None):
                 "steps_per_loop",
                 "loops",
                 "jit_compile",
+                "precision",
+                "update_pass",
+                "staleness",
+                "num_cpu_devices",
             )
         },
+        "replicas": replicas,
+        "bn_group_size": bn_group_size(args, replicas),
+        "ring_buffer_bytes_per_replica": ring_buffer_bytes_per_replica(args, replicas),
         "methods": {m: {"images_per_second": r} for m, r in rates.items()},
         "ratios": {},
         "ideal_conadv_over_vanilla": IDEAL_CONADV_OVER_VANILLA,
@@ -154,18 +239,30 @@ def main(argv=None):
         result["ratios"]["conadv_over_disadv"] = rates["conadv"] / rates["disadv"]
     if "conadv" in rates and "vanilla" in rates:
         result["ratios"]["conadv_over_vanilla"] = rates["conadv"] / rates["vanilla"]
+    for method in (steps_lib.DISADV, steps_lib.CONADV):
+        concat, separate = f"{method}/concatenated", f"{method}/separate"
+        if concat in rates and separate in rates:
+            result["ratios"][f"{method}_concatenated_over_separate"] = (
+                rates[concat] / rates[separate]
+            )
 
+    where = args.device if replicas == 1 else f"{replicas} logical CPU replicas"
     print(
         f"{args.model} at {args.image_size}px, global batch {args.batch_size}, "
-        f"{args.device}, jit={args.jit_compile}: median of {args.loops} loops "
+        f"{where}, {args.precision}, jit={args.jit_compile}, "
+        f"BatchNorm group {result['bn_group_size']}: median of {args.loops} loops "
         f"of {args.steps_per_loop} steps"
     )
-    print(f"{'method':<10}{'clean img/s':>14}")
+    print(f"{'method':<24}{'clean img/s':>14}")
     for method, rate in rates.items():
-        print(f"{method:<10}{rate:>14.1f}")
+        print(f"{method:<24}{rate:>14.1f}")
     for name, ratio in result["ratios"].items():
         print(f"{name}: {ratio:.3f}")
     print(f"ideal conadv_over_vanilla from counted work: {IDEAL_CONADV_OVER_VANILLA:.3f}")
+    print(
+        f"ring buffer: {result['ring_buffer_bytes_per_replica']} bytes per replica "
+        f"(τ = {args.staleness}, {args.batch_size // replicas} images per replica)"
+    )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

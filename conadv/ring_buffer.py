@@ -2,15 +2,25 @@
 
 ConAdv with staleness τ trains at step t on an adversarial batch that was
 made τ steps earlier. The buffer holds, per replica, τ slots of (clean
-images, labels, adversarial images) in variables on that replica's device, so
-nothing round-trips through the host. Slot ``t mod τ`` is read by step t and
-then overwritten with batch t+τ and its fresh attack.
+images, labels, adversarial images) on that replica's device, so nothing
+round-trips through the host. Slot ``t mod τ`` is read by step t and then
+overwritten with batch t+τ and its fresh attack.
 
-Each replica's slots are its own plain variables (not mirrored): replicas hold
-different shards, and a checkpoint saves each one exactly. A replica function
-finds its own through its replica id. ``layout`` names the shapes, so that a
-checkpoint made with another replica count or batch is not restored into the
-wrong slots (the trainer refills the buffer instead).
+Each slot array is one variable created in ``strategy.scope()`` with
+``synchronization=ON_READ`` and ``aggregation=NONE``: inside ``strategy.run``
+every replica reads and writes its own component, under the default,
+Mirrored, MultiWorkerMirrored and TPU strategies alike (on TPU through the
+replicated variable handle), so no replica id is ever needed — TPUStrategy
+traces one program for all replicas and has none at trace time.
+
+Images are stored in the compute dtype (bfloat16 halves the buffer on TPU).
+
+An ON_READ variable would be saved as a single aggregate, which cannot hold
+per-replica contents; the buffer's variables are therefore kept out of the
+checkpoint, and ``checkpoint_items()`` gives the trainer this worker's
+per-replica components to save under their own names instead. ``layout``
+names the shapes, so a checkpoint made with another replica count or batch
+is not restored into the wrong slots (the trainer refills the buffer).
 """
 
 from __future__ import annotations
@@ -18,16 +28,15 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def _replica_devices(strategy) -> list[str | None]:
-    """This host's replica devices; the current device under the default strategy."""
-    try:
-        return list(strategy.extended.worker_devices)
-    except RuntimeError:
-        return [None]
+class _Untracked:
+    """Holds variables where ``tf.train.Checkpoint`` does not look for them."""
+
+    def __init__(self, **variables):
+        self.__dict__.update(variables)
 
 
-class RingBuffer(tf.Module):
-    """τ slots per local replica of (images, labels, adversarial images)."""
+class RingBuffer:
+    """τ slots per replica of (images, labels, adversarial images)."""
 
     def __init__(
         self,
@@ -35,62 +44,87 @@ class RingBuffer(tf.Module):
         staleness: int,
         per_replica_batch: int,
         image_size: int,
-        name: str = "ring_buffer",
+        dtype: tf.DType = tf.float32,
     ):
-        super().__init__(name=name)
         if staleness < 1:
             raise ValueError(f"staleness must be >= 1, got {staleness}")
+        self.strategy = strategy
         self.staleness = int(staleness)
-        image_shape = [self.staleness, per_replica_batch, image_size, image_size, 3]
+        self.dtype = tf.as_dtype(dtype)
+        self.per_replica_batch = int(per_replica_batch)
+        self.image_shape = [self.staleness, per_replica_batch, image_size, image_size, 3]
         label_shape = [self.staleness, per_replica_batch]
-        self.images = []
-        self.labels = []
-        self.adversarial = []
-        for index, device in enumerate(_replica_devices(strategy)):
-            with tf.device(device):
-                self.images.append(self._variable(image_shape, tf.float32, f"images_{index}"))
-                self.labels.append(self._variable(label_shape, tf.int32, f"labels_{index}"))
-                self.adversarial.append(
-                    self._variable(image_shape, tf.float32, f"adversarial_{index}")
-                )
+        with strategy.scope():
+            self._vars = _Untracked(
+                images=self._variable(self.image_shape, self.dtype, "ring_images"),
+                labels=self._variable(label_shape, tf.int32, "ring_labels"),
+                adversarial=self._variable(self.image_shape, self.dtype, "ring_adversarial"),
+            )
         # Set once the prologue (or a restored checkpoint) has filled every slot.
-        self.filled = tf.Variable(False, trainable=False, name="filled")
-        self.layout = f"r{len(self.images)}_b{per_replica_batch}_s{image_size}_t{self.staleness}"
+        self.filled = tf.Variable(False, trainable=False, name="ring_filled")
+        self.num_local_replicas = len(strategy.experimental_local_results(self._vars.images))
+        dtype_tag = "" if self.dtype == tf.float32 else f"_{self.dtype.name}"
+        self.layout = (
+            f"r{self.num_local_replicas}_b{per_replica_batch}_s{image_size}"
+            f"_t{self.staleness}{dtype_tag}"
+        )
 
     @staticmethod
     def _variable(shape, dtype, name):
-        return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name)
+        return tf.Variable(
+            tf.zeros(shape, dtype),
+            trainable=False,
+            name=name,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.NONE,
+        )
 
-    def _local_index(self) -> int:
-        """This replica's index among the local replicas, known when tracing."""
-        context = tf.distribute.get_replica_context()
-        replica_id = tf.get_static_value(context.replica_id_in_sync_group)
-        if replica_id is None:
-            raise NotImplementedError(
-                "the ring buffer needs a replica id known at trace time "
-                "(MirroredStrategy, MultiWorkerMirroredStrategy or a single device)"
-            )
-        # Multi-worker ids are global: worker k holds k·n .. k·n + n − 1.
-        return int(replica_id) % len(self.images)
+    @property
+    def bytes_per_replica(self) -> int:
+        """Memory one replica's slots take (images, labels, adversarial images)."""
+        images = 1
+        for d in self.image_shape:
+            images *= d
+        labels = self.staleness * self.per_replica_batch
+        return 2 * images * self.dtype.size + labels * tf.int32.size
+
+    # ------------------------------------------------- inside strategy.run
 
     def read(self, slot: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """This replica's (images, labels, adversarial images) in ``slot``."""
-        i = self._local_index()
         return (
-            tf.gather(self.images[i], slot),
-            tf.gather(self.labels[i], slot),
-            tf.gather(self.adversarial[i], slot),
+            tf.gather(self._vars.images, slot),
+            tf.gather(self._vars.labels, slot),
+            tf.gather(self._vars.adversarial, slot),
         )
 
     def write(self, slot: tf.Tensor, images, labels, adversarial) -> tf.Operation:
-        """Overwrites this replica's ``slot``."""
-        i = self._local_index()
-        index = tf.reshape(slot, [1, 1])
+        """Overwrites this replica's ``slot`` (images are cast to the buffer's dtype)."""
+        index = tf.reshape(tf.cast(slot, tf.int32), [1, 1])
+
+        def put(var, value):
+            value = tf.cast(value, var.dtype)
+            return var.assign(tf.tensor_scatter_nd_update(var, index, value[None]))
+
         return tf.group(
-            self.images[i].scatter_nd_update(index, images[None]),
-            self.labels[i].scatter_nd_update(index, labels[None]),
-            self.adversarial[i].scatter_nd_update(index, adversarial[None]),
+            put(self._vars.images, images),
+            put(self._vars.labels, labels),
+            put(self._vars.adversarial, adversarial),
         )
+
+    # ----------------------------------------------------------- on the host
+
+    def local_slots(self, name: str) -> list[tf.Variable]:
+        """This worker's per-replica components of ``images``, ``labels`` or ``adversarial``."""
+        return list(self.strategy.experimental_local_results(getattr(self._vars, name)))
+
+    def checkpoint_items(self) -> dict:
+        """What a checkpoint saves for this worker: each replica's slots, and ``filled``."""
+        items = {"filled": self.filled}
+        for name in ("images", "labels", "adversarial"):
+            for index, component in enumerate(self.local_slots(name)):
+                items[f"{name}_{index}"] = component
+        return items
 
     def mark_filled(self):
         self.filled.assign(True)

@@ -13,6 +13,16 @@ because the optimizer sums gradients over replicas.
   batch just taken from the iterator) and write it where slot t mod τ was.
   Neither computation needs the other's result, so they run side by side;
   only the weight update waits until the attack has read θ_t.
+
+The adversarial update runs, by default, as one forward and one backward
+pass over ``[clean; adversarial]`` (2B rows) with every split BatchNorm in
+``"mixed"`` mode (``CONCATENATED``); ``SEPARATE`` makes two model calls of B
+rows. Both give the same loss, gradients and statistics; which is faster
+depends on the device (``python -m conadv.benchmark --update_pass``).
+
+Clean images are rounded to the compute dtype before they are attacked, so
+the attack, the ring buffer and the update all see the same clean pixels.
+Under float16 the losses are scaled (``official.precision``).
 """
 
 from __future__ import annotations
@@ -24,12 +34,16 @@ import tensorflow as tf
 from conadv import attack as attack_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
-from official import losses
+from official import losses, precision
 
 VANILLA = "vanilla"
 DISADV = "disadv"
 CONADV = "conadv"
 METHODS = (VANILLA, DISADV, CONADV)
+
+CONCATENATED = "concatenated"
+SEPARATE = "separate"
+UPDATE_PASSES = (CONCATENATED, SEPARATE)
 
 #: What every step adds to the loop's running sums.
 TRAIN_SUMS = ("examples", "clean_loss", "clean_correct", "adv_examples", "adv_loss", "adv_linf")
@@ -48,6 +62,14 @@ class StepContext:
     seed: int = 0
     sums: ReplicaSums | None = None
     ring: RingBuffer | None = None
+    update_pass: str = CONCATENATED
+    compute_dtype: tf.DType = tf.float32
+
+    def __post_init__(self):
+        if self.update_pass not in UPDATE_PASSES:
+            raise ValueError(
+                f"update_pass must be one of {', '.join(UPDATE_PASSES)}, got {self.update_pass!r}"
+            )
 
 
 def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
@@ -72,19 +94,33 @@ def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
         ctx.attack,
         seed=attack_seed(ctx, batch_index),
         num_classes=ctx.num_classes,
+        loss_scale=precision.ATTACK_LOSS_SCALE if ctx.compute_dtype == tf.float16 else 1.0,
     )
 
 
-def _apply(ctx: StepContext, tape, loss, wait_for=()):
+def as_stored(ctx: StepContext, images) -> tf.Tensor:
+    """Clean images rounded to the compute dtype, as float32 (what every pass sees)."""
+    if ctx.compute_dtype == tf.float32:
+        return tf.cast(images, tf.float32)
+    return tf.cast(tf.cast(images, ctx.compute_dtype), tf.float32)
+
+
+def weight_gradients(ctx: StepContext, tape, loss) -> list[tf.Tensor]:
+    """d loss / d trainable variables; zeros for the branch a step does not use."""
     variables = ctx.model.trainable_variables
     grads = tape.gradient(loss, variables)
-    # The branch a step does not use gets a zero gradient (its momentum then stays 0).
-    grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+    # A zero gradient keeps the unused branch's momentum at 0.
+    return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+
+
+def _apply(ctx: StepContext, tape, scaled_loss, wait_for=()):
+    """Applies the gradients of ``scaled_loss`` (the optimizer unscales them, if it scales)."""
+    grads = weight_gradients(ctx, tape, scaled_loss)
     if wait_for:
         # The update may only overwrite θ_t after everything in wait_for has read it.
         with tf.control_dependencies(list(wait_for)):
             grads = [tf.identity(g) for g in grads]
-    ctx.optimizer.apply_gradients(zip(grads, variables))
+    ctx.optimizer.apply_gradients(zip(grads, ctx.model.trainable_variables))
 
 
 def _clean_statistics(labels, logits, per_example_loss):
@@ -101,33 +137,56 @@ def update_on_clean(ctx: StepContext, images, labels):
         logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
         per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
         loss = tf.reduce_sum(per_example) / ctx.global_batch_size
-    _apply(ctx, tape, loss)
+        scaled_loss = ctx.optimizer.scale_loss(loss)
+    _apply(ctx, tape, scaled_loss)
     if ctx.sums is not None:
         ctx.sums.add(**_clean_statistics(labels, logits, per_example))
+
+
+def adversarial_loss(ctx: StepContext, images, labels, adversarial):
+    """½·(CE_clean through main + CE_adv through aux), over the global batch.
+
+    A training-mode forward pass (both branches' moving statistics update) in
+    the context's ``update_pass`` form. Returns the loss, the clean logits
+    and the per-example clean and adversarial cross-entropies.
+    """
+    images = tf.cast(images, tf.float32)
+    adversarial = tf.cast(adversarial, tf.float32)
+    if ctx.update_pass == CONCATENATED:
+        both = tf.concat([images, adversarial], axis=0)
+        logits = ctx.model(both, training=True, bn_branch="mixed", update_stats=True)
+        clean_logits, adv_logits = tf.split(logits, 2, axis=0)
+    else:
+        clean_logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
+        adv_logits = ctx.model(adversarial, training=True, bn_branch="aux", update_stats=True)
+    clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
+    adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
+    loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
+    return loss, clean_logits, clean, adv
 
 
 def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
     """One optimizer step on ½·(CE_clean through main + CE_adv through aux)."""
     with tf.GradientTape() as tape:
-        clean_logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
-        adv_logits = ctx.model(adversarial, training=True, bn_branch="aux", update_stats=True)
-        clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
-        adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
-        loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
-    _apply(ctx, tape, loss, wait_for)
+        loss, clean_logits, clean, adv = adversarial_loss(ctx, images, labels, adversarial)
+        scaled_loss = ctx.optimizer.scale_loss(loss)
+    _apply(ctx, tape, scaled_loss, wait_for)
     if ctx.sums is not None:
+        distance = attack_lib.linf_distance(
+            tf.cast(adversarial, tf.float32), tf.cast(images, tf.float32)
+        )
         ctx.sums.add(
             **_clean_statistics(labels, clean_logits, clean),
             adv_examples=tf.size(labels),
             adv_loss=tf.reduce_sum(adv),
-            adv_linf=tf.reduce_sum(attack_lib.linf_distance(adversarial, images)),
+            adv_linf=tf.reduce_sum(distance),
         )
 
 
 def build_vanilla_step(ctx: StepContext):
     def vanilla_step(batch):
         images, labels = batch
-        update_on_clean(ctx, images, labels)
+        update_on_clean(ctx, as_stored(ctx, images), labels)
 
     return vanilla_step
 
@@ -135,6 +194,7 @@ def build_vanilla_step(ctx: StepContext):
 def build_disadv_step(ctx: StepContext):
     def disadv_step(batch):
         images, labels = batch
+        images = as_stored(ctx, images)
         step = ctx.optimizer.iterations
         adversarial = run_attack(ctx, images, labels, batch_index=step)
         update_on_clean_and_adversarial(ctx, images, labels, adversarial)
@@ -150,6 +210,7 @@ def build_conadv_step(ctx: StepContext):
 
     def conadv_step(batch):
         next_images, next_labels = batch  # batch t + τ
+        next_images = as_stored(ctx, next_images)
         step = ctx.optimizer.iterations
         slot = tf.cast(step % staleness, tf.int32)
         images, labels, adversarial = ctx.ring.read(slot)  # batch t, attacked with θ_{t−τ}
@@ -171,6 +232,7 @@ def build_conadv_prologue(ctx: StepContext):
 
     def prologue_step(batch, k):
         images, labels = batch
+        images = as_stored(ctx, images)
         adversarial = run_attack(ctx, images, labels, batch_index=k)
         slot = tf.cast(k % ctx.ring.staleness, tf.int32)
         ctx.ring.write(slot, images, labels, adversarial)

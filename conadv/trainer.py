@@ -26,7 +26,8 @@ from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
-from official import losses, optimizers, resnet, schedules
+from official import losses, optimizers, precision, resnet, schedules
+from official import split_batch_norm as bn_lib
 
 EVAL_SUMS = ("examples", "loss", "top1", "top5")
 
@@ -44,7 +45,9 @@ class TrainConfig:
     staleness: int = 1
     model: str = "resnet20"
     width_multiplier: float = 1.0
-    sync_batch_norm: bool = True
+    bn_group_size: int | None = None  # None: the smallest group of >= 64 examples
+    precision: str = "float32"
+    update_pass: str = steps_lib.CONCATENATED
     global_batch_size: int = 512
     eval_batch_size: int = 512
     train_steps: int | None = None
@@ -83,6 +86,8 @@ class Trainer:
         )
         self.eval_every = max(1, round(config.epochs_between_evals * self.steps_per_epoch))
         self.per_replica_batch = config.global_batch_size // replicas
+        self.bn_group_size = self._bn_group_size()
+        self.compute_dtype = precision.compute_dtype(config.precision)
         keras.utils.set_random_seed(config.seed)
 
         with strategy.scope():
@@ -91,8 +96,9 @@ class Trainer:
                 num_classes=source.num_classes,
                 image_size=source.image_size,
                 width_multiplier=config.width_multiplier,
-                synchronized=config.sync_batch_norm and replicas > 1,
+                bn_group_size=self.bn_group_size,
                 seed=config.seed,
+                dtype_policy=config.precision,
             )
             schedule = schedules.build_schedule(
                 config.lr_schedule,
@@ -110,6 +116,8 @@ class Trainer:
                 weight_decay=config.weight_decay,
                 eta=config.lars_eta,
             )
+            if precision.needs_loss_scaling(config.precision):
+                self.optimizer = precision.LossScaleOptimizer(self.optimizer)
             # Slots must exist before the first distributed step (see DESIGN.md).
             self.optimizer.build(self.model.trainable_variables)
             self.train_sums = ReplicaSums(steps_lib.TRAIN_SUMS, name="train_sums")
@@ -118,7 +126,11 @@ class Trainer:
         self.ring = None
         if config.method == steps_lib.CONADV:
             self.ring = RingBuffer(
-                strategy, config.staleness, self.per_replica_batch, source.image_size
+                strategy,
+                config.staleness,
+                self.per_replica_batch,
+                source.image_size,
+                dtype=self.compute_dtype,
             )
         self.context = steps_lib.StepContext(
             model=self.model,
@@ -130,9 +142,14 @@ class Trainer:
             seed=config.seed,
             sums=self.train_sums,
             ring=self.ring,
+            update_pass=config.update_pass,
+            compute_dtype=self.compute_dtype,
         )
+        # Each replica step is one XLA program when jit_compile is set (always
+        # on TPU); the loop around it, and the iterator, stay outside.
         replica_step = steps_lib.build_step(config.method, self.context)
         self._replica_step = tf.function(replica_step, jit_compile=config.jit_compile)
+        self._eval_replica_step = tf.function(self._eval_replica, jit_compile=config.jit_compile)
         self._train_loop = tf.function(self._train_loop_fn)
 
         self.iterator = iter(source.distribute(strategy, TRAIN, config.global_batch_size))
@@ -141,6 +158,17 @@ class Trainer:
             name: tf.summary.create_file_writer(os.path.join(config.model_dir, name))
             for name in ("train", "eval")
         }
+
+    def _bn_group_size(self) -> int:
+        """``--bn_group_size``, or the smallest group whose statistics cover 64 examples."""
+        replicas = self.strategy.num_replicas_in_sync
+        if self.config.bn_group_size is not None:
+            size = bn_lib.check_group_size(self.config.bn_group_size, replicas)
+            logging.info("BatchNorm group size %d (from --bn_group_size)", size)
+            return size
+        size, reason = bn_lib.default_group_size(self.per_replica_batch, replicas)
+        logging.info("BatchNorm group size %d: %s", size, reason)
+        return size
 
     # ----------------------------------------------------------------- state
 
@@ -153,7 +181,9 @@ class Trainer:
         # another replica count, batch or worker leaves it unrestored, and the
         # ring is then refilled from the restored weights (see train()).
         if self.ring is not None:
-            items[f"ring_w{worker}_{self.ring.layout}"] = self.ring
+            items[f"ring_w{worker}_{self.ring.layout}"] = tf.train.Checkpoint(
+                **self.ring.checkpoint_items()
+            )
         # Distributed iterators over several replicas cannot be saved: such a
         # resumed run continues with a fresh data order.
         if self.source.checkpointable_iterator and isinstance(
@@ -206,7 +236,9 @@ class Trainer:
 
     def fill_ring_buffer(self):
         """ConAdv's prologue: slot k ← batch k attacked with the current weights."""
-        prologue = steps_lib.build_conadv_prologue(self.context)
+        prologue = tf.function(
+            steps_lib.build_conadv_prologue(self.context), jit_compile=self.config.jit_compile
+        )
 
         @tf.function
         def fill(iterator, k):
@@ -367,7 +399,7 @@ class Trainer:
 
     def _eval_loop_fn(self, dataset):
         for batch in dataset:
-            self.strategy.run(self._eval_replica, args=(batch,))
+            self.strategy.run(self._eval_replica_step, args=(batch,))
 
     # --------------------------------------------------------------- export
 

@@ -11,6 +11,12 @@ def define(fv):
         flag_values=fv,
     )
     absl_flags.DEFINE_float("width_multiplier", 1.0, "Scales every layer's width.", flag_values=fv)
-    absl_flags.DEFINE_bool(
-        "sync_batch_norm", True, "Reduce BatchNorm statistics over all replicas.", flag_values=fv
+    absl_flags.DEFINE_integer(
+        "bn_group_size",
+        None,
+        "Replicas whose batches make one BatchNorm statistic: 1 = each replica's own "
+        "(the paper's per-worker BatchNorm), k = groups of k consecutive replicas, "
+        "0 = all replicas. Default: the smallest group with >= 64 examples per statistic. "
+        "The attack always uses each replica's own statistics.",
+        flag_values=fv,
     )

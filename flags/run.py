@@ -56,8 +56,34 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "distribution_strategy",
         "default",
-        ["default", "one_device", "mirrored"],
-        "default: one device, or all local devices when there are several.",
+        ["default", "one_device", "mirrored", "tpu"],
+        "default: one device, or all local devices when there are several; mirrored: "
+        "every local GPU (or logical CPU); tpu: the Cloud TPU named by --tpu.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_string(
+        "tpu",
+        "local",
+        "--distribution_strategy=tpu: a Cloud TPU name, a grpc://HOST:PORT address, "
+        "or local (the TPU of this TPU VM).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "precision",
+        "float32",
+        ["float32", "mixed_bfloat16", "mixed_float16"],
+        "Compute dtype (Keras mixed-precision policy). Variables, BatchNorm, LARS, the loss "
+        "and the attack's projection stay float32. mixed_bfloat16 for TPU, mixed_float16 "
+        "(with loss scaling) for GPU.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "update_pass",
+        "auto",
+        ["auto", "concatenated", "separate"],
+        "The adversarial update: one pass over [clean; adversarial] (2B rows, split "
+        "BatchNorm in mixed mode) or two passes of B rows. auto: concatenated on TPU and "
+        "GPU, separate on CPU (faster there, see README).",
         flag_values=fv,
     )
     absl_flags.DEFINE_integer(

@@ -42,6 +42,17 @@ def validate_batch_sizes(values, num_replicas: int):
         )
 
 
+def validate_bn_group_size(values, num_replicas: int):
+    """A BatchNorm group must tile the replicas."""
+    group = values.bn_group_size
+    if group is not None and group > 0:
+        _require(
+            group == 0 or num_replicas % group == 0,
+            f"--bn_group_size={group} does not divide the {num_replicas} replicas; "
+            "use a divisor of the replica count, or 0 for all replicas",
+        )
+
+
 def validate(values, num_replicas: int = 1):
     """Raises ``FlagError`` for the first bad value in ``values`` (absl FLAGS or alike)."""
     from input_pipeline import registry
@@ -103,6 +114,12 @@ def validate(values, num_replicas: int = 1):
     _require(0 <= v.label_smoothing < 1, f"--label_smoothing={v.label_smoothing} must be in [0, 1)")
     _require(v.lars_eta > 0, f"--lars_eta={v.lars_eta} must be > 0")
     _require(v.poly_power > 0, f"--poly_power={v.poly_power} must be > 0")
+    if v.bn_group_size is not None:
+        _require(
+            v.bn_group_size >= 0,
+            f"--bn_group_size={v.bn_group_size} must be >= 0 "
+            "(0 = all replicas, 1 = each replica's own)",
+        )
     _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")
     _require(
         v.augment == "none" or v.dataset != "synthetic",

@@ -1,10 +1,77 @@
-"""Distribution-strategy helpers: pick a strategy, split a CPU into logical devices."""
+"""Distribution-strategy helpers: pick a strategy, connect to a TPU, split a CPU.
+
+TPU: ``--tpu`` names a Cloud TPU (resolved through the Cloud TPU API), gives a
+``grpc://HOST:PORT`` address of its worker, or is ``local`` on a TPU VM. The
+strategy is made the usual way — resolver, ``experimental_connect_to_cluster``
+(not for ``local``), ``initialize_tpu_system``, ``TPUStrategy`` — and any
+failure becomes a ``StrategyError`` with the reason in one line. A gRPC
+address is probed first, because connecting to an address where nothing
+listens blocks instead of failing.
+"""
 
 from __future__ import annotations
 
+import socket
+import urllib.parse
+
 import tensorflow as tf
 
-STRATEGIES = ("default", "one_device", "mirrored")
+STRATEGIES = ("default", "one_device", "mirrored", "tpu")
+
+#: Seconds to wait for a TPU worker's gRPC port to accept a connection.
+TPU_PROBE_TIMEOUT = 10.0
+
+
+class StrategyError(RuntimeError):
+    """The requested strategy cannot be made on this machine; the message is one line."""
+
+
+def tpu_cluster_resolver(tpu: str) -> tf.distribute.cluster_resolver.TPUClusterResolver:
+    """The resolver ``--tpu`` describes: a TPU name, a ``grpc://`` address, or ``local``."""
+    if not tpu:
+        raise StrategyError("--tpu is empty; give a TPU name, grpc://HOST:PORT or local")
+    # A TPU name is looked up through the GCE metadata server with no timeout
+    # of its own; bound it, so an unreachable network fails instead of hanging.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(TPU_PROBE_TIMEOUT)
+    try:
+        return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    except Exception as error:  # the Cloud TPU API lookup raises many kinds
+        raise StrategyError(f"cannot resolve --tpu={tpu}: {_one_line(error)}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def probe_grpc_address(address: str, timeout: float = TPU_PROBE_TIMEOUT):
+    """Raises ``StrategyError`` unless ``grpc://HOST:PORT`` accepts a TCP connection."""
+    parsed = urllib.parse.urlparse(address)
+    if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port:
+        raise StrategyError(f"{address!r} is not a grpc://HOST:PORT address")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            pass
+    except OSError as error:
+        raise StrategyError(f"no TPU worker answers at {address} ({_one_line(error)})") from None
+
+
+def tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+    """Connects to the TPU ``--tpu`` names and returns a ``TPUStrategy`` over its cores."""
+    resolver = tpu_cluster_resolver(tpu)
+    master = resolver.master()
+    if master.startswith("grpc://"):
+        probe_grpc_address(master)
+    try:
+        if tpu != "local":
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as error:
+        raise StrategyError(f"cannot start the TPU system ({_one_line(error)})") from None
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] or type(error).__name__
 
 
 def configure_cpu_devices(num_devices: int):
@@ -30,8 +97,10 @@ def configure_cpu_devices(num_devices: int):
         ) from error
 
 
-def get_strategy(name: str, num_cpu_devices: int = 1) -> tf.distribute.Strategy:
-    """The ``--distribution_strategy`` strategy over this host's devices."""
+def get_strategy(name: str, num_cpu_devices: int = 1, tpu: str = "local"):
+    """The ``--distribution_strategy`` strategy over this host's devices (or the TPU)."""
+    if name == "tpu":
+        return tpu_strategy(tpu)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default":
         if len(gpus) > 1 or num_cpu_devices > 1:

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from official import precision
 from official.split_batch_norm import SplitBatchNormalization, check_branch
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -69,10 +70,10 @@ def _width(base: int, multiplier: float) -> int:
 class _Builder:
     """Creates the layers of one model with shared conventions."""
 
-    def __init__(self, bn_momentum, bn_epsilon, synchronized, seed):
+    def __init__(self, bn_momentum, bn_epsilon, bn_group_size, seed):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
-        self.synchronized = synchronized
+        self.bn_group_size = bn_group_size
         self.seed = seed
         self._count = 0
 
@@ -96,7 +97,7 @@ class _Builder:
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             gamma_initializer="zeros" if zero_gamma else "ones",
-            synchronized=self.synchronized,
+            group_size=self.bn_group_size,
             name=name,
         )
 
@@ -128,11 +129,15 @@ class _Block(keras.layers.Layer):
             shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
         return ops.relu(ops.add(self.residual(x, apply), shortcut))
 
-    def call(self, x, training=False, bn_branch="main", update_stats=True):
+    def call(self, x, training=False, bn_branch="main", update_stats=True, group_statistics=True):
         def apply(layer, tensor):
             if isinstance(layer, SplitBatchNormalization):
                 return layer(
-                    tensor, training=training, bn_branch=bn_branch, update_stats=update_stats
+                    tensor,
+                    training=training,
+                    bn_branch=bn_branch,
+                    update_stats=update_stats,
+                    group_statistics=group_statistics,
                 )
             return layer(tensor)
 
@@ -181,10 +186,15 @@ class BottleneckBlock(_Block):
 class SplitBNResNet(keras.Model):
     """A ResNet whose every BatchNorm has a main and an auxiliary branch.
 
-    ``model(images, training=False, bn_branch="main", update_stats=True)``:
-    ``training=False`` normalises with the branch's moving statistics;
-    ``training=True`` with batch statistics, updating that branch's moving
-    statistics only if ``update_stats``. The other branch is never touched.
+    ``model(images, training=False, bn_branch="main", update_stats=True,
+    group_statistics=True)``: ``training=False`` normalises with the
+    branch's moving statistics; ``training=True`` with batch statistics (of
+    the replica's BatchNorm group, or of its own batch if not
+    ``group_statistics``), updating that branch's moving statistics only if
+    ``update_stats``. The other branch is never touched. ``bn_branch="mixed"``
+    sends the first half of the batch through main and the second through
+    auxiliary. Images are float pixels; logits are float32 whatever the
+    model's dtype policy.
     """
 
     def __init__(
@@ -193,16 +203,18 @@ class SplitBNResNet(keras.Model):
         num_classes: int,
         width_multiplier: float = 1.0,
         zero_init_last_bn: bool = True,
-        synchronized: bool = False,
+        bn_group_size: int = 1,
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,
         seed: int | None = None,
     ):
-        super().__init__(name=name)
+        # The model takes float32 pixels; its layers follow the dtype policy
+        # in force when they are created (see ``resnet``).
+        super().__init__(name=name, dtype="float32")
         _check_name(name)
         self.num_classes = int(num_classes)
         self.width_multiplier = float(width_multiplier)
-        builder = _Builder(bn_momentum, bn_epsilon, synchronized, seed)
+        builder = _Builder(bn_momentum, bn_epsilon, bn_group_size, seed)
         # (x − mean) / std as a per-channel affine map: an ordinary Keras layer,
         # so the exported model loads without custom objects.
         std = np.asarray(IMAGENET_STD)
@@ -210,6 +222,7 @@ class SplitBNResNet(keras.Model):
             scale=(1.0 / std).tolist(),
             offset=(-np.asarray(IMAGENET_MEAN) / std).tolist(),
             name="normalize",
+            dtype="float32",
         )
         w = width_multiplier
         if name in IMAGENET_FAMILY:
@@ -254,11 +267,18 @@ class SplitBNResNet(keras.Model):
             x = apply(self.stem_pool, x)
         for index in range(self.num_blocks):
             x = apply(getattr(self, f"block{index}"), x)
-        return apply(self.classifier, apply(self.pool, x))
+        return ops.cast(apply(self.classifier, apply(self.pool, x)), "float32")
 
-    def call(self, images, training=False, bn_branch="main", update_stats=True):
+    def call(
+        self, images, training=False, bn_branch="main", update_stats=True, group_statistics=True
+    ):
         check_branch(bn_branch)
-        kwargs = dict(training=bool(training), bn_branch=bn_branch, update_stats=update_stats)
+        kwargs = dict(
+            training=bool(training),
+            bn_branch=bn_branch,
+            update_stats=update_stats,
+            group_statistics=group_statistics,
+        )
 
         def apply(layer, tensor):
             if isinstance(layer, (SplitBatchNormalization, _Block)):
@@ -279,31 +299,39 @@ def resnet(
     image_size: int | None = None,
     width_multiplier: float = 1.0,
     zero_init_last_bn: bool = True,
-    synchronized: bool = False,
+    bn_group_size: int = 1,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     seed: int | None = None,
     shortcut: str | None = None,
+    dtype_policy: str = "float32",
 ) -> SplitBNResNet:
-    """Builds the split-BatchNorm model, its variables created for ``image_size`` inputs."""
+    """Builds the split-BatchNorm model, its variables created for ``image_size`` inputs.
+
+    ``dtype_policy`` is a Keras policy name: under ``mixed_bfloat16`` or
+    ``mixed_float16`` convolutions and activations compute in 16 bits while
+    every variable, BatchNorm's arithmetic and the logits stay float32.
+    """
     _check_name(name)
     if shortcut not in (None, "projection"):
         raise ValueError(f"shortcut must be 'projection', got {shortcut!r}")
     size = image_size or default_image_size(name)
     if size < min_image_size(name):
         raise ValueError(f"{name} needs images of at least {min_image_size(name)} px, got {size}")
-    model = SplitBNResNet(
-        name,
-        num_classes,
-        width_multiplier=width_multiplier,
-        zero_init_last_bn=zero_init_last_bn,
-        synchronized=synchronized,
-        bn_momentum=bn_momentum,
-        bn_epsilon=bn_epsilon,
-        seed=seed,
-    )
-    model.image_size = size
-    model(np.zeros((1, size, size, 3), np.float32))
+    with precision.policy_scope(dtype_policy):
+        model = SplitBNResNet(
+            name,
+            num_classes,
+            width_multiplier=width_multiplier,
+            zero_init_last_bn=zero_init_last_bn,
+            bn_group_size=bn_group_size,
+            bn_momentum=bn_momentum,
+            bn_epsilon=bn_epsilon,
+            seed=seed,
+        )
+        model.image_size = size
+        # Shortcut layers are created on the first call, so it runs in the scope too.
+        model(np.zeros((1, size, size, 3), np.float32))
     return model
 
 

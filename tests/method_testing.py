@@ -54,6 +54,7 @@ def make_context(
     attack=None,
     label_smoothing=0.0,
     strategy=None,
+    update_pass=steps_lib.CONCATENATED,
 ):
     """A step context like the trainer's, with its ring buffer if ``staleness``."""
     strategy = strategy or tf.distribute.get_strategy()
@@ -77,6 +78,7 @@ def make_context(
         seed=3,
         sums=sums,
         ring=ring,
+        update_pass=update_pass,
     )
 
 
@@ -124,3 +126,35 @@ def attack_in_replica(ctx, images, labels, batch_index):
         )
 
     return fn().numpy()
+
+
+def small_trainer(model_dir, strategy=None, num_classes=NUM_CLASSES, **overrides):
+    """A real ``Trainer`` on synthetic 16-px data with a tiny ResNet-20."""
+    from conadv.trainer import TrainConfig, Trainer
+    from input_pipeline.base import PipelineOptions
+    from input_pipeline.synthetic import SyntheticSource
+
+    source = SyntheticSource(
+        image_size=IMAGE_SIZE,
+        options=PipelineOptions(seed=5),
+        num_classes=num_classes,
+        num_train_examples=64,
+        num_eval_examples=32,
+    )
+    settings = dict(
+        model_dir=model_dir,
+        model="resnet20",
+        width_multiplier=0.25,
+        global_batch_size=8,
+        eval_batch_size=16,
+        train_steps=3,
+        steps_per_loop=3,
+        optimizer="momentum",
+        learning_rate=0.1,
+        warmup_epochs=0.0,
+        lr_schedule="cosine",
+        attack=attack_lib.AttackConfig(eps=8.0),
+        seed=3,
+    )
+    settings.update(overrides)
+    return Trainer(TrainConfig(**settings), strategy or tf.distribute.get_strategy(), source)

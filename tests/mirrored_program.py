@@ -27,7 +27,7 @@ def model_for(strategy, synchronized):
             num_classes=mt.NUM_CLASSES,
             image_size=mt.IMAGE_SIZE,
             width_multiplier=0.5,
-            synchronized=synchronized,
+            bn_group_size=0 if synchronized else 1,
             seed=2,
         )
 
@@ -73,14 +73,16 @@ def main():
             out["ring_replica_images_match"] = [
                 bool(
                     np.array_equal(
-                        ctx.ring.images[r][0].numpy(), images[2][r * half : (r + 1) * half]
+                        ctx.ring.local_slots("images")[r][0].numpy(),
+                        images[2][r * half : (r + 1) * half],
                     )
                 )
                 for r in range(2)
             ]
             out["ring_replicas_differ"] = bool(
                 not np.array_equal(
-                    ctx.ring.adversarial[0][0].numpy(), ctx.ring.adversarial[1][0].numpy()
+                    ctx.ring.local_slots("adversarial")[0][0].numpy(),
+                    ctx.ring.local_slots("adversarial")[1][0].numpy(),
                 )
             )
 

@@ -123,7 +123,7 @@ x = x.astype("float32")
 out = {}
 for sync in (True, False):
     with strategy.scope():
-        layer = SplitBatchNormalization(synchronized=sync)
+        layer = SplitBatchNormalization(group_size=0 if sync else 1)
         layer.build((None, 2, 2, 3))
     ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
     @tf.function

@@ -1,8 +1,12 @@
 """The three training steps on one device: staleness, equivalences and split statistics."""
 
+import tempfile
+
 import numpy as np
 import tensorflow as tf
 
+from conadv import attack as attack_lib
+from conadv import steps as steps_lib
 from official import losses
 from tests import method_testing as mt
 
@@ -34,9 +38,9 @@ class StalenessTest(tf.test.TestCase):
             run(iterator)
         # Now at step t+τ: the slot it reads holds batch t+τ.
         slot = (t + staleness) % staleness
-        ring_images = ctx.ring.images[0][slot].numpy()
-        ring_labels = ctx.ring.labels[0][slot].numpy()
-        ring_adv = ctx.ring.adversarial[0][slot].numpy()
+        ring_images = ctx.ring.local_slots("images")[0][slot].numpy()
+        ring_labels = ctx.ring.local_slots("labels")[0][slot].numpy()
+        ring_adv = ctx.ring.local_slots("adversarial")[0][slot].numpy()
         self.assertAllEqual(ring_images, images[t + staleness])
         self.assertAllEqual(ring_labels, labels[t + staleness])
 
@@ -83,7 +87,7 @@ class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
             per_step, adversarial = [], []
             for _ in range(steps):
                 if method == "conadv":
-                    adversarial.append(ctx.ring.adversarial[0][0].numpy())
+                    adversarial.append(ctx.ring.local_slots("adversarial")[0][0].numpy())
                 ctx.sums.reset()
                 run(iterator)
                 per_step.append(ctx.sums.totals())
@@ -113,8 +117,8 @@ class SplitStatisticsTest(tf.test.TestCase):
         ctx = mt.make_context(model, learning_rate=0.0, staleness=1, batch_size=BATCH)
         iterator = mt.batch_iterator(images, labels)
         mt.fill_ring(ctx, iterator)
-        clean = ctx.ring.images[0][0].numpy()
-        adv = ctx.ring.adversarial[0][0].numpy()
+        clean = ctx.ring.local_slots("images")[0][0].numpy()
+        adv = ctx.ring.local_slots("adversarial")[0][0].numpy()
         before = mt.snapshot(model)
         mt.step_runner(ctx, "conadv")(iterator)
         main_after, aux_after = _bn_statistics(model, "main"), _bn_statistics(model, "aux")
@@ -193,26 +197,345 @@ class VanillaMomentumTest(tf.test.TestCase):
         self.assertGreater(moved, 1e-3)
 
 
-class XlaTest(tf.test.TestCase):
-    def test_each_method_compiles_with_jit(self):
-        images, labels = mt.fixed_batches(3, 4)
-        for method in ("vanilla", "disadv", "conadv"):
-            model = mt.small_model(width=0.25)
-            ctx = mt.make_context(
-                model,
-                staleness=1 if method == "conadv" else None,
-                batch_size=4,
-                optimizer="lars",
-                weight_decay=5e-4,
+# --------------------------------------------------------------------------
+# Independent eager references: written here from the paper's equations, not
+# from conadv/steps.py. Only the attack's seed convention (seed = [ctx.seed,
+# batch index] on one replica, split into start and target seeds) is shared,
+# so that both draw the same random start.
+
+EPS = 8.0
+LR, WD, MOMENTUM, SMOOTHING = 0.1, 5e-4, 0.9, 0.1
+
+
+def reference_cross_entropy(labels, logits, smoothing):
+    """Per-example CE against (1 − s)·onehot + s/C, from log-softmax."""
+    num_classes = logits.shape[-1]
+    targets = tf.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1)
+
+
+def reference_attack(model, x, y, batch_index, seed=3):
+    """One step of L∞ PGD with random start in pixel units, through the aux branch."""
+    x = tf.constant(x, tf.float32)
+    key = tf.constant([seed, batch_index], tf.int64)
+    start_seed = tf.random.experimental.stateless_split(key, 2, alg="philox")[0]
+    x0 = tf.clip_by_value(x + attack_lib.stateless_uniform(x.shape, start_seed, -EPS, EPS), 0, 255)
+    with tf.GradientTape() as tape:
+        tape.watch(x0)
+        logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+        loss = tf.reduce_sum(reference_cross_entropy(tf.constant(y), logits, 0.0))
+    g = tape.gradient(loss, x0)
+    step = x0 + EPS * tf.sign(g)
+    return tf.clip_by_value(step, tf.maximum(x - EPS, 0.0), tf.minimum(x + EPS, 255.0)).numpy()
+
+
+def reference_adversarial_gradients(model, x, y, adv, half=0.5):
+    """Gradients of ½·(ΣCE_s(clean, main) + ΣCE_s(adv, aux)) / B; updates both branches' stats."""
+    with tf.GradientTape() as tape:
+        clean = model(tf.constant(x), training=True, bn_branch="main", update_stats=True)
+        attacked = model(tf.constant(adv), training=True, bn_branch="aux", update_stats=True)
+        loss = (
+            half
+            * (
+                tf.reduce_sum(reference_cross_entropy(y, clean, SMOOTHING))
+                + tf.reduce_sum(reference_cross_entropy(y, attacked, SMOOTHING))
             )
-            iterator = mt.batch_iterator(images, labels)
-            if method == "conadv":
-                mt.fill_ring(ctx, iterator)
-            before = mt.snapshot(model)
-            mt.step_runner(ctx, method, jit_compile=True)(iterator)
-            self.assertEqual(int(ctx.optimizer.iterations.numpy()), 1)
-            changed = any(np.any(a != v.numpy()) for a, v in zip(before, model.variables))
-            self.assertTrue(changed, method)
+            / len(y)
+        )
+    grads = tape.gradient(loss, model.trainable_variables)
+    return float(loss), [
+        np.zeros(v.shape, np.float32) if g is None else g.numpy()
+        for g, v in zip(grads, model.trainable_variables)
+    ]
+
+
+def reference_momentum_update(model, grads, velocity):
+    """v ← m·v + lr·(g + wd·w) (no decay on rank ≤ 1); w ← w − v. Mutates ``velocity``."""
+    for i, (var, g) in enumerate(zip(model.trainable_variables, grads)):
+        w = var.numpy()
+        decay = WD * w if w.ndim > 1 else 0.0
+        velocity[i] = MOMENTUM * velocity[i] + LR * (g + decay)
+        var.assign(w - velocity[i])
+
+
+def momentum_context(model, staleness=None, **kwargs):
+    return mt.make_context(
+        model,
+        learning_rate=LR,
+        weight_decay=WD,
+        staleness=staleness,
+        batch_size=BATCH,
+        label_smoothing=SMOOTHING,
+        attack=attack_lib.AttackConfig(eps=EPS),
+        **kwargs,
+    )
+
+
+def max_relative_difference(got, want):
+    return max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6)) for a, b in zip(got, want))
+
+
+class ConAdvTrajectoryTest(tf.test.TestCase):
+    """Six ConAdv steps against an eager reference that keeps the history of weights.
+
+    Tolerance: 2e-4 relative per variable after 6 steps (float32, compiled
+    versus eager order of operations). A wrong staleness (θ_t instead of
+    θ_{t−τ}), a slot off by one, or a changed loss moves the weights by far more.
+    """
+
+    STEPS = 6
+    TOLERANCE = 2e-4
+
+    def _reference(self, images, labels, staleness, initial):
+        model = mt.small_model(seed=4, width=0.25)
+        mt.restore(model, initial)
+        velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+        adversarial = {}
+        # Prologue: batches 0 … τ−1 attacked with θ_0.
+        for k in range(staleness):
+            adversarial[k] = reference_attack(model, images[k], labels[k], k)
+        for t in range(self.STEPS):
+            # Step t: attack batch t+τ with θ_t, train on batch t attacked with θ_{t−τ}.
+            nxt = t + staleness
+            adversarial[nxt] = reference_attack(model, images[nxt], labels[nxt], nxt)
+            _, grads = reference_adversarial_gradients(model, images[t], labels[t], adversarial[t])
+            reference_momentum_update(model, grads, velocity)
+        return mt.snapshot(model), adversarial
+
+    def _check(self, staleness, update_pass):
+        images, labels = mt.fixed_batches(self.STEPS + staleness, BATCH, seed=20 + staleness)
+        model = mt.small_model(seed=4, width=0.25)
+        initial = mt.snapshot(model)
+        ctx = momentum_context(model, staleness=staleness, update_pass=update_pass)
+        iterator = mt.batch_iterator(images, labels)
+        mt.fill_ring(ctx, iterator)
+        run = mt.step_runner(ctx, "conadv")
+        for _ in range(self.STEPS):
+            run(iterator)
+        want, adversarial = self._reference(images, labels, staleness, initial)
+        got = mt.snapshot(model)
+        self.assertLess(max_relative_difference(got, want), self.TOLERANCE)
+        # The ring now holds batches STEPS … STEPS+τ−1 and their stale attacks.
+        for k in range(self.STEPS, self.STEPS + staleness):
+            slot = k % staleness
+            self.assertAllEqual(ctx.ring.local_slots("images")[0][slot].numpy(), images[k])
+            self.assertAllClose(
+                ctx.ring.local_slots("adversarial")[0][slot].numpy(), adversarial[k], atol=1e-3
+            )
+        # The weights really moved, so the comparison can fail.
+        self.assertGreater(max_relative_difference(got, initial), 100 * self.TOLERANCE)
+
+    def test_staleness_one(self):
+        self._check(1, steps_lib.CONCATENATED)
+
+    def test_staleness_two(self):
+        self._check(2, steps_lib.CONCATENATED)
+
+    def test_staleness_one_separate_passes(self):
+        self._check(1, steps_lib.SEPARATE)
+
+    def test_reference_tells_staleness_apart(self):
+        """Fresh attacks (τ = 0, DisAdv's) give other weights than τ = 1: the test can fail."""
+        images, labels = mt.fixed_batches(self.STEPS + 1, BATCH, seed=21)
+        model = mt.small_model(seed=4, width=0.25)
+        initial = mt.snapshot(model)
+        stale, _ = self._reference(images, labels, 1, initial)
+        mt.restore(model, initial)
+        velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+        for t in range(self.STEPS):
+            adv = reference_attack(model, images[t], labels[t], t)
+            _, grads = reference_adversarial_gradients(model, images[t], labels[t], adv)
+            reference_momentum_update(model, grads, velocity)
+        self.assertGreater(max_relative_difference(mt.snapshot(model), stale), 10 * self.TOLERANCE)
+
+
+class DisAdvHandComputationTest(tf.test.TestCase):
+    """One DisAdv step = attack with θ_0, then ½·(CE_s clean + CE_s adv), then momentum SGD."""
+
+    def test_one_step(self):
+        images, labels = mt.fixed_batches(1, BATCH, seed=31)
+        model = mt.small_model(seed=6, width=0.25)
+        initial = mt.snapshot(model)
+        ctx = momentum_context(model)
+        mt.step_runner(ctx, "disadv")(mt.batch_iterator(images, labels))
+        got = mt.snapshot(model)
+
+        def hand(half=0.5, smooth_adv=True):
+            mt.restore(model, initial)
+            adv = reference_attack(model, images[0], labels[0], 0)
+            with tf.GradientTape() as tape:
+                clean = model(tf.constant(images[0]), training=True, bn_branch="main")
+                attacked = model(tf.constant(adv), training=True, bn_branch="aux")
+                smoothing = SMOOTHING if smooth_adv else 0.0
+                loss = (
+                    half
+                    * (
+                        tf.reduce_sum(reference_cross_entropy(labels[0], clean, SMOOTHING))
+                        + tf.reduce_sum(reference_cross_entropy(labels[0], attacked, smoothing))
+                    )
+                    / BATCH
+                )
+            grads = tape.gradient(loss, model.trainable_variables)
+            grads = [
+                np.zeros(v.shape) if g is None else g.numpy()
+                for g, v in zip(grads, model.trainable_variables)
+            ]
+            velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+            reference_momentum_update(model, grads, velocity)
+            return mt.snapshot(model)
+
+        tolerance = 1e-5  # relative, one float32 step
+        self.assertLess(max_relative_difference(got, hand()), tolerance)
+        # A ½ changed to 1, or smoothing dropped from the adversarial term, is caught.
+        self.assertGreater(max_relative_difference(got, hand(half=1.0)), 100 * tolerance)
+        self.assertGreater(max_relative_difference(got, hand(smooth_adv=False)), 10 * tolerance)
+
+
+def compiled_loss_and_gradients(ctx, images, labels, adversarial):
+    """``steps.adversarial_loss`` and its weight gradients, in one tf.function."""
+
+    @tf.function
+    def run():
+        with tf.GradientTape() as tape:
+            loss, *_ = steps_lib.adversarial_loss(
+                ctx, tf.constant(images), tf.constant(labels), tf.constant(adversarial)
+            )
+        return loss, steps_lib.weight_gradients(ctx, tape, loss)
+
+    return run()
+
+
+class ConcatenatedUpdateTest(tf.test.TestCase):
+    """One pass over [clean; adv] with mixed BatchNorm equals two passes of B rows."""
+
+    def test_loss_gradients_and_statistics_match(self):
+        images, labels = mt.fixed_batches(1, BATCH, seed=41)
+        rng = np.random.default_rng(3)
+        adv = np.clip(images[0] + rng.choice([-8.0, 8.0], images[0].shape), 0, 255)
+        adv = adv.astype(np.float32)
+        results = {}
+        for update_pass in steps_lib.UPDATE_PASSES:
+            model = mt.small_model(seed=8, width=0.5)
+            # Non-trivial γ/β per branch, so a branch mix-up changes the result.
+            for layer in model.split_batch_norm_layers():
+                n = layer.main_gamma.shape[0]
+                layer.aux_gamma.assign(np.linspace(0.5, 1.5, n))
+                layer.aux_beta.assign(np.linspace(-0.2, 0.2, n))
+            ctx = mt.make_context(
+                model, batch_size=BATCH, label_smoothing=0.1, update_pass=update_pass
+            )
+
+            loss, grads = compiled_loss_and_gradients(ctx, images[0], labels[0], adv)
+            stats = [
+                getattr(layer, f"{b}_moving_{k}").numpy()
+                for layer in model.split_batch_norm_layers()
+                for b in ("main", "aux")
+                for k in ("mean", "variance")
+            ]
+            results[update_pass] = (float(loss), [g.numpy() for g in grads], stats)
+        (l1, g1, s1), (l2, g2, s2) = results.values()
+        self.assertAllClose(l1, l2, rtol=1e-5, atol=1e-5)
+        self.assertLen(g1, len(g2))
+        for a, b in zip(g1, g2):
+            self.assertAllClose(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(s1, s2):
+            self.assertAllClose(a, b, rtol=1e-5, atol=1e-5)
+        # Both branches' γ received gradient (the mixed pass used both), and the
+        # auxiliary statistics moved: the comparison covers both branches.
+        self.assertGreater(max(np.abs(g).max() for g in g1), 0.0)
+        self.assertGreater(np.abs(s1[2]).max(), 1e-3)  # first layer's aux moving mean
+
+
+class XlaTest(tf.test.TestCase):
+    """Each replica step compiled by XLA (as TPUStrategy compiles it) computes what the
+    default path computes: the trainer's prologue, steps and evaluation, 3 steps of LARS.
+
+    Tolerance: 1e-4 relative per variable (XLA fuses and reorders float32 work).
+    """
+
+    TOLERANCE = 1e-4
+
+    def test_every_method_matches_the_default_path(self):
+        for method in steps_lib.METHODS:
+            results = {}
+            for jit in (False, True):
+                trainer = mt.small_trainer(
+                    tempfile.mkdtemp(dir=self.get_temp_dir()),
+                    method=method,
+                    jit_compile=jit,
+                    optimizer="lars",
+                    weight_decay=5e-4,
+                    learning_rate=2.0,
+                )
+                initial = mt.snapshot(trainer.model)
+                trainer.train(evaluate=False)
+                self.assertEqual(trainer.global_step, 3)
+                results[jit] = (initial, mt.snapshot(trainer.model), trainer.evaluate())
+            (init_a, plain, eval_plain), (init_b, compiled, eval_compiled) = (
+                results[False],
+                results[True],
+            )
+            self.assertEqual(max_relative_difference(init_a, init_b), 0.0)
+            self.assertLess(max_relative_difference(compiled, plain), self.TOLERANCE, method)
+            self.assertGreater(max_relative_difference(plain, init_a), 100 * self.TOLERANCE)
+            for key in ("loss", "top1", "top5", "examples"):
+                self.assertAllClose(eval_compiled[key], eval_plain[key], rtol=1e-4, msg=key)
+
+
+class MixedBfloat16Test(tf.test.TestCase):
+    """bfloat16 compute on CPU: float32 variables, a bfloat16 ring, ε kept in storage."""
+
+    # A stored value v < 256 is rounded to bfloat16 (8 significant bits) with an
+    # error of at most half a unit in the last place: 0.5 for 128 ≤ v < 256.
+    BFLOAT16_ROUNDING = 0.5
+
+    def test_all_methods_train(self):
+        for method in steps_lib.METHODS:
+            trainer = mt.small_trainer(
+                tempfile.mkdtemp(dir=self.get_temp_dir()), method=method, precision="mixed_bfloat16"
+            )
+            initial = mt.snapshot(trainer.model)
+            trainer.train(evaluate=False)
+            totals = trainer.train_sums.totals()
+            self.assertEqual(totals["examples"], 24, method)
+            self.assertTrue(np.isfinite(totals["clean_loss"]), method)
+            self.assertEqual(trainer.model.stem_conv.compute_dtype, "bfloat16")
+            for var in trainer.model.variables + trainer.optimizer.variables:
+                dtype = tf.as_dtype(var.dtype)
+                if dtype.is_floating:
+                    self.assertEqual(dtype, tf.float32, var.path)
+            final = mt.snapshot(trainer.model)
+            self.assertTrue(all(np.all(np.isfinite(v)) for v in final), method)
+            self.assertGreater(max_relative_difference(final, initial), 1e-3, method)
+            if method == steps_lib.CONADV:
+                self._check_ring(trainer)
+
+    def _check_ring(self, trainer):
+        clean = trainer.ring.local_slots("images")[0]
+        adversarial = trainer.ring.local_slots("adversarial")[0]
+        self.assertEqual(clean.dtype, tf.bfloat16)
+        self.assertEqual(adversarial.dtype, tf.bfloat16)
+        clean = tf.cast(clean, tf.float32).numpy()
+        adversarial = tf.cast(adversarial, tf.float32).numpy()
+        eps = trainer.config.attack.eps
+        distance = np.abs(adversarial - clean)
+        self.assertLessEqual(distance.max(), eps + self.BFLOAT16_ROUNDING)
+        self.assertGreaterEqual(adversarial.min(), 0.0)
+        self.assertLessEqual(adversarial.max(), 255.0)
+        # The attack did move the pixels (most to the boundary of the ball).
+        self.assertGreater(np.mean(distance >= eps - self.BFLOAT16_ROUNDING), 0.5)
+
+    def test_float16_with_loss_scaling_trains(self):
+        trainer = mt.small_trainer(
+            tempfile.mkdtemp(dir=self.get_temp_dir()), method="conadv", precision="mixed_float16"
+        )
+        initial = mt.snapshot(trainer.model)
+        trainer.train(evaluate=False)
+        self.assertEqual(trainer.global_step, 3)
+        self.assertEqual(trainer.ring.local_slots("images")[0].dtype, tf.float16)
+        final = mt.snapshot(trainer.model)
+        self.assertTrue(all(np.all(np.isfinite(v)) for v in final))
+        self.assertGreater(max_relative_difference(final, initial), 1e-3)
 
 
 if __name__ == "__main__":
