@@ -7,7 +7,7 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 import flags as conadv_flags
-from flags.validation import FlagError, validate, validate_batch_sizes
+from flags.validation import FlagError, validate, validate_batch_sizes, validate_bn_group_size
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +51,7 @@ class ValidationTest(tf.test.TestCase):
         (["--attack_eps=300"], "--attack_eps"),
         (["--attack_steps=0"], "--attack_steps"),
         (["--staleness=0"], "--staleness"),
+        (["--bn_group_size=-1"], "--bn_group_size"),
         (["--model=resnet51"], "--model"),
         (["--dataset=nope"], "--dataset"),
         (["--dataset=imagenet"], "--data_dir"),
@@ -87,6 +88,19 @@ class ValidationTest(tf.test.TestCase):
             validate_batch_sizes(parse("--batch_size=30"), 4)
         with self.assertRaisesRegex(FlagError, "--eval_batch_size"):
             validate_batch_sizes(parse("--eval_batch_size=6"), 4)
+
+    def test_batch_norm_group_must_tile_the_replicas(self):
+        validate_bn_group_size(parse("--bn_group_size=2"), 8)
+        validate_bn_group_size(parse("--bn_group_size=0"), 8)
+        validate_bn_group_size(parse(), 8)  # default: chosen from the batch
+        with self.assertRaisesRegex(FlagError, "--bn_group_size=3 does not divide the 8"):
+            validate_bn_group_size(parse("--bn_group_size=3"), 8)
+
+    def test_paper_flagfiles_run_on_tpu_in_bfloat16(self):
+        for size in ("32k", "64k", "96k"):
+            values = parse(f"--flagfile={ROOT}/configs/imagenet_resnet50_{size}_conadv.cfg")
+            self.assertEqual(values.distribution_strategy, "tpu", size)
+            self.assertEqual(values.precision, "mixed_bfloat16", size)
 
 
 if __name__ == "__main__":

@@ -159,8 +159,12 @@ class BadFlagsTest(tf.test.TestCase):
         for args, flag in self.CASES:
             proc = run_main(*args, f"--model_dir={model_dir}", expect_ok=False)
             self.assertNotEqual(proc.returncode, 0, args)
-            errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+            # TensorFlow's own start-up lines may mention "errors" (oneDNN's note on
+            # round-off): the project's message is the one line starting "error:", last.
+            lines = proc.stderr.strip().splitlines()
+            errors = [line for line in lines if line.startswith("error:")]
             self.assertEqual(len(errors), 1, f"{args}: {proc.stderr[-2000:]}")
+            self.assertEqual(lines[-1], errors[0], args)
             self.assertIn(flag, errors[0], args)
             self.assertNotIn("Traceback", proc.stderr, args)
 

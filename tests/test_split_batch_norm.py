@@ -7,7 +7,11 @@ import numpy as np
 import tensorflow as tf
 
 from official import resnet
-from official.split_batch_norm import SplitBatchNormalization
+from official.split_batch_norm import (
+    SplitBatchNormalization,
+    check_group_size,
+    default_group_size,
+)
 from tests.child_process import run_for_result
 
 
@@ -62,6 +66,49 @@ class SplitBatchNormTest(tf.test.TestCase):
             _layer()(self.x, bn_branch="clean")
 
 
+class MixedBranchTest(tf.test.TestCase):
+    def test_mixed_call_equals_a_main_call_and_an_aux_call(self):
+        rng = np.random.default_rng(4)
+        clean = rng.normal(1.0, 2.0, (6, 3, 3, 4)).astype(np.float32)
+        adv = rng.normal(-3.0, 0.5, (6, 3, 3, 4)).astype(np.float32)
+        mixed, split = _layer(), _layer()
+        for layer in (mixed, split):
+            layer.aux_gamma.assign([2.0, 0.5, 1.0, 3.0])
+            layer.aux_beta.assign([0.1, -0.1, 0.2, 0.0])
+        both = mixed(np.concatenate([clean, adv]), training=True, bn_branch="mixed").numpy()
+        main = split(clean, training=True, bn_branch="main").numpy()
+        aux = split(adv, training=True, bn_branch="aux").numpy()
+        self.assertAllClose(both, np.concatenate([main, aux]), atol=1e-5)
+        for a, b in zip(mixed.weights, split.weights):
+            self.assertAllClose(a.numpy(), b.numpy(), atol=1e-6)
+        # Each branch moved toward its own half (the halves have very different means).
+        self.assertAllClose(mixed.main_moving_mean.numpy(), 0.1 * clean.mean((0, 1, 2)), atol=1e-5)
+        self.assertAllClose(mixed.aux_moving_mean.numpy(), 0.1 * adv.mean((0, 1, 2)), atol=1e-5)
+
+
+class DefaultGroupSizeTest(tf.test.TestCase):
+    def test_smallest_group_with_64_examples(self):
+        cases = {
+            (256, 1): 1,  # the default digits run
+            (64, 512): 1,  # 32k on 512 TPU cores: per-core BatchNorm, as in the paper
+            (48, 2048): 2,  # 96k on 2048 cores: pairs give 96 examples
+            (16, 8): 4,  # 4 × 16 = 64
+            (20, 8): 4,  # 3 replicas would do, but 3 does not divide 8
+            (16, 6): 0,  # 4 needed, 6 is the only divisor ≥ 4: all replicas
+            (2, 4): 0,  # even all replicas hold only 8 examples
+        }
+        for (per_replica, replicas), want in cases.items():
+            size, reason = default_group_size(per_replica, replicas)
+            self.assertEqual(size, want, (per_replica, replicas, reason))
+            self.assertTrue(reason)
+
+    def test_group_must_tile_the_replicas(self):
+        self.assertEqual(check_group_size(2, 8), 2)
+        self.assertEqual(check_group_size(0, 8), 0)
+        with self.assertRaisesRegex(ValueError, "does not divide"):
+            check_group_size(3, 8)
+
+
 class ModelBranchTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -114,7 +161,11 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from official.split_batch_norm import SplitBatchNormalization
+from official.split_batch_norm import (
+    SplitBatchNormalization,
+    check_group_size,
+    default_group_size,
+)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 # The two shards have very different means, so local and global moments differ.
