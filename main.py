@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, logging
+# TensorFlow's C++ INFO lines, unless the environment asks for them (see
+# conadv/run_logging.py); must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, logging  # noqa: E402
 from absl import flags as absl_flags
 
-import flags as conadv_flags
-from conadv.trainer import CheckpointMismatchError
-from flags.validation import FlagError
-from input_pipeline.base import DataError, PipelineOptions, data_error_from
+import flags as conadv_flags  # noqa: E402
+from conadv import run_logging  # noqa: E402
+from conadv.nonfinite import NonFiniteError  # noqa: E402
+from conadv.trainer import CheckpointMismatchError  # noqa: E402
+from flags.validation import FlagError  # noqa: E402
+from input_pipeline.base import DataError, PipelineOptions, data_error_from  # noqa: E402
 
 conadv_flags.define_all()
 FLAGS = absl_flags.FLAGS
@@ -33,6 +39,21 @@ def _attack_config(values):
         random_init=values.attack_init == "random",
         bn_branch=values.attack_bn,
         target=values.attack_target,
+    )
+
+
+def _eval_attack_config(values):
+    """The robust-evaluation attack (main branch, moving statistics), or None."""
+    from conadv.attack import AttackConfig
+
+    if values.eval_attack_eps is None:
+        return None
+    return AttackConfig(
+        eps=values.eval_attack_eps,
+        step_size=values.eval_attack_step_size,
+        num_steps=values.eval_attack_steps,
+        random_init=True,
+        bn_branch="main",
     )
 
 
@@ -80,6 +101,7 @@ def _train_config(values, strategy):
         label_smoothing=values.label_smoothing,
         lars_eta=values.lars_eta,
         attack=_attack_config(values),
+        eval_attack=_eval_attack_config(values),
         jit_compile=jit,
         seed=values.seed,
         export_dir=values.export_dir,
@@ -138,6 +160,8 @@ def run_main(values) -> dict | None:
 
     config = _train_config(values, strategy)
     os.makedirs(config.model_dir, exist_ok=True)
+    log_file = run_logging.add_log_file(config.model_dir)
+    logging.info("Full log in %s", log_file)
     trainer = Trainer(config, strategy, source)
     if values.mode == "eval":
         if not trainer.has_checkpoint():
@@ -148,7 +172,7 @@ def run_main(values) -> dict | None:
         result = trainer.evaluate()
         result["global_step"] = trainer.global_step
         write_json(os.path.join(config.model_dir, "eval.json"), result)
-        print(f"eval top1 {result['top1']:.4f} top5 {result['top5']:.4f}", flush=True)
+        trainer.log_evaluation(trainer.global_step, result)
         return result
 
     summary = trainer.train(evaluate=values.mode == "train_and_eval")
@@ -166,10 +190,13 @@ def run_main(values) -> dict | None:
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}: every option is a --flag")
+    run_logging.configure_console()
     try:
         run_main(FLAGS)
     except (FlagError, DataError, CheckpointMismatchError) as error:
         _fail(str(error))
+    except NonFiniteError as error:
+        _fail(str(error), exit_code=3)
     except Exception as error:
         # A failed in-graph data check (corrupt image, label out of range)
         # surfaces as a TensorFlow error; report the record it names.
@@ -179,9 +206,9 @@ def main(argv):
         _fail(str(data_error))
 
 
-def _fail(message: str):
+def _fail(message: str, exit_code: int = 2):
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(exit_code)
 
 
 def run():

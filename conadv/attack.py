@@ -30,7 +30,7 @@ class AttackConfig:
     """What the ``--attack_*`` flags describe."""
 
     eps: float = 4.0
-    step_size: float | None = None  # None: equal to eps (one step reaches the boundary)
+    step_size: float | None = None  # None: see ``alpha``
     num_steps: int = 1
     random_init: bool = True
     bn_branch: str = "aux"
@@ -50,7 +50,12 @@ class AttackConfig:
 
     @property
     def alpha(self) -> float:
-        return self.eps if self.step_size is None else self.step_size
+        """The step: ``step_size``, or by default ε for one step (it reaches the
+        boundary) and 2.5·ε/K for K > 1 steps (Madry et al.: enough to cross the
+        ball and come back within K steps)."""
+        if self.step_size is not None:
+            return self.step_size
+        return self.eps if self.num_steps == 1 else 2.5 * self.eps / self.num_steps
 
 
 def stateless_uniform(shape, seed, minval: float, maxval: float) -> tf.Tensor:
@@ -84,6 +89,7 @@ def pgd_attack(
     seed: tf.Tensor,
     num_classes: int | None = None,
     loss_scale: float = 1.0,
+    training: bool = True,
 ) -> tf.Tensor:
     """Adversarial images within ``eps`` of ``images`` (L∞), clipped to [0, 255].
 
@@ -92,6 +98,8 @@ def pgd_attack(
     which is how the tests recompute a stale attack exactly. ``loss_scale``
     multiplies the loss before differentiation (float16: small input
     gradients would otherwise flush to zero before their sign is taken).
+    ``training=False`` attacks the model as it is evaluated (moving
+    statistics of ``config.bn_branch``), for robust evaluation.
     """
     images = tf.convert_to_tensor(images, tf.float32)
     eps = tf.constant(config.eps, tf.float32)
@@ -122,7 +130,7 @@ def pgd_attack(
             tape.watch(x)
             logits = model(
                 x,
-                training=True,
+                training=training,
                 bn_branch=config.bn_branch,
                 update_stats=False,
                 group_statistics=False,

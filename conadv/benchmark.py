@@ -85,6 +85,13 @@ def _parse(argv):
             )
     if args.num_cpu_devices < 1 or args.staleness < 1:
         parser.error("--num_cpu_devices and --staleness must be at least 1")
+    if args.bn_group_size is not None and (
+        args.bn_group_size < 0 or (args.bn_group_size and args.num_cpu_devices % args.bn_group_size)
+    ):
+        parser.error(
+            f"--bn_group_size={args.bn_group_size} must be 0 or divide the "
+            f"{args.num_cpu_devices} replicas"
+        )
     if args.batch_size % args.num_cpu_devices:
         parser.error(f"--batch_size must be divisible by --num_cpu_devices={args.num_cpu_devices}")
     if args.model not in resnet.MODEL_NAMES:
@@ -169,7 +176,11 @@ def measure(method: str, args, strategy, update_pass: str) -> float:
 
     if ring is not None:
         prologue = steps_lib.build_conadv_prologue(ctx)
-        fill = tf.function(lambda it, k: strategy.run(prologue, args=(next(it), k)))
+
+        @tf.function
+        def fill(it, k):
+            strategy.run(prologue, args=(next(it), k))
+
         for k in range(args.staleness):
             fill(iterator, tf.constant(k, tf.int64))
     n = tf.constant(args.steps_per_loop)

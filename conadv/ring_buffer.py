@@ -64,8 +64,10 @@ class RingBuffer:
         self.filled = tf.Variable(False, trainable=False, name="ring_filled")
         self.num_local_replicas = len(strategy.experimental_local_results(self._vars.images))
         dtype_tag = "" if self.dtype == tf.float32 else f"_{self.dtype.name}"
+        # "v2": per-replica components (a checkpoint of the earlier per-device
+        # module has other keys and must not mark this buffer filled).
         self.layout = (
-            f"r{self.num_local_replicas}_b{per_replica_batch}_s{image_size}"
+            f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{image_size}"
             f"_t{self.staleness}{dtype_tag}"
         )
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from conadv import attack as attack_lib
 from conadv.metrics import ReplicaSums
+from conadv.nonfinite import NonFiniteGuard
 from conadv.ring_buffer import RingBuffer
 from official import losses, precision
 
@@ -64,6 +65,7 @@ class StepContext:
     ring: RingBuffer | None = None
     update_pass: str = CONCATENATED
     compute_dtype: tf.DType = tf.float32
+    guard: NonFiniteGuard | None = None
 
     def __post_init__(self):
         if self.update_pass not in UPDATE_PASSES:
@@ -87,7 +89,13 @@ def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
 
 
 def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
-    return attack_lib.pgd_attack(
+    """Adversarial images for ``images`` (already ``as_stored``), as they are stored.
+
+    Under a 16-bit compute dtype the result is rounded to that dtype while
+    staying within ε of the stored clean images, so DisAdv and ConAdv train
+    on the same pixels and the ring's contents respect the budget exactly.
+    """
+    adversarial = attack_lib.pgd_attack(
         ctx.model,
         images,
         labels,
@@ -96,6 +104,11 @@ def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
         num_classes=ctx.num_classes,
         loss_scale=precision.ATTACK_LOSS_SCALE if ctx.compute_dtype == tf.float16 else 1.0,
     )
+    if ctx.compute_dtype == tf.float32:
+        return adversarial
+    lower = tf.maximum(images - ctx.attack.eps, 0.0)
+    upper = tf.minimum(images + ctx.attack.eps, 255.0)
+    return precision.round_within(adversarial, lower, upper, ctx.compute_dtype)
 
 
 def as_stored(ctx: StepContext, images) -> tf.Tensor:
@@ -113,9 +126,17 @@ def weight_gradients(ctx: StepContext, tape, loss) -> list[tf.Tensor]:
     return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
 
 
-def _apply(ctx: StepContext, tape, scaled_loss, wait_for=()):
-    """Applies the gradients of ``scaled_loss`` (the optimizer unscales them, if it scales)."""
+def _apply(ctx: StepContext, tape, scaled_loss, wait_for=(), clean=None, adversarial=None):
+    """Applies the gradients of ``scaled_loss`` (the optimizer unscales them, if it scales).
+
+    ``clean`` and ``adversarial`` (per-example losses) and the gradients are
+    checked by the context's non-finite guard, if any, for the step about to
+    be taken.
+    """
     grads = weight_gradients(ctx, tape, scaled_loss)
+    if ctx.guard is not None:
+        scaled = ctx.compute_dtype == tf.float16  # the loss scaler handles overflows
+        ctx.guard.check(ctx.optimizer.iterations, clean, adversarial, None if scaled else grads)
     if wait_for:
         # The update may only overwrite θ_t after everything in wait_for has read it.
         with tf.control_dependencies(list(wait_for)):
@@ -138,7 +159,7 @@ def update_on_clean(ctx: StepContext, images, labels):
         per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
         loss = tf.reduce_sum(per_example) / ctx.global_batch_size
         scaled_loss = ctx.optimizer.scale_loss(loss)
-    _apply(ctx, tape, scaled_loss)
+    _apply(ctx, tape, scaled_loss, clean=per_example)
     if ctx.sums is not None:
         ctx.sums.add(**_clean_statistics(labels, logits, per_example))
 
@@ -170,7 +191,7 @@ def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversaria
     with tf.GradientTape() as tape:
         loss, clean_logits, clean, adv = adversarial_loss(ctx, images, labels, adversarial)
         scaled_loss = ctx.optimizer.scale_loss(loss)
-    _apply(ctx, tape, scaled_loss, wait_for)
+    _apply(ctx, tape, scaled_loss, wait_for, clean=clean, adversarial=adv)
     if ctx.sums is not None:
         distance = attack_lib.linf_distance(
             tf.cast(adversarial, tf.float32), tf.cast(images, tf.float32)

@@ -24,12 +24,13 @@ from absl import logging
 from conadv import attack as attack_lib
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
+from conadv.nonfinite import NonFiniteError, NonFiniteGuard
 from conadv.ring_buffer import RingBuffer
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
 from official import split_batch_norm as bn_lib
 
-EVAL_SUMS = ("examples", "loss", "top1", "top5")
+EVAL_SUMS = ("examples", "loss", "top1", "top5", "robust_loss", "robust_top1", "robust_top5")
 
 
 class CheckpointMismatchError(ValueError):
@@ -66,6 +67,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     lars_eta: float = 0.001
     attack: attack_lib.AttackConfig = dataclasses.field(default_factory=attack_lib.AttackConfig)
+    #: Robust evaluation: the main branch, as evaluated, under this attack (None: clean only).
+    eval_attack: attack_lib.AttackConfig | None = None
     jit_compile: bool = False
     seed: int = 0
     export_dir: str | None = None
@@ -122,6 +125,7 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
             self.train_sums = ReplicaSums(steps_lib.TRAIN_SUMS, name="train_sums")
             self.eval_sums = ReplicaSums(EVAL_SUMS, name="eval_sums")
+        self.guard = NonFiniteGuard(strategy)
 
         self.ring = None
         if config.method == steps_lib.CONADV:
@@ -144,6 +148,7 @@ class Trainer:
             ring=self.ring,
             update_pass=config.update_pass,
             compute_dtype=self.compute_dtype,
+            guard=self.guard,
         )
         # Each replica step is one XLA program when jit_compile is set (always
         # on TPU); the loop around it, and the iterator, stay outside.
@@ -220,6 +225,15 @@ class Trainer:
                     f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
                     "flags it was trained with"
                 ) from None
+            number = int(latest.rsplit("-", 1)[-1])
+            if number > 0 and self.global_step == 0:
+                # The optimizer's state lives elsewhere in this checkpoint (for
+                # example it was saved with or without float16 loss scaling).
+                raise CheckpointMismatchError(
+                    f"the checkpoint {latest} was saved at step {number} but its optimizer "
+                    "state does not fit this run (another --precision or --optimizer?); "
+                    "use the flags it was trained with or a new --model_dir"
+                )
             logging.info("Restored %s at step %d", latest, self.global_step)
         return self.global_step
 
@@ -249,6 +263,17 @@ class Trainer:
             # Batch index first_batch + k lives in slot (first_batch + k) mod τ.
             fill(self.iterator, tf.constant(first_batch + k, tf.int64))
         self.ring.mark_filled()
+
+    def _stop_if_diverged(self):
+        """Raises ``NonFiniteError`` (and saves nothing) if a step of the last loop diverged."""
+        bad = self.guard.first()
+        if bad is not None:
+            step, quantity = bad
+            latest = self._manager.latest_checkpoint
+            last_good = os.path.basename(latest) if latest else "none (no checkpoint yet)"
+            raise NonFiniteError(
+                f"non-finite {quantity} at step {step}; last good checkpoint {last_good}"
+            )
 
     def _next_stop(self, step: int, evaluate: bool) -> int:
         stops = [self.train_steps, step + self.config.steps_per_loop]
@@ -286,6 +311,7 @@ class Trainer:
             self._train_loop(self.iterator, tf.constant(num_steps, tf.int32))
             totals = self.train_sums.totals()  # reading waits for the loop to finish
             seconds = time.time() - loop_start
+            self._stop_if_diverged()
             step = self.global_step
             images = num_steps * config.global_batch_size
             if not first_loop or step >= self.train_steps:
@@ -301,7 +327,7 @@ class Trainer:
                 self.save()
             if at_eval:
                 eval_result = self.evaluate(EVAL)
-                self._log_eval(step, eval_result)
+                self.log_evaluation(step, eval_result)
 
         summary = {
             "method": config.method,
@@ -353,14 +379,24 @@ class Trainer:
         )
         return values
 
-    def _log_eval(self, step, result):
+    def log_evaluation(self, step, result):
+        """TensorBoard scalars and the console line of one evaluation."""
         with self._writers["eval"].as_default(step=step):
             tf.summary.scalar("top1/eval", result["top1"])
             tf.summary.scalar("top5/eval", result["top5"])
             tf.summary.scalar("loss/eval", result["loss"])
+            if "robust_top1" in result:
+                tf.summary.scalar("top1/robust", result["robust_top1"])
+                tf.summary.scalar("top5/robust", result["robust_top5"])
+                tf.summary.scalar("loss/robust", result["robust_loss"])
+        robust = ""
+        if "robust_top1" in result:
+            robust = (
+                f" robust top1 {result['robust_top1']:.4f} (eps {result['eval_attack']['eps']:g})"
+            )
         print(
             f"eval at step {step}: top1 {result['top1']:.4f} top5 {result['top5']:.4f}"
-            f" loss {result['loss']:.4f} ({int(result['examples'])} images)",
+            f" loss {result['loss']:.4f}{robust} ({int(result['examples'])} images)",
             flush=True,
         )
 
@@ -368,14 +404,35 @@ class Trainer:
 
     def _eval_replica(self, batch):
         images, labels = batch
-        logits = self.model(images, training=False, bn_branch="main")
         k = min(5, self.source.num_classes)
-        self.eval_sums.add(
-            examples=tf.size(labels),
-            loss=tf.reduce_sum(losses.cross_entropy(labels, logits)),
-            top1=tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
-            top5=tf.reduce_sum(losses.top_k_correct(labels, logits, k)),
-        )
+
+        def sums(logits, prefix=""):
+            return {
+                f"{prefix}loss": tf.reduce_sum(losses.cross_entropy(labels, logits)),
+                f"{prefix}top1": tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
+                f"{prefix}top5": tf.reduce_sum(losses.top_k_correct(labels, logits, k)),
+            }
+
+        logits = self.model(images, training=False, bn_branch="main")
+        values = sums(logits)
+        if self.config.eval_attack is not None:
+            # The attack sees the model as evaluated; a fixed seed per replica
+            # makes robust accuracy reproducible.
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.stack(
+                [tf.constant(self.config.seed + 1, tf.int64), tf.cast(replica, tf.int64)]
+            )
+            adversarial = attack_lib.pgd_attack(
+                self.model,
+                images,
+                labels,
+                self.config.eval_attack,
+                seed=seed,
+                num_classes=self.source.num_classes,
+                training=False,
+            )
+            values.update(sums(self.model(adversarial, training=False), prefix="robust_"))
+        self.eval_sums.add(examples=tf.size(labels), **values)
 
     def evaluate(self, split: str = EVAL) -> dict:
         """Main-branch accuracy with moving statistics over one pass of ``split``."""
@@ -390,12 +447,18 @@ class Trainer:
         self._eval_loop(self._eval_datasets[split])
         totals = self.eval_sums.totals()
         n = max(totals["examples"], 1.0)
-        return {
-            "examples": totals["examples"],
-            "loss": totals["loss"] / n,
-            "top1": totals["top1"] / n,
-            "top5": totals["top5"] / n,
-        }
+        result = {"examples": totals["examples"]}
+        keys = ["loss", "top1", "top5"]
+        attack = self.config.eval_attack
+        if attack is not None:
+            keys += ["robust_loss", "robust_top1", "robust_top5"]
+            result["eval_attack"] = {
+                "eps": attack.eps,
+                "steps": attack.num_steps,
+                "step_size": attack.alpha,
+            }
+        result.update({key: totals[key] / n for key in keys})
+        return result
 
     def _eval_loop_fn(self, dataset):
         for batch in dataset:

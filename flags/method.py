@@ -21,7 +21,11 @@ def define(fv):
         "attack_eps", 4.0, "L-inf budget in pixel units (0-255).", flag_values=fv
     )
     absl_flags.DEFINE_float(
-        "attack_step_size", None, "PGD step in pixels (default: eps).", flag_values=fv
+        "attack_step_size",
+        None,
+        "PGD step in pixels. Default: eps for one step (it reaches the boundary), "
+        "2.5*eps/steps for several.",
+        flag_values=fv,
     )
     absl_flags.DEFINE_integer("attack_steps", 1, "PGD steps (the paper uses 1).", flag_values=fv)
     absl_flags.DEFINE_enum(
@@ -43,5 +47,21 @@ def define(fv):
         "untargeted",
         ["untargeted", "random"],
         "Raise the true label's loss, or lower a random wrong label's.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "eval_attack_eps",
+        None,
+        "Robust evaluation: also report top-1/top-5 of the main branch under L-inf PGD "
+        "with random start of this budget (pixel units); 0 gives the clean numbers.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "eval_attack_steps", 10, "Robust evaluation: PGD steps (K).", flag_values=fv
+    )
+    absl_flags.DEFINE_float(
+        "eval_attack_step_size",
+        None,
+        "Robust evaluation: PGD step in pixels (default 2.5*eps/K, eps for K = 1).",
         flag_values=fv,
     )

@@ -47,7 +47,7 @@ def validate_bn_group_size(values, num_replicas: int):
     group = values.bn_group_size
     if group is not None and group > 0:
         _require(
-            group == 0 or num_replicas % group == 0,
+            num_replicas % group == 0,
             f"--bn_group_size={group} does not divide the {num_replicas} replicas; "
             "use a divisor of the replica count, or 0 for all replicas",
         )
@@ -90,6 +90,19 @@ def validate(values, num_replicas: int = 1):
     if v.attack_step_size is not None:
         _require(v.attack_step_size > 0, f"--attack_step_size={v.attack_step_size} must be > 0")
     _require(v.attack_steps >= 1, f"--attack_steps={v.attack_steps} must be at least 1")
+    if v.eval_attack_eps is not None:
+        _require(
+            0 <= v.eval_attack_eps <= 255,
+            f"--eval_attack_eps={v.eval_attack_eps} must be in [0, 255] (pixel units)",
+        )
+    _require(
+        v.eval_attack_steps >= 1, f"--eval_attack_steps={v.eval_attack_steps} must be at least 1"
+    )
+    if v.eval_attack_step_size is not None:
+        _require(
+            v.eval_attack_step_size > 0,
+            f"--eval_attack_step_size={v.eval_attack_step_size} must be > 0",
+        )
     if v.method == "conadv":
         _require(
             v.staleness >= 1,

@@ -44,6 +44,23 @@ def needs_loss_scaling(name: str) -> bool:
     return check_policy(name) == MIXED_FLOAT16
 
 
+def round_within(x: tf.Tensor, lower: tf.Tensor, upper: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Non-negative float32 ``x`` rounded to ``dtype``, kept inside [lower, upper].
+
+    Rounding to nearest can step past a bound by half a unit in the last
+    place (bfloat16 has 8 significant bits: 0.5 at pixel values 128–255);
+    where it does, the neighbouring ``dtype`` value on the other side is taken
+    instead (one step of the bit pattern; values are ≥ 0). Returns float32
+    values that ``dtype`` represents exactly.
+    """
+    rounded = tf.cast(x, dtype)
+    bits = tf.bitcast(rounded, tf.int16)
+    below = tf.cast(tf.bitcast(tf.maximum(bits - 1, 0), dtype), tf.float32)
+    above = tf.cast(tf.bitcast(bits + 1, dtype), tf.float32)
+    nearest = tf.cast(rounded, tf.float32)
+    return tf.where(nearest > upper, below, tf.where(nearest < lower, above, nearest))
+
+
 @contextlib.contextmanager
 def policy_scope(name: str):
     """Layers created inside take the dtype policy ``name``; the global policy is restored."""

@@ -13,7 +13,9 @@ batch statistics but must leave every variable untouched).
 Batch statistics are taken over a *group* of replicas (``group_size``): 1 is
 each replica's own batch (the paper's per-worker BatchNorm), k is k
 consecutive replicas, 0 is every replica. A group's sums travel in one
-``all_gather`` per layer, which TPU, GPU and CPU collectives all implement.
+collective per layer: an all-reduce for all replicas, TPU's grouped
+``CrossReplicaSum`` on TPU, and an ``all_gather`` (summing the group's rows)
+under the Mirrored strategies.
 Moments, normalisation and moving statistics are float32 whatever the
 compute dtype (bfloat16 and float16 sums over a large batch lose too much).
 """
@@ -109,6 +111,13 @@ def batch_moments(parts: list[tf.Tensor], group_size: int = 1) -> list[tuple]:
     local = tf.stack(local)  # [parts, 2C + 1]
     if group_size == ALL_REPLICAS or group_size >= replicas:
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+    elif isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+        # TPU's own grouped all-reduce: each group sums only its rows (TPU's
+        # all_gather is a masked all-reduce of every replica's rows).
+        groups = [list(range(g, g + group_size)) for g in range(0, replicas, group_size)]
+        total = tf.raw_ops.CrossReplicaSum(
+            input=local, group_assignment=tf.constant(groups, tf.int32)
+        )
     else:
         gathered = context.all_gather(local[None], axis=0)  # [replicas, parts, 2C + 1]
         groups = tf.reshape(gathered, [replicas // group_size, group_size, *local.shape])

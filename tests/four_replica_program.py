@@ -249,6 +249,39 @@ def pairs_match_single_device(strategy):
     }
 
 
+def mixed_pass_with_groups(strategy):
+    """DisAdv, 2 steps, BatchNorm groups of 2: one pass over [clean; adv] = two passes."""
+    images, labels = mt.fixed_batches(2, 8, seed=13)
+    weights = {}
+    for update_pass in steps_lib.UPDATE_PASSES:
+        with strategy.scope():
+            model = resnet.resnet(
+                "resnet20",
+                mt.NUM_CLASSES,
+                image_size=mt.IMAGE_SIZE,
+                width_multiplier=0.25,
+                bn_group_size=2,
+                seed=5,
+            )
+        ctx = mt.make_context(
+            model, batch_size=8, strategy=strategy, update_pass=update_pass, label_smoothing=0.1
+        )
+        run = mt.step_runner(ctx, "disadv", strategy)
+        iterator = mt.batch_iterator(images, labels, strategy)
+        initial = mt.snapshot(model)
+        for _ in range(2):
+            run(iterator)
+        weights[update_pass] = mt.snapshot(model)
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)) for x, y in zip(a, b))
+
+    return {
+        "concatenated_vs_separate": diff(weights["concatenated"], weights["separate"]),
+        "moved": diff(weights["separate"], initial),
+    }
+
+
 def main():
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
     out = {"replicas": strategy.num_replicas_in_sync}
@@ -258,6 +291,7 @@ def main():
     out["groups"] = group_moments(strategy)
     out["attack"] = attack_is_local(strategy)
     out["pairs"] = pairs_match_single_device(strategy)
+    out["mixed"] = mixed_pass_with_groups(strategy)
     print("RESULT " + json.dumps(out))
 
 

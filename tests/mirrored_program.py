@@ -14,7 +14,10 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
 )
 
-from official import resnet  # noqa: E402
+import keras  # noqa: E402
+
+from conadv import steps as steps_lib  # noqa: E402
+from official import optimizers, precision, resnet  # noqa: E402
 from tests import method_testing as mt  # noqa: E402
 
 BATCH = 8
@@ -50,6 +53,33 @@ def train(strategy, method, images, labels, steps, synchronized=True):
     for _ in range(steps):
         run(iterator)
     return model, ctx
+
+
+def overflow_on_one_replica(strategy, optimizer_class):
+    """One vanilla step where only replica 1's shard overflows (an Inf pixel).
+
+    Returns (weights unchanged, all weights finite, iterations, scale ratio).
+    """
+    images, labels = mt.fixed_batches(1, BATCH, seed=4)
+    images[0, BATCH - 1, 0, 0, 0] = np.inf  # the last image: replica 1's half
+    model = model_for(strategy, synchronized=False)
+    with strategy.scope():
+        inner = optimizers.build_optimizer("momentum", learning_rate=0.1, momentum=0.9)
+        optimizer = optimizer_class(inner)
+        optimizer.build(model.trainable_variables)
+    ctx = steps_lib.StepContext(
+        model=model, optimizer=optimizer, global_batch_size=BATCH, num_classes=mt.NUM_CLASSES
+    )
+    before = mt.snapshot(model)
+    scale = float(optimizer.dynamic_scale.numpy())
+    mt.step_runner(ctx, "vanilla", strategy)(mt.batch_iterator(images, labels, strategy))
+    after = mt.snapshot(model)
+    return {
+        "unchanged": all(np.array_equal(a, b) for a, b in zip(before, after)),
+        "finite": all(np.all(np.isfinite(v)) for v in after),
+        "iterations": int(optimizer.iterations.numpy()),
+        "scale_ratio": float(optimizer.dynamic_scale.numpy()) / scale,
+    }
 
 
 def main():
@@ -99,6 +129,10 @@ def main():
 
     out["sync_vs_single_max_rel_diff"] = max_rel_diff(sync_model, ref_model)
     out["unsync_vs_single_max_rel_diff"] = max_rel_diff(local_model, ref_model)
+    out["overflow"] = {
+        "ours": overflow_on_one_replica(mirrored, precision.LossScaleOptimizer),
+        "keras": overflow_on_one_replica(mirrored, keras.optimizers.LossScaleOptimizer),
+    }
     print("RESULT " + json.dumps(out))
 
 

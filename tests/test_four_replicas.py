@@ -93,6 +93,11 @@ class FourReplicaTest(tf.test.TestCase):
         self.assertLess(pairs["pairs_vs_reference"], PAIR_TOLERANCE)
         self.assertGreater(pairs["singles_vs_reference"], 100 * PAIR_TOLERANCE)
 
+    def test_concatenated_pass_with_groups_equals_two_passes(self):
+        mixed = self.result["mixed"]
+        self.assertLess(mixed["concatenated_vs_separate"], PAIR_TOLERANCE)
+        self.assertGreater(mixed["moved"], 100 * PAIR_TOLERANCE)
+
 
 if __name__ == "__main__":
     tf.test.main()

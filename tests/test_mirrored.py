@@ -30,6 +30,15 @@ class MirroredTest(tf.test.TestCase):
         # Without synchronisation the per-replica statistics differ: the check can fail.
         self.assertGreater(self.result["unsync_vs_single_max_rel_diff"], 10 * SYNC_TOLERANCE)
 
+    def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
+        ours = self.result["overflow"]["ours"]
+        self.assertTrue(ours["unchanged"])  # the step was skipped everywhere
+        self.assertEqual(ours["iterations"], 1)  # and still counted
+        self.assertEqual(ours["scale_ratio"], 0.5)  # the loss scale halved
+        # Keras' own optimizer decides from replica 0 alone and applies the
+        # overflow: the comparison above can fail.
+        self.assertFalse(self.result["overflow"]["keras"]["finite"])
+
 
 if __name__ == "__main__":
     tf.test.main()

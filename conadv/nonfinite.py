@@ -1,0 +1,74 @@
+"""Stops a diverged run at the step it diverged, before its state is saved.
+
+Each replica step records, per replica, the first step whose clean loss,
+adversarial loss or gradient was not finite (``NonFiniteGuard.check``, inside
+the compiled step, no host round trip). After each host loop the trainer asks
+``first()``; if a step went bad it raises ``NonFiniteError`` instead of
+checkpointing, so the latest checkpoint on disk is the last good state.
+
+Under float16 loss scaling an overflowing *gradient* is normal (the loss
+scaler skips that step and lowers its scale), so only the losses are checked.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+CLEAN_LOSS, ADVERSARIAL_LOSS, GRADIENT = 1, 2, 3
+QUANTITIES = {CLEAN_LOSS: "clean loss", ADVERSARIAL_LOSS: "adversarial loss", GRADIENT: "gradient"}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient; the message is one line."""
+
+
+class NonFiniteGuard:
+    """Per replica: (first bad step, which quantity), or (−1, 0) while all is finite."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self.strategy = strategy
+        with strategy.scope():
+            self._first = tf.Variable(
+                [-1, 0],
+                dtype=tf.int64,
+                trainable=False,
+                name="first_nonfinite_step",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.NONE,
+            )
+
+    def check(self, step, clean_loss=None, adversarial_loss=None, gradients=None):
+        """Records ``step`` if it is this replica's first with a non-finite quantity.
+
+        Call inside the replica function; ``gradients`` is a list of tensors
+        (a sum per tensor is checked: NaN and ±Inf propagate through it).
+        """
+        checks = []
+        if clean_loss is not None:
+            checks.append((CLEAN_LOSS, tf.math.is_finite(tf.reduce_sum(clean_loss))))
+        if adversarial_loss is not None:
+            checks.append((ADVERSARIAL_LOSS, tf.math.is_finite(tf.reduce_sum(adversarial_loss))))
+        if gradients:
+            total = tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in gradients])
+            checks.append((GRADIENT, tf.math.is_finite(total)))
+        code = tf.constant(0, tf.int64)
+        for quantity, finite in reversed(checks):  # the first failing check wins
+            code = tf.where(finite, code, tf.constant(quantity, tf.int64))
+        current = self._first.read_value()
+        record = tf.logical_and(current[0] < 0, code > 0)
+        value = tf.where(record, tf.stack([tf.cast(step, tf.int64), code]), current)
+        return self._first.assign(value)
+
+    def first(self) -> tuple[int, str] | None:
+        """The earliest recorded (step, quantity name) over this worker's replicas."""
+        bad = [
+            (int(step), int(code))
+            for step, code in (
+                v.numpy() for v in self.strategy.experimental_local_results(self._first)
+            )
+            if step >= 0
+        ]
+        if not bad:
+            return None
+        step, code = min(bad)
+        return step, QUANTITIES[code]
