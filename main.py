@@ -16,10 +16,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, logging  # noqa: E402
-from absl import flags as absl_flags
+from absl import flags as absl_flags  # noqa: E402
+
+from conadv import run_logging  # noqa: E402
+
+run_logging.import_tensorflow_quietly()
 
 import flags as conadv_flags  # noqa: E402
-from conadv import run_logging  # noqa: E402
 from conadv.nonfinite import NonFiniteError  # noqa: E402
 from conadv.trainer import CheckpointMismatchError  # noqa: E402
 from flags.validation import FlagError  # noqa: E402

@@ -6,13 +6,19 @@ chatter of TensorFlow, Keras and absl themselves (a line per checkpoint
 shard, strategy set-up, ...). ``--verbosity=1`` (absl's flag) shows it
 again. Every Python log record at INFO or above, TensorFlow's included, also
 goes to ``<model_dir>/log.txt``. TensorFlow's C++ INFO lines are silenced by
-``TF_CPP_MIN_LOG_LEVEL=1`` unless the environment sets it (``main.py``).
+``TF_CPP_MIN_LOG_LEVEL=1`` unless the environment sets it (``main.py``); the
+notices its C++ libraries print while loading (before any log setting
+applies) are captured by ``import_tensorflow_quietly`` and go to the file
+too, except warnings and errors, which are shown.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import tempfile
 
 from absl import logging as absl_logging
 
@@ -21,10 +27,63 @@ LIBRARIES = ("tensorflow", "keras", "tf_keras", "absl", "tensorboard")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 
+#: A C++ INFO line (absl format), and the notice absl prints before it is set up.
+_CPP_INFO = re.compile(r"^I\d{4} ")
+_CPP_BOILERPLATE = "WARNING: All log messages before absl::InitializeLog() is called"
+_import_notices: list[str] = []
+
+
 def from_library(record: logging.LogRecord) -> bool:
-    """Whether a record was logged by TensorFlow, Keras or absl rather than by ConAdv."""
+    """Whether a record was logged from TensorFlow's, Keras' or absl's own code.
+
+    Decided by the caller's file, not the logger's name: TensorFlow and this
+    project both log through absl's logger.
+    """
     parts = os.path.normpath(record.pathname).split(os.sep)
-    return record.name.split(".")[0] in LIBRARIES or any(lib in parts for lib in LIBRARIES)
+    return "site-packages" in parts and any(lib in parts for lib in LIBRARIES)
+
+
+def import_tensorflow_quietly():
+    """Imports TensorFlow with its load-time C++ notices kept for the log file.
+
+    Warnings and errors among them are printed as usual; INFO notices (such
+    as oneDNN's) are printed only when absl's ``--verbosity`` is raised on
+    the command line.
+    """
+    if "tensorflow" in sys.modules or _verbosity_raised(sys.argv):
+        import tensorflow  # noqa: F401
+
+        return
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines()
+    for line in lines:
+        if _CPP_INFO.match(line) or line.startswith(_CPP_BOILERPLATE):
+            _import_notices.append(line)
+        else:
+            print(line, file=sys.stderr)
+
+
+def _verbosity_raised(argv) -> bool:
+    for index, arg in enumerate(argv):
+        value = None
+        if arg.startswith(("--verbosity=", "-v=")):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--verbosity", "-v") and index + 1 < len(argv):
+            value = argv[index + 1]
+        if value is not None:
+            try:
+                return int(value) > 0
+            except ValueError:
+                return False
+    return False
 
 
 class ConsoleFilter(logging.Filter):
@@ -56,6 +115,10 @@ def add_log_file(model_dir: str) -> str:
             path
         ):
             return path
+    if _import_notices:
+        with open(path, "a") as f:
+            f.write("\n".join(_import_notices) + "\n")
+        _import_notices.clear()
     handler = logging.FileHandler(path)
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
