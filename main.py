@@ -24,6 +24,8 @@ run_logging.import_tensorflow_quietly()
 
 import flags as conadv_flags  # noqa: E402
 from conadv.nonfinite import NonFiniteError  # noqa: E402
+from conadv.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
+from conadv.preemption import PreemptedError  # noqa: E402
 from conadv.trainer import CheckpointMismatchError  # noqa: E402
 from flags.validation import FlagError  # noqa: E402
 from input_pipeline.base import DataError, PipelineOptions, data_error_from  # noqa: E402
@@ -176,10 +178,30 @@ def run_main(values) -> dict | None:
         result["global_step"] = trainer.global_step
         write_json(os.path.join(config.model_dir, "eval.json"), result)
         trainer.log_evaluation(trainer.global_step, result)
+        if values.eval_predictions:
+            write_json(
+                os.path.join(config.model_dir, "predictions.json"),
+                {"global_step": trainer.global_step, "top_k_ids": trainer.predict()},
+            )
         return result
+    if values.mode == "export":
+        if not trainer.has_checkpoint():
+            raise FlagError(
+                f"--mode=export: no checkpoint in --model_dir={config.model_dir}; train first"
+            )
+        trainer.restore()
+        exported = trainer.export()
+        print(
+            f"exported step {trainer.global_step}: {exported['keras']} and "
+            f"{exported['saved_model']}",
+            flush=True,
+        )
+        return exported
 
     summary = trainer.train(evaluate=values.mode == "train_and_eval")
-    summary["export_path"] = trainer.export()
+    exported = trainer.export()
+    summary["export_path"] = exported["keras"]
+    summary["saved_model_path"] = exported["saved_model"]
     write_json(os.path.join(config.model_dir, "summary.json"), summary)
     if summary["eval_top1"] is not None:
         print(
@@ -200,6 +222,9 @@ def main(argv):
         _fail(str(error))
     except NonFiniteError as error:
         _fail(str(error), exit_code=3)
+    except PreemptedError as error:
+        print(str(error), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as error:
         # A failed in-graph data check (corrupt image, label out of range)
         # surfaces as a TensorFlow error; report the record it names.

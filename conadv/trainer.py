@@ -22,9 +22,11 @@ import tensorflow as tf
 from absl import logging
 
 from conadv import attack as attack_lib
+from conadv import export as export_lib
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.nonfinite import NonFiniteError, NonFiniteGuard
+from conadv.preemption import PreemptedError, PreemptionWatcher
 from conadv.ring_buffer import RingBuffer
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
@@ -303,31 +305,39 @@ class Trainer:
         )
         timed_images, timed_seconds, first_loop = 0, 0.0, True
         last_train, eval_result = {}, {}
-        while step < self.train_steps:
-            stop = self._next_stop(step, evaluate)
-            num_steps = stop - step
-            self.train_sums.reset()
-            loop_start = time.time()
-            self._train_loop(self.iterator, tf.constant(num_steps, tf.int32))
-            totals = self.train_sums.totals()  # reading waits for the loop to finish
-            seconds = time.time() - loop_start
-            self._stop_if_diverged()
-            step = self.global_step
-            images = num_steps * config.global_batch_size
-            if not first_loop or step >= self.train_steps:
-                timed_images += images
-                timed_seconds += seconds
-            first_loop = False
-            last_train = self._log_train(
-                step, totals, images / max(seconds, 1e-9), seconds / num_steps
-            )
-            at_eval = evaluate and (step % self.eval_every == 0 or step >= self.train_steps)
-            at_checkpoint = config.checkpoint_steps > 0 and step % config.checkpoint_steps == 0
-            if at_eval or at_checkpoint or step >= self.train_steps:
-                self.save()
-            if at_eval:
-                eval_result = self.evaluate(EVAL)
-                self.log_evaluation(step, eval_result)
+        with PreemptionWatcher() as preemption:
+            while step < self.train_steps:
+                stop = self._next_stop(step, evaluate)
+                num_steps = stop - step
+                self.train_sums.reset()
+                loop_start = time.time()
+                self._train_loop(self.iterator, tf.constant(num_steps, tf.int32))
+                totals = self.train_sums.totals()  # reading waits for the loop to finish
+                seconds = time.time() - loop_start
+                self._stop_if_diverged()
+                step = self.global_step
+                images = num_steps * config.global_batch_size
+                if not first_loop or step >= self.train_steps:
+                    timed_images += images
+                    timed_seconds += seconds
+                first_loop = False
+                last_train = self._log_train(
+                    step, totals, images / max(seconds, 1e-9), seconds / num_steps
+                )
+                at_eval = evaluate and (step % self.eval_every == 0 or step >= self.train_steps)
+                at_checkpoint = config.checkpoint_steps > 0 and step % config.checkpoint_steps == 0
+                saved = at_eval or at_checkpoint or step >= self.train_steps
+                if saved:
+                    self.save()
+                if preemption.requested and step < self.train_steps:
+                    path = self._manager.latest_checkpoint if saved else self.save()
+                    raise PreemptedError(
+                        f"preempted (SIGTERM) at step {step}: saved {os.path.basename(path)}; "
+                        "run the same command again to resume"
+                    )
+                if at_eval:
+                    eval_result = self.evaluate(EVAL)
+                    self.log_evaluation(step, eval_result)
 
         summary = {
             "method": config.method,
@@ -466,15 +476,27 @@ class Trainer:
 
     # --------------------------------------------------------------- export
 
-    def export(self, export_dir: str | None = None) -> str:
-        """Saves the plain (main-branch) inference model as a ``.keras`` file."""
+    def export(self, export_dir: str | None = None) -> dict:
+        """The main branch as ``model.keras`` and a serving SavedModel (``conadv/export.py``)."""
         export_dir = (
             export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
         )
-        os.makedirs(export_dir, exist_ok=True)
-        path = os.path.join(export_dir, "model.keras")
-        resnet.plain_inference_model(self.model).save(path)
-        return path
+        return export_lib.export_model(
+            self.model, export_dir, self.source.image_size, self.source.class_names
+        )
+
+    def predict(self, split: str = EVAL) -> list[list[int]]:
+        """Top-k class ids (k = 5, or the class count) of every example of ``split``, in order.
+
+        One host pass with the main branch, as evaluated; for checking what is
+        served against what is evaluated.
+        """
+        k = min(5, self.source.num_classes)
+        model_fn = tf.function(lambda x: tf.math.top_k(self.model(x, training=False), k).indices)
+        ids = []
+        for images, _ in self.source.dataset(split, self.config.eval_batch_size):
+            ids.extend(model_fn(images).numpy().tolist())
+        return ids
 
 
 def write_json(path: str, values: dict):

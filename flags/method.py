@@ -56,6 +56,13 @@ def define(fv):
         "with random start of this budget (pixel units); 0 gives the clean numbers.",
         flag_values=fv,
     )
+    absl_flags.DEFINE_bool(
+        "eval_predictions",
+        False,
+        "--mode=eval: also write each evaluation example's top-5 class ids, in order, "
+        "to <model_dir>/predictions.json.",
+        flag_values=fv,
+    )
     absl_flags.DEFINE_integer(
         "eval_attack_steps", 10, "Robust evaluation: PGD steps (K).", flag_values=fv
     )

@@ -16,9 +16,10 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "mode",
         "train_and_eval",
-        ["train", "eval", "train_and_eval"],
+        ["train", "eval", "train_and_eval", "export"],
         "train: train only; eval: evaluate the latest checkpoint; "
-        "train_and_eval: train with periodic evaluation.",
+        "train_and_eval: train with periodic evaluation; export: write the latest "
+        "checkpoint's model.keras and serving SavedModel (also done after training).",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(

@@ -83,6 +83,9 @@ class DataSource(abc.ABC):
     name: str = ""
     #: Image size used when ``--image_size`` is not given.
     default_image_size: int = 224
+    #: Class names by label id, when the dataset has them (exported as labels.txt).
+    class_names: list[str] | None = None
+
     #: Whether the training iterator can be saved in a checkpoint (cheap for
     #: in-memory sources; file sources with large shuffle buffers say no), so
     #: that a resumed run sees exactly the batches an uninterrupted one would.

@@ -58,6 +58,7 @@ class DigitsSource(DataSource):
             num_eval_examples=len(self._splits[EVAL][1]),
         )
         self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
+        self.class_names = [str(digit) for digit in range(10)]
 
     def _resize(self, images: np.ndarray) -> np.ndarray:
         """Resizes once, up front: the whole set is a few MB at 32×32."""

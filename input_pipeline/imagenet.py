@@ -142,3 +142,9 @@ class FolderSource(ImageNetSource):
             num_train_examples=counts["train"],
             num_eval_examples=counts["validation"],
         )
+        labels_path = os.path.join(data_dir, "labels.txt")
+        if tf.io.gfile.exists(labels_path):
+            with tf.io.gfile.GFile(labels_path) as f:
+                names = [line.strip() for line in f if line.strip()]
+            if len(names) == self.num_classes:
+                self.class_names = names

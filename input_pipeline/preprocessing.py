@@ -151,3 +151,22 @@ def small_image_train(image, image_size: int, padding: int = 4, seed=None, augme
 
 def small_image_eval(image, image_size: int):
     return resize(tf.cast(image, tf.float32), image_size)
+
+
+def eval_from_pixels(image, image_size: int):
+    """The evaluation preprocessing of decoded uint8 pixels [H, W, 3] (serving).
+
+    Small images are resized whole; larger ones centre-cropped (0.875) and
+    resized — what the record sources do after decoding.
+    """
+    if image_size <= SMALL_IMAGE_LIMIT:
+        return small_image_eval(image, image_size)
+    window = _center_window(tf.shape(image)[:2], EVAL_CROP_RATIO)
+    return resize(tf.image.crop_to_bounding_box(image, *window), image_size)
+
+
+def eval_from_bytes(image_bytes, image_size: int):
+    """The evaluation preprocessing of encoded JPEG/PNG bytes, as the record sources do it."""
+    if image_size <= SMALL_IMAGE_LIMIT:
+        return small_image_eval(decode_any(image_bytes), image_size)
+    return preprocess_for_eval(image_bytes, image_size)
