@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, logging  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
-from conadv import run_logging  # noqa: E402
+from conadv import run_identity, run_logging  # noqa: E402
 
 run_logging.import_tensorflow_quietly()
 
@@ -79,8 +79,7 @@ def _train_config(values, strategy):
         accelerated = on_tpu or bool(tf.config.list_logical_devices("GPU"))
         update_pass = "concatenated" if accelerated else "separate"
     return TrainConfig(
-        model_dir=values.model_dir
-        or conadv_flags.run.default_model_dir(values.dataset, values.model, values.method),
+        model_dir=values.model_dir or run_identity.default_model_dir(values),
         method=values.method,
         staleness=values.staleness,
         model=values.model,
@@ -165,6 +164,7 @@ def run_main(values) -> dict | None:
 
     config = _train_config(values, strategy)
     os.makedirs(config.model_dir, exist_ok=True)
+    run_identity.check_or_record(config.model_dir, values)
     log_file = run_logging.add_log_file(config.model_dir)
     logging.info("Full log in %s", log_file)
     trainer = Trainer(config, strategy, source)
@@ -218,7 +218,7 @@ def main(argv):
     run_logging.configure_console()
     try:
         run_main(FLAGS)
-    except (FlagError, DataError, CheckpointMismatchError) as error:
+    except (FlagError, DataError, CheckpointMismatchError, run_identity.RunMismatchError) as error:
         _fail(str(error))
     except NonFiniteError as error:
         _fail(str(error), exit_code=3)

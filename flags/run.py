@@ -1,15 +1,6 @@
 """What to run, where to write it, and on which devices."""
 
-import os
-import tempfile
-
 from absl import flags as absl_flags
-
-
-def default_model_dir(dataset: str, model: str, method: str) -> str:
-    """One directory per (dataset, model, method), so runs never resume each other."""
-    name = f"{dataset.replace(':', '_')}_{model}_{method}"
-    return os.path.join(tempfile.gettempdir(), "conadv", name)
 
 
 def define(fv):
@@ -25,8 +16,15 @@ def define(fv):
     absl_flags.DEFINE_string(
         "model_dir",
         None,
-        "Checkpoints, TensorBoard logs, summary.json and the export. A run on a directory "
-        "with a checkpoint resumes from it. Default: <tmp>/conadv/<dataset>_<model>_<method>.",
+        "Checkpoints, TensorBoard logs, summary.json, log.txt and the export. A run on a "
+        "directory with a checkpoint resumes from it; run_config.json records the flags that "
+        "define the run, and a start with other values of those stops with an error. These may "
+        "change on resume: --train_steps, --train_epochs (upward to train longer), "
+        "--steps_per_loop, --epochs_between_evals, --checkpoint_steps, --mode, "
+        "--eval_batch_size, --eval_attack_*, --eval_predictions, --data_dir, --export_dir, "
+        "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
+        "--num_cpu_devices, --tpu, --jit_compile, --update_pass, --verbosity. "
+        "Default: <tmp>/conadv/<dataset>_<model>_<method>_<hash of the defining flags>.",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(

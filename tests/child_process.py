@@ -36,14 +36,18 @@ def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) ->
 TINY_RESNET = ("--model=resnet20", "--width_multiplier=0.25")
 
 
-def run_main(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """``python main.py *args`` in the project root; raises with its stderr if it fails."""
+def run_main(*args: str, expect_ok: bool = True, env: dict | None = None):
+    """``python main.py *args`` in the project root; raises with its stderr if it fails.
+
+    ``env`` adds to (or overrides) the environment, e.g. ``TMPDIR``.
+    """
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "main.py"), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
+        env=None if env is None else {**os.environ, **env},
     )
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"main.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
