@@ -73,16 +73,23 @@ class TrainAndResumeTest(tf.test.TestCase):
             self.assertTrue(progress[0].startswith("step 30/30"), progress[0])
             self.assertEqual(checkpoint_steps(model_dir)[-1], 30)
 
-        # A checkpoint of another architecture is refused in one line, not a traceback.
+        # Another architecture on this model_dir is refused in one line, not a
+        # traceback: by the run identity, and (for a directory without
+        # run_config.json, e.g. from an older version) by the checkpoint itself.
         args = [a for a in SYNTHETIC if not a.startswith("--width")]
-        proc = run_main(
+        refused = (
             *args,
             "--width_multiplier=0.5",
             "--method=conadv",
             "--train_steps=40",
             f"--model_dir={model_dir}",
-            expect_ok=False,
         )
+        proc = run_main(*refused, expect_ok=False)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("was trained with --width_multiplier=0.25, not 0.5", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        os.remove(os.path.join(model_dir, "run_config.json"))
+        proc = run_main(*refused, expect_ok=False)
         self.assertEqual(proc.returncode, 2)
         self.assertIn("does not fit this model", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
