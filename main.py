@@ -168,12 +168,14 @@ def run_main(values) -> dict | None:
     log_file = run_logging.add_log_file(config.model_dir)
     logging.info("Full log in %s", log_file)
     trainer = Trainer(config, strategy, source)
-    if values.mode == "eval":
+    if values.mode in ("eval", "export"):
         if not trainer.has_checkpoint():
             raise FlagError(
-                f"--mode=eval: no checkpoint in --model_dir={config.model_dir}; train first"
+                f"--mode={values.mode}: no checkpoint in --model_dir={config.model_dir}; "
+                "train first"
             )
         trainer.restore()
+    if values.mode == "eval":
         result = trainer.evaluate()
         result["global_step"] = trainer.global_step
         write_json(os.path.join(config.model_dir, "eval.json"), result)
@@ -185,11 +187,6 @@ def run_main(values) -> dict | None:
             )
         return result
     if values.mode == "export":
-        if not trainer.has_checkpoint():
-            raise FlagError(
-                f"--mode=export: no checkpoint in --model_dir={config.model_dir}; train first"
-            )
-        trainer.restore()
         exported = trainer.export()
         print(
             f"exported step {trainer.global_step}: {exported['keras']} and "

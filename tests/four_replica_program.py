@@ -25,6 +25,11 @@ from tests import method_testing as mt  # noqa: E402
 REPLICAS = 4
 
 
+def max_relative_difference(a, b) -> float:
+    """The largest per-variable max |a − b| / max |b| over two lists of arrays."""
+    return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)) for x, y in zip(a, b))
+
+
 def local(values, strategy):
     return [t.numpy().tolist() for t in strategy.experimental_local_results(values)]
 
@@ -240,12 +245,9 @@ def pairs_match_single_device(strategy):
             var.assign(w - velocity[i])
     reference = [v.numpy() for v in single.trainable_variables]
 
-    def diff(a, b):
-        return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)) for x, y in zip(a, b))
-
     return {
-        "pairs_vs_reference": diff(weights[2], reference),
-        "singles_vs_reference": diff(weights[1], reference),
+        "pairs_vs_reference": max_relative_difference(weights[2], reference),
+        "singles_vs_reference": max_relative_difference(weights[1], reference),
     }
 
 
@@ -273,12 +275,11 @@ def mixed_pass_with_groups(strategy):
             run(iterator)
         weights[update_pass] = mt.snapshot(model)
 
-    def diff(a, b):
-        return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)) for x, y in zip(a, b))
-
     return {
-        "concatenated_vs_separate": diff(weights["concatenated"], weights["separate"]),
-        "moved": diff(weights["separate"], initial),
+        "concatenated_vs_separate": max_relative_difference(
+            weights["concatenated"], weights["separate"]
+        ),
+        "moved": max_relative_difference(weights["separate"], initial),
     }
 
 

@@ -159,6 +159,7 @@ class BadFlagsTest(tf.test.TestCase):
         (["--dataset=imagenet"], "--data_dir"),
         (["--dataset=imagenet", "--data_dir=/nonexistent/imagenet"], "--data_dir"),
         (["--model=resnet50", "--image_size=16"], "--image_size"),
+        (["--mode=export"], "--mode=export: no checkpoint"),
     ]
 
     def test_each_bad_combination_exits_with_one_line_naming_the_flag(self):
