@@ -32,6 +32,7 @@ import time
 import tensorflow as tf
 
 from conadv import attack as attack_lib
+from conadv import ring_buffer
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
@@ -197,9 +198,12 @@ def measure(method: str, args, strategy, update_pass: str) -> float:
 
 def ring_buffer_bytes_per_replica(args, replicas: int) -> int:
     """What ConAdv's ring holds per replica in this configuration (τ slots)."""
-    pixels = args.staleness * (args.batch_size // replicas) * args.image_size**2 * 3
-    images = 2 * pixels * precision.compute_dtype(args.precision).size
-    return images + args.staleness * (args.batch_size // replicas) * tf.int32.size
+    return ring_buffer.bytes_per_replica(
+        args.staleness,
+        args.batch_size // replicas,
+        args.image_size,
+        precision.compute_dtype(args.precision),
+    )
 
 
 def main(argv=None):

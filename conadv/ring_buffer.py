@@ -28,6 +28,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 
+def bytes_per_replica(staleness: int, per_replica_batch: int, image_size: int, dtype) -> int:
+    """Memory one replica's slots take: clean and adversarial images, and labels."""
+    pixels = staleness * per_replica_batch * image_size * image_size * 3
+    return 2 * pixels * tf.as_dtype(dtype).size + staleness * per_replica_batch * tf.int32.size
+
+
 class _Untracked:
     """Holds variables where ``tf.train.Checkpoint`` does not look for them."""
 
@@ -52,6 +58,7 @@ class RingBuffer:
         self.staleness = int(staleness)
         self.dtype = tf.as_dtype(dtype)
         self.per_replica_batch = int(per_replica_batch)
+        self.image_size = int(image_size)
         self.image_shape = [self.staleness, per_replica_batch, image_size, image_size, 3]
         label_shape = [self.staleness, per_replica_batch]
         with strategy.scope():
@@ -84,11 +91,9 @@ class RingBuffer:
     @property
     def bytes_per_replica(self) -> int:
         """Memory one replica's slots take (images, labels, adversarial images)."""
-        images = 1
-        for d in self.image_shape:
-            images *= d
-        labels = self.staleness * self.per_replica_batch
-        return 2 * images * self.dtype.size + labels * tf.int32.size
+        return bytes_per_replica(
+            self.staleness, self.per_replica_batch, self.image_size, self.dtype
+        )
 
     # ------------------------------------------------- inside strategy.run
 

@@ -30,6 +30,18 @@ def max_relative_difference(a, b) -> float:
     return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)) for x, y in zip(a, b))
 
 
+def tiny_model(bn_group_size: int = 1):
+    """ResNet-20 ×0.25 at 16 px with fixed initial weights (call inside a strategy's scope)."""
+    return resnet.resnet(
+        "resnet20",
+        mt.NUM_CLASSES,
+        image_size=mt.IMAGE_SIZE,
+        width_multiplier=0.25,
+        bn_group_size=bn_group_size,
+        seed=5,
+    )
+
+
 def local(values, strategy):
     return [t.numpy().tolist() for t in strategy.experimental_local_results(values)]
 
@@ -143,14 +155,7 @@ def attack_is_local(strategy):
     """The attack on replica r (model with BatchNorm groups of 2) vs one device on shard r."""
     images, labels = mt.fixed_batches(1, 8, seed=7)
     with strategy.scope():
-        model = resnet.resnet(
-            "resnet20",
-            mt.NUM_CLASSES,
-            image_size=mt.IMAGE_SIZE,
-            width_multiplier=0.25,
-            bn_group_size=2,
-            seed=5,
-        )
+        model = tiny_model(2)
     ctx = mt.make_context(model, batch_size=8, strategy=strategy)
     iterator = mt.batch_iterator(images, labels, strategy)
 
@@ -162,9 +167,7 @@ def attack_is_local(strategy):
         )
 
     distributed = np.concatenate(local(attack(next(iterator)), strategy))
-    single = resnet.resnet(
-        "resnet20", mt.NUM_CLASSES, image_size=mt.IMAGE_SIZE, width_multiplier=0.25, seed=5
-    )
+    single = tiny_model()  # one device, its own batch statistics
     per_shard, grouped = [], []
     for r in range(REPLICAS):
         shard = slice(2 * r, 2 * r + 2)
@@ -206,14 +209,7 @@ def pairs_match_single_device(strategy):
     weights = {}
     for group in (2, 1):
         with strategy.scope():
-            model = resnet.resnet(
-                "resnet20",
-                mt.NUM_CLASSES,
-                image_size=mt.IMAGE_SIZE,
-                width_multiplier=0.25,
-                bn_group_size=group,
-                seed=5,
-            )
+            model = tiny_model(group)
         ctx = mt.make_context(
             model, batch_size=8, strategy=strategy, learning_rate=lr, weight_decay=wd
         )
@@ -223,9 +219,7 @@ def pairs_match_single_device(strategy):
             run(iterator)
         weights[group] = [v.numpy() for v in model.trainable_variables]
 
-    single = resnet.resnet(
-        "resnet20", mt.NUM_CLASSES, image_size=mt.IMAGE_SIZE, width_multiplier=0.25, seed=5
-    )
+    single = tiny_model()  # one device, its own batch statistics
     velocity = [np.zeros(v.shape, np.float32) for v in single.trainable_variables]
     for step in range(2):
         with tf.GradientTape() as tape:
@@ -257,14 +251,7 @@ def mixed_pass_with_groups(strategy):
     weights = {}
     for update_pass in steps_lib.UPDATE_PASSES:
         with strategy.scope():
-            model = resnet.resnet(
-                "resnet20",
-                mt.NUM_CLASSES,
-                image_size=mt.IMAGE_SIZE,
-                width_multiplier=0.25,
-                bn_group_size=2,
-                seed=5,
-            )
+            model = tiny_model(2)
         ctx = mt.make_context(
             model, batch_size=8, strategy=strategy, update_pass=update_pass, label_smoothing=0.1
         )

@@ -517,6 +517,10 @@ class MixedBfloat16Test(tf.test.TestCase):
         adversarial = trainer.ring.local_slots("adversarial")[0]
         self.assertEqual(clean.dtype, tf.bfloat16)
         self.assertEqual(adversarial.dtype, tf.bfloat16)
+        # What the benchmark reports is what the slots really take.
+        held = sum(trainer.ring.local_slots(n)[0].numpy().nbytes for n in ("images", "labels"))
+        held += adversarial.numpy().nbytes
+        self.assertEqual(trainer.ring.bytes_per_replica, held)
         clean = tf.cast(clean, tf.float32).numpy()
         adversarial = tf.cast(adversarial, tf.float32).numpy()
         eps = trainer.config.attack.eps
