@@ -3,10 +3,11 @@
 One host call runs ``steps_per_loop`` steps inside a single ``tf.function``
 (a ``tf.range`` loop around ``strategy.run``), so the host only wakes up to
 log, evaluate and checkpoint. Everything that must survive a restart — model,
-optimizer (its step counter is the global step), the ConAdv ring buffer and,
-for in-memory sources, the input iterator — is in one ``tf.train.Checkpoint``
-under ``model_dir``, and a run started on a ``model_dir`` with a checkpoint
-resumes from it.
+optimizer (its step counter is the global step) and the ConAdv ring buffer —
+is in one ``tf.train.Checkpoint`` under ``model_dir``, and a run started on a
+``model_dir`` with a checkpoint resumes from it. The input stream is not
+saved: it is a function of the seed and the step (``input_pipeline/epochs.py``),
+so a resumed run opens it at the batch it needs next.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Trainer:
         self._eval_replica_step = tf.function(self._eval_replica, jit_compile=config.jit_compile)
         self._train_loop = tf.function(self._train_loop_fn)
 
-        self.iterator = iter(source.distribute(strategy, TRAIN, config.global_batch_size))
+        self.iterator = None  # opened by train(), at the step it starts from
         self._checkpoint, self._manager = self._make_checkpoint()
         self._writers = {
             name: tf.summary.create_file_writer(os.path.join(config.model_dir, name))
@@ -180,7 +181,6 @@ class Trainer:
     # ----------------------------------------------------------------- state
 
     def _make_checkpoint(self):
-        replicas = self.strategy.num_replicas_in_sync
         resolver = getattr(self.strategy, "cluster_resolver", None)
         worker = resolver.task_id if resolver is not None and resolver.task_type else 0
         items = dict(model=self.model, optimizer=self.optimizer)
@@ -191,13 +191,6 @@ class Trainer:
             items[f"ring_w{worker}_{self.ring.layout}"] = tf.train.Checkpoint(
                 **self.ring.checkpoint_items()
             )
-        # Distributed iterators over several replicas cannot be saved: such a
-        # resumed run continues with a fresh data order.
-        if self.source.checkpointable_iterator and isinstance(
-            self.iterator, tf.__internal__.tracking.Trackable
-        ):
-            key = f"train_iterator_w{worker}_r{replicas}_b{self.config.global_batch_size}"
-            items[key] = self.iterator
         checkpoint = tf.train.Checkpoint(**items)
         manager = tf.train.CheckpointManager(
             checkpoint,
@@ -286,11 +279,27 @@ class Trainer:
             stops.append((step // every + 1) * every)
         return min(stops)
 
+    def open_training_stream(self, step: int):
+        """The training iterator, positioned at the batch the run reads next at ``step``.
+
+        A restored, filled ring already holds the batches of steps
+        ``step … step+τ−1`` (the uninterrupted run read them τ steps ahead), so
+        the stream continues after them; an empty ring is filled from the
+        stream first.
+        """
+        ring_ahead = self.ring.staleness if self.ring is not None and self.ring.is_filled() else 0
+        self.iterator = iter(
+            self.source.distribute(
+                self.strategy, TRAIN, self.config.global_batch_size, start_step=step + ring_ahead
+            )
+        )
+
     def train(self, evaluate: bool = True) -> dict:
         """Trains to ``train_steps`` (resuming if possible); returns the run summary."""
         config = self.config
         start_time = time.time()
         step = self.restore()
+        self.open_training_stream(step)
         if self.ring is not None and not self.ring.is_filled():
             self.fill_ring_buffer()
         logging.info(

@@ -86,11 +86,6 @@ class DataSource(abc.ABC):
     #: Class names by label id, when the dataset has them (exported as labels.txt).
     class_names: list[str] | None = None
 
-    #: Whether the training iterator can be saved in a checkpoint (cheap for
-    #: in-memory sources; file sources with large shuffle buffers say no), so
-    #: that a resumed run sees exactly the batches an uninterrupted one would.
-    checkpointable_iterator: bool = False
-
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
         """Builds the source from flag values; sources with more arguments override it."""
@@ -127,6 +122,7 @@ class DataSource(abc.ABC):
         split: str,
         batch_size: int,
         input_context: tf.distribute.InputContext | None = None,
+        start_step: int = 0,
     ) -> tf.data.Dataset:
         """Per-replica batches of ``(float32 [B,S,S,3] in [0,255], int32 [B])``.
 
@@ -136,15 +132,25 @@ class DataSource(abc.ABC):
         read like ``EVAL``; a source may use a fixed subset of them).
         ``batch_size`` is the per-replica batch. ``input_context`` shards the
         data across input pipelines when the strategy has more than one.
+        ``start_step`` (``TRAIN`` only) makes the stream begin with the batches
+        of that training step, as the stream begun at step 0 would deliver
+        them (``input_pipeline/epochs.py``): a resumed run passes the number
+        of steps' worth of batches it has already consumed.
         """
 
     def distribute(
-        self, strategy: tf.distribute.Strategy, split: str, global_batch_size: int
+        self,
+        strategy: tf.distribute.Strategy,
+        split: str,
+        global_batch_size: int,
+        start_step: int = 0,
     ) -> tf.distribute.DistributedDataset:
         """The split as a distributed dataset of per-replica shards."""
 
         def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
             per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+            if split == TRAIN:
+                return self.dataset(split, per_replica, input_context, start_step=start_step)
             return self.dataset(split, per_replica, input_context)
 
         return strategy.distribute_datasets_from_function(dataset_fn)

@@ -82,17 +82,18 @@ def split_items(items, val_fraction: float, seed: int):
     return train, val
 
 
-def write_shards(items, out: str, prefix: str, shards: int) -> int:
+def write_shards(items, out: str, prefix: str, shards: int) -> dict[str, int]:
+    """Writes the items round-robin into shards; returns records per shard file name."""
     shards = max(1, min(shards, len(items)))
-    writers = [
-        tf.io.TFRecordWriter(os.path.join(out, f"{prefix}-{i:05d}-of-{shards:05d}"))
-        for i in range(shards)
-    ]
+    names = [f"{prefix}-{i:05d}-of-{shards:05d}" for i in range(shards)]
+    writers = [tf.io.TFRecordWriter(os.path.join(out, name)) for name in names]
+    counts = dict.fromkeys(names, 0)
     for index, (path, label) in enumerate(items):
         writers[index % shards].write(_example(_read_checked(path), label))
+        counts[names[index % shards]] += 1
     for writer in writers:
         writer.close()
-    return len(items)
+    return counts
 
 
 def convert(src: str, out: str, val_fraction: float = 0.1, shards: int = 8, seed: int = 0):
@@ -105,10 +106,14 @@ def convert(src: str, out: str, val_fraction: float = 0.1, shards: int = 8, seed
     if not val:
         raise ConvertError("the validation split is empty: raise --val_fraction or add images")
     os.makedirs(out, exist_ok=True)
+    train_files = write_shards(train, out, "train", shards)
+    validation_files = write_shards(val, out, "validation", max(1, shards // 4))
     counts = {
         "num_classes": len(classes),
-        "train": write_shards(train, out, "train", shards),
-        "validation": write_shards(val, out, "validation", max(1, shards // 4)),
+        "train": sum(train_files.values()),
+        "validation": sum(validation_files.values()),
+        # Per file: a resumed run finds its place in an epoch without reading them.
+        "train_files": train_files,
     }
     with open(os.path.join(out, "labels.txt"), "w") as f:
         f.write("\n".join(classes) + "\n")

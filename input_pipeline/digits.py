@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline import preprocessing
+from input_pipeline import epochs, preprocessing
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataError, DataSource
 
 _SPLIT_SEED = 20220425  # fixed: the split must never change between runs
@@ -38,7 +38,6 @@ class DigitsSource(DataSource):
     name = "digits"
     # The scans are 8×8; 16 px keeps the default run within minutes on a CPU.
     default_image_size = 16
-    checkpointable_iterator = True
 
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
@@ -67,28 +66,40 @@ class DigitsSource(DataSource):
         x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
         return tf.tile(x, [1, 1, 1, 3]).numpy()
 
-    def _augment(self, position, example):
+    def _augment(self, position, image, label):
         """``--augment`` on one training image; with ``--seed`` its draw depends
         only on the example's position in the stream, so resumes repeat it."""
-        image, label = example
         seed = None
         if self.options.seed is not None:
             seed = tf.stack([tf.constant(self.options.seed, tf.int64), position])
         return preprocessing.augment_pixels(image, self.augment_fn, seed), label
 
-    def dataset(self, split, batch_size, input_context=None):
+    def dataset(self, split, batch_size, input_context=None, start_step=0):
         source_split = EVAL if split == EVAL else TRAIN
         images = self._pixels[source_split]
         labels = self._splits[source_split][1]
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
+        shard_size = len(labels)
         if input_context is not None and input_context.num_input_pipelines > 1:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+            ds = ds.shard(n, i)
+            shard_size = len(range(i, len(labels), n))
         if split == TRAIN:
-            seed = self.options.seed
-            ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).repeat()
+
+            def epoch(index):
+                # The whole shard is one block: a full permutation per epoch.
+                seed = epochs.epoch_seed(self.options.seed, index)
+                return epochs.permute_blocks(ds, max(1, shard_size), seed)
+
+            start = start_step * epochs.records_per_step(batch_size, input_context)
+            stream = epochs.epochs_from(epoch, lambda: shard_size, start)
+            stream = stream.map(lambda index, example: example)
             if self.augment_fn is not None:
-                ds = ds.enumerate().map(self._augment, num_parallel_calls=tf.data.AUTOTUNE)
-            return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+                stream = stream.enumerate(start=start).map(
+                    lambda position, example: self._augment(position, *example),
+                    num_parallel_calls=tf.data.AUTOTUNE,
+                )
+            return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
         if split not in (EVAL, TRAIN_EVAL):
             raise ValueError(f"unknown split {split!r}")
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

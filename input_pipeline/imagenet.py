@@ -19,8 +19,12 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline.base import EVAL, DataError
+from input_pipeline import epochs
+from input_pipeline.base import EVAL, TRAIN, DataError
 from input_pipeline.records import RecordSource
+
+#: Training files read at once (interleaved).
+READ_CYCLE = 16
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -79,30 +83,39 @@ class ImageNetSource(RecordSource):
 
     # ------------------------------------------------------------------ reading
 
-    def _records(self, files, input_context, training):
+    def _pipeline_files(self, files, input_context):
+        """This input pipeline's files, and whether records (not files) are sharded."""
+        if input_context is None or input_context.num_input_pipelines <= 1:
+            return files, False
+        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+        if len(files) >= n:
+            return files[i::n], False  # what Dataset.shard(n, i) keeps
+        return files, True
+
+    def _records(self, files, input_context, epoch=None):
         """(file name, index in file, serialized record), sharded per input pipeline."""
+        files, shard_records = self._pipeline_files(files, input_context)
+        if shard_records:
+            logging.warning(
+                "%d files for %d input pipelines: sharding by record instead",
+                len(files),
+                input_context.num_input_pipelines,
+            )
         ds = tf.data.Dataset.from_tensor_slices(files)
-        shard_records = False
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-            if len(files) >= n:
-                ds = ds.shard(n, i)
-            else:
-                logging.warning(
-                    "%d files for %d input pipelines: sharding by record instead", len(files), n
-                )
-                shard_records = True
+        training = epoch is not None
         if training:
-            ds = ds.shuffle(len(files), seed=self.options.seed, reshuffle_each_iteration=True)
-            ds = ds.repeat()
+            order = epochs.shuffled(tf.constant(files), epochs.epoch_seed(self.options.seed, epoch))
+            ds = tf.data.Dataset.from_tensor_slices(order)
 
         def read(filename):
             records = tf.data.TFRecordDataset(filename).enumerate()
             return records.map(lambda index, record: (filename, index, record))
 
+        # A fixed cycle length (not AUTOTUNE, which follows the core count)
+        # keeps the deterministic order the same on every machine.
         ds = ds.interleave(
             read,
-            cycle_length=tf.data.AUTOTUNE if training else 1,
+            cycle_length=min(len(files), READ_CYCLE) if training else 1,
             num_parallel_calls=tf.data.AUTOTUNE if training else None,
             deterministic=self.options.deterministic if training else None,
         )
@@ -110,9 +123,25 @@ class ImageNetSource(RecordSource):
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds
 
-    def _split_records(self, split, input_context, training):
+    def _split_records(self, split, input_context, epoch=None):
         files = self.eval_files if split == EVAL else self.train_files
-        return self._records(files, input_context, training)
+        return self._records(files, input_context, epoch if split == TRAIN else None)
+
+    def _epoch_record_count(self, input_context):
+        files, shard_records = self._pipeline_files(self.train_files, input_context)
+        total = self._train_record_count(files)
+        if shard_records:
+            n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+            return len(range(i, total, n))
+        return total
+
+    def _train_record_count(self, files) -> int:
+        """Records in these training files: read once, when a run resumes."""
+        logging.info(
+            "Counting the records of %d training files to resume at the right batch", len(files)
+        )
+        reader = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+        return epochs.count_records(reader)
 
     def _decode_record(self, record):
         example = tf.io.parse_single_example(record, FEATURES)
@@ -142,9 +171,17 @@ class FolderSource(ImageNetSource):
             num_train_examples=counts["train"],
             num_eval_examples=counts["validation"],
         )
+        #: Records per training file, by file name, when the converter wrote them.
+        self._file_counts = counts.get("train_files", {})
         labels_path = os.path.join(data_dir, "labels.txt")
         if tf.io.gfile.exists(labels_path):
             with tf.io.gfile.GFile(labels_path) as f:
                 names = [line.strip() for line in f if line.strip()]
             if len(names) == self.num_classes:
                 self.class_names = names
+
+    def _train_record_count(self, files):
+        names = [os.path.basename(f) for f in files]
+        if all(name in self._file_counts for name in names):
+            return sum(self._file_counts[name] for name in names)
+        return super()._train_record_count(files)

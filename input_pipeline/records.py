@@ -13,8 +13,9 @@ import abc
 import sys
 
 import tensorflow as tf
+from absl import logging
 
-from input_pipeline import preprocessing
+from input_pipeline import epochs, preprocessing
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource, bad_record_message
 
 SHUFFLE_BUFFER = 10_000
@@ -46,9 +47,24 @@ class RecordSource(DataSource):
         return self.image_size <= preprocessing.SMALL_IMAGE_LIMIT
 
     @abc.abstractmethod
-    def _split_records(self, split, input_context, training):
+    def _split_records(self, split, input_context, epoch=None):
         """``(file name, index in file, record)`` of ``TRAIN``, ``EVAL`` or
-        ``TRAIN_EVAL``, sharded per input pipeline; training streams repeat."""
+        ``TRAIN_EVAL``, sharded per input pipeline, one pass.
+
+        For ``TRAIN``, ``epoch`` (an int64 tensor) seeds the file order of
+        that epoch; otherwise the order is fixed.
+        """
+
+    def _epoch_record_count(self, input_context) -> int:
+        """Records of one training epoch of this input pipeline.
+
+        Asked only when a run resumes; this default reads the pipeline's
+        records once (not decoding them). Sources that know their counts
+        override it.
+        """
+        logging.info("Counting this input pipeline's training records to resume at the right batch")
+        records = self._split_records(TRAIN, input_context, epoch=tf.constant(0, tf.int64))
+        return epochs.count_records(records)
 
     @abc.abstractmethod
     def _decode_record(self, record):
@@ -108,13 +124,15 @@ class RecordSource(DataSource):
                 image = tf.identity(image)
         return image, ok
 
-    def _train_map(self, filename, index, record):
+    def _train_map(self, epoch, filename, index, record):
         image_bytes, label = self._parse(filename, index, record)
         seed = None
         if self.options.deterministic and self.options.seed is not None:
-            # Per-record seed: the same record always gets the same crop.
+            # Per-record and per-epoch seed: a resumed run draws the same crops.
             file_key = tf.strings.to_hash_bucket_fast(filename, 2**31)
-            seed = tf.stack([tf.constant(self.options.seed, tf.int64), file_key * 100_003 + index])
+            seed = tf.random.experimental.stateless_fold_in(
+                epochs.epoch_seed(self.options.seed, epoch, salt=2), file_key * 100_003 + index
+            )
         augment_fn = self.augment_fn
         if self.small_images:
             decoded, ok = self._decode_or_flag(
@@ -178,20 +196,30 @@ class RecordSource(DataSource):
             ds = ds.filter(lambda image, label, ok, filename, index: ok)
         return ds.map(lambda image, label, ok, filename, index: (image, label))
 
-    def dataset(self, split, batch_size, input_context=None):
+    def _train_epoch(self, input_context, epoch):
+        """One epoch of this pipeline's records in its seeded order (not decoded)."""
+        records = self._split_records(TRAIN, input_context, epoch=epoch)
+        # A block larger than the split costs memory and mixes nothing more.
+        block = max(1, min(SHUFFLE_BUFFER, self.num_train_examples))
+        return epochs.permute_blocks(
+            records, block, epochs.epoch_seed(self.options.seed, epoch, salt=1)
+        )
+
+    def dataset(self, split, batch_size, input_context=None, start_step=0):
         if split == TRAIN:
-            ds = self._split_records(TRAIN, input_context, training=True)
-            # A buffer larger than the split only mixes epochs (and costs memory).
-            buffer = max(1, min(SHUFFLE_BUFFER, self.num_train_examples))
-            ds = ds.shuffle(buffer, seed=self.options.seed)
+            ds = epochs.epochs_from(
+                lambda epoch: self._train_epoch(input_context, epoch),
+                lambda: self._epoch_record_count(input_context),
+                start_step * epochs.records_per_step(batch_size, input_context),
+            )
             ds = ds.map(
-                self._train_map,
+                lambda epoch, record: self._train_map(epoch, *record),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=self.options.deterministic,
             )
             ds = self._drop_corrupt(ds).batch(batch_size, drop_remainder=True)
         elif split in (EVAL, TRAIN_EVAL):
-            ds = self._split_records(split, input_context, training=False)
+            ds = self._split_records(split, input_context)
             if split == TRAIN_EVAL:
                 ds = ds.take(TRAIN_EVAL_EXAMPLES)
             ds = ds.map(self._eval_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

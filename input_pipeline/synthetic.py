@@ -16,7 +16,6 @@ class SyntheticSource(DataSource):
 
     name = "synthetic"
     default_image_size = 224
-    checkpointable_iterator = True
 
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
@@ -37,7 +36,8 @@ class SyntheticSource(DataSource):
     ):
         super().__init__(image_size, options, num_classes, num_train_examples, num_eval_examples)
 
-    def dataset(self, split, batch_size, input_context=None):
+    def dataset(self, split, batch_size, input_context=None, start_step=0):
+        del start_step  # every training batch is the same one
         seed = 0 if self.options.seed is None else self.options.seed
         if input_context is not None:
             seed += 7919 * input_context.input_pipeline_id

@@ -97,7 +97,10 @@ class TFDSSource(RecordSource):
             raise DataError(f"{flag}: feature {label_key!r} is not a class label")
         return image_key, label_key
 
-    def _split_records(self, split, input_context, training):
+    def _split_records(self, split, input_context, epoch=None):
+        # TFDS reads files in its own fixed order here (its file shuffle takes
+        # only a Python seed); each epoch's records are shuffled by the
+        # epoch-seeded buffer of RecordSource instead.
         tfds = self._tfds
         name = self.eval_split if split == EVAL else "train"
         pipelines = input_context.num_input_pipelines if input_context else 1
@@ -110,7 +113,7 @@ class TFDSSource(RecordSource):
         )
         ds = self.builder.as_dataset(
             split=name,
-            shuffle_files=training,
+            shuffle_files=False,
             read_config=read_config,
             decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
@@ -119,8 +122,6 @@ class TFDSSource(RecordSource):
                 "%d files for %d input pipelines: sharding by record instead", shards, pipelines
             )
             ds = ds.shard(pipelines, input_context.input_pipeline_id)
-        if training:
-            ds = ds.repeat()
 
         def locate(example):
             # tfds_id is "<file>__<index in file>".

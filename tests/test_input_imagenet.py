@@ -69,7 +69,7 @@ class ImageNetSourceTest(tf.test.TestCase):
         seen = collections.Counter()
         for host in range(2):
             context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=host)
-            records = source._records(source.train_files, context, training=False)
+            records = source._records(source.train_files, context)
             files = {f.numpy().decode() for f, _, _ in records}
             seen.update(files)
         self.assertEqual(sorted(seen), sorted(p for p, _ in self.written["train"]))
@@ -274,14 +274,20 @@ class ConverterTest(tf.test.TestCase):
         with open(os.path.join(out, "labels.txt")) as f:
             self.assertEqual(f.read().split(), ["cat", "dog", "emu"])
         with open(os.path.join(out, "counts.json")) as f:
-            self.assertEqual(json.load(f), {"num_classes": 3, "train": 12, "validation": 6})
+            counts = json.load(f)
+        # Round-robin over two shards: six records each, by file name.
+        train_files = {"train-00000-of-00002": 6, "train-00001-of-00002": 6}
+        self.assertEqual(
+            counts,
+            {"num_classes": 3, "train": 12, "validation": 6, "train_files": train_files},
+        )
 
         source = FolderSource(out, image_size=32)
         self.assertEqual((source.num_classes, source.num_train_examples), (3, 12))
         read = collections.Counter()
         for split in ("train", "validation"):
             for _, labels in source._records(
-                source.train_files if split == "train" else source.eval_files, None, False
+                source.train_files if split == "train" else source.eval_files, None
             ).map(lambda f, i, r: source._parse(f, i, r)):
                 read[int(labels)] += 1
         self.assertEqual(read, expected)

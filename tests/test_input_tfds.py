@@ -48,7 +48,7 @@ class TFDSSourceTest(tf.test.TestCase):
         seen = collections.Counter()
         for host in range(2):
             context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=host)
-            for filename, index, _ in source._split_records(EVAL, context, training=False):
+            for filename, index, _ in source._split_records(EVAL, context):
                 seen[(filename.numpy(), int(index))] += 1
         self.assertLen(seen, 7)
         self.assertEqual(set(seen.values()), {1})
