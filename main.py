@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+#: The program's start, for the MLPerf log's init phase (--mlperf_log).
+START_MS = int(time.time() * 1000)
 
 # TensorFlow's C++ INFO lines, unless the environment asks for them (see
 # conadv/run_logging.py); must be set before TensorFlow is imported.
@@ -28,165 +32,54 @@ from conadv.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
 from conadv.preemption import PreemptedError  # noqa: E402
 from conadv.trainer import CheckpointMismatchError  # noqa: E402
 from flags.validation import FlagError  # noqa: E402
-from input_pipeline.base import DataError, PipelineOptions, data_error_from  # noqa: E402
+from input_pipeline.base import DataError, data_error_from  # noqa: E402
 
 conadv_flags.define_all()
 FLAGS = absl_flags.FLAGS
 
 
-def _attack_config(values):
-    from conadv.attack import AttackConfig
-
-    return AttackConfig(
-        eps=values.attack_eps,
-        step_size=values.attack_step_size,
-        num_steps=values.attack_steps,
-        random_init=values.attack_init == "random",
-        bn_branch=values.attack_bn,
-        target=values.attack_target,
-    )
-
-
-def _eval_attack_config(values):
-    """The robust-evaluation attack (main branch, moving statistics), or None."""
-    from conadv.attack import AttackConfig
-
-    if values.eval_attack_eps is None:
-        return None
-    return AttackConfig(
-        eps=values.eval_attack_eps,
-        step_size=values.eval_attack_step_size,
-        num_steps=values.eval_attack_steps,
-        random_init=True,
-        bn_branch="main",
-    )
-
-
-def _train_config(values, strategy):
-    import tensorflow as tf
-
-    from conadv.trainer import TrainConfig
-
-    on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
-    if values.jit_compile == "auto":
-        jit = on_tpu
-    else:
-        jit = values.jit_compile == "true"
-    update_pass = values.update_pass
-    if update_pass == "auto":
-        # One pass of 2B rows fills TPU and GPU matrix units better; on CPU the
-        # two half-size passes measured faster (README, Step throughput).
-        accelerated = on_tpu or bool(tf.config.list_logical_devices("GPU"))
-        update_pass = "concatenated" if accelerated else "separate"
-    return TrainConfig(
-        model_dir=values.model_dir or run_identity.default_model_dir(values),
-        method=values.method,
-        staleness=values.staleness,
-        model=values.model,
-        width_multiplier=values.width_multiplier,
-        bn_group_size=values.bn_group_size,
-        precision=values.precision,
-        update_pass=update_pass,
-        global_batch_size=values.batch_size,
-        eval_batch_size=values.eval_batch_size,
-        train_steps=values.train_steps,
-        train_epochs=values.train_epochs,
-        steps_per_loop=values.steps_per_loop,
-        epochs_between_evals=values.epochs_between_evals,
-        checkpoint_steps=values.checkpoint_steps,
-        optimizer=values.optimizer,
-        learning_rate=values.learning_rate,
-        warmup_epochs=values.warmup_epochs,
-        lr_schedule=values.lr_schedule,
-        poly_power=values.poly_power,
-        end_learning_rate=values.end_learning_rate,
-        weight_decay=values.weight_decay,
-        momentum=values.momentum,
-        label_smoothing=values.label_smoothing,
-        lars_eta=values.lars_eta,
-        attack=_attack_config(values),
-        eval_attack=_eval_attack_config(values),
-        jit_compile=jit,
-        seed=values.seed,
-        export_dir=values.export_dir,
-    )
-
-
-def _data_source(values):
-    from input_pipeline import registry
-
-    options = PipelineOptions(
-        seed=values.seed,
-        deterministic=values.deterministic,
-        cache_eval=values.cache_eval,
-        augment=values.augment,
-        autoaugment_policy=values.autoaugment_policy,
-        randaugment_layers=values.randaugment_layers,
-        randaugment_magnitude=values.randaugment_magnitude,
-        skip_corrupt_records=values.skip_corrupt_records,
-        tf_data_service=values.tf_data_service,
-    )
-    extra = {}
-    if values.dataset == "imagenet":
-        extra["one_based_labels"] = values.one_based_labels
-    if values.dataset.startswith("tfds:"):
-        extra["tfds_download"] = values.tfds_download
-    return registry.get_source(
-        values.dataset,
-        image_size=values.image_size,
-        data_dir=values.data_dir,
-        num_classes=values.num_classes,
-        options=options,
-        **extra,
-    )
-
-
 def run_main(values) -> dict | None:
     """Runs the job the flags describe; returns the summary (train) or eval result."""
-    from official import distribute
+    from conadv.run_config import RunConfig
 
-    conadv_flags.validation.validate(values)  # everything but the replica count
-    distribute.configure_cpu_devices(values.num_cpu_devices)
-    try:
-        strategy = distribute.get_strategy(
-            values.distribution_strategy, values.num_cpu_devices, values.tpu
-        )
-    except distribute.StrategyError as error:
-        raise FlagError(
-            f"--distribution_strategy={values.distribution_strategy}: {error}"
-        ) from None
-    conadv_flags.validation.validate_batch_sizes(values, strategy.num_replicas_in_sync)
-    conadv_flags.validation.validate_bn_group_size(values, strategy.num_replicas_in_sync)
-    source = _data_source(values)
-    conadv_flags.validation.validate_image_size(values.model, source.image_size)
+    run = RunConfig.from_flags(values)  # every flag read and checked here, once
+    if run.mode == "dry_run":
+        from conadv import dry_run
 
+        return dry_run.describe(run)
+    strategy = run.devices.build_strategy()
+    source = run.data.build_source()
+    run = run.for_strategy(strategy, source.image_size)
+
+    from conadv import run_files
     from conadv.trainer import Trainer, write_json
 
-    config = _train_config(values, strategy)
-    os.makedirs(config.model_dir, exist_ok=True)
-    run_identity.check_or_record(config.model_dir, values)
-    log_file = run_logging.add_log_file(config.model_dir)
+    files = run_files.RunFiles(run.model_dir, strategy)
+    os.makedirs(run.model_dir, exist_ok=True)
+    if files.is_chief:
+        run_identity.check_or_record(run)
+    log_file = run_logging.add_log_file(files.private_dir())
     logging.info("Full log in %s", log_file)
-    trainer = Trainer(config, strategy, source)
-    if values.mode in ("eval", "export"):
+    trainer = Trainer(run.train, strategy, source, files=files)
+    if run.mode in ("eval", "export"):
         if not trainer.has_checkpoint():
             raise FlagError(
-                f"--mode={values.mode}: no checkpoint in --model_dir={config.model_dir}; "
-                "train first"
+                f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}; train first"
             )
         trainer.restore()
-    if values.mode == "eval":
+    if run.mode == "eval":
         result = trainer.evaluate()
         result["global_step"] = trainer.global_step
-        write_json(os.path.join(config.model_dir, "eval.json"), result)
+        if files.is_chief:
+            write_json(os.path.join(run.model_dir, "eval.json"), result)
         trainer.log_evaluation(trainer.global_step, result)
-        if values.eval_predictions:
+        if run.eval_predictions and files.is_chief:
             write_json(
-                os.path.join(config.model_dir, "predictions.json"),
+                os.path.join(run.model_dir, "predictions.json"),
                 {"global_step": trainer.global_step, "top_k_ids": trainer.predict()},
             )
         return result
-    if values.mode == "export":
+    if run.mode == "export":
         exported = trainer.export()
         print(
             f"exported step {trainer.global_step}: {exported['keras']} and "
@@ -195,15 +88,24 @@ def run_main(values) -> dict | None:
         )
         return exported
 
-    summary = trainer.train(evaluate=values.mode == "train_and_eval")
+    mlperf = None
+    if run.mlperf_log:
+        from conadv import mlperf_log
+
+        mlperf = mlperf_log.MLPerfLog(
+            run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
+        )
+    summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
     exported = trainer.export()
     summary["export_path"] = exported["keras"]
     summary["saved_model_path"] = exported["saved_model"]
-    write_json(os.path.join(config.model_dir, "summary.json"), summary)
+    if files.is_chief:
+        write_json(os.path.join(run.model_dir, "summary.json"), summary)
+    files.clean_up()
     if summary["eval_top1"] is not None:
         print(
             f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f})"
-            f" in {summary['wall_time_s']:.0f} s; summary in {config.model_dir}/summary.json",
+            f" in {summary['wall_time_s']:.0f} s; summary in {run.model_dir}/summary.json",
             flush=True,
         )
     return summary

@@ -136,5 +136,9 @@ class RingBuffer:
     def mark_filled(self):
         self.filled.assign(True)
 
+    def reset(self):
+        """Marks the buffer empty: the next training start refills it."""
+        self.filled.assign(False)
+
     def is_filled(self) -> bool:
         return bool(self.filled.numpy())

@@ -44,6 +44,7 @@ DEFINING_FLAGS = (
     "attack_bn",
     "attack_target",
     "batch_size",
+    "accumulation_steps",
     "optimizer",
     "learning_rate",
     "warmup_epochs",
@@ -79,8 +80,14 @@ RESUMABLE_FLAGS = (
     "distribution_strategy",
     "num_cpu_devices",
     "tpu",
+    "num_replicas",
+    "all_reduce_alg",
     "jit_compile",
     "update_pass",
+    "mlperf_log",
+    "mlperf_org",
+    "mlperf_platform",
+    "target_accuracy",
     "verbosity",
 )
 
@@ -90,7 +97,9 @@ class RunMismatchError(ValueError):
 
 
 def defining_values(values) -> dict:
-    """The defining flags' values (absl FLAGS or any object with those attributes)."""
+    """The defining flags' values, from a dict of flag values or absl FLAGS (or alike)."""
+    if isinstance(values, dict):
+        return {name: values[name] for name in DEFINING_FLAGS}
     return {name: getattr(values, name) for name in DEFINING_FLAGS}
 
 
@@ -101,10 +110,9 @@ def run_hash(defining: dict) -> str:
 
 def default_model_dir(values) -> str:
     """<tmp>/conadv/<dataset>_<model>_<method>_<hash of the defining flags>."""
-    name = f"{values.dataset.replace(':', '_')}_{values.model}_{values.method}"
-    return os.path.join(
-        tempfile.gettempdir(), "conadv", f"{name}_{run_hash(defining_values(values))}"
-    )
+    defining = defining_values(values)
+    name = f"{defining['dataset'].replace(':', '_')}_{defining['model']}_{defining['method']}"
+    return os.path.join(tempfile.gettempdir(), "conadv", f"{name}_{run_hash(defining)}")
 
 
 def _show(value) -> str:
@@ -113,16 +121,20 @@ def _show(value) -> str:
     return "(default)" if value is None else str(value)
 
 
-def check_or_record(model_dir: str, values) -> dict:
-    """Writes ``run_config.json`` on a first start; on a later one, compares with it.
+def check_or_record(run) -> dict:
+    """Writes the run (a ``RunConfig``) as ``run_config.json`` on a first start;
+    on a later one, compares its defining flags with the recorded ones.
 
     Raises ``RunMismatchError`` naming every defining flag whose value differs.
+    Returns the recorded defining flags.
     """
-    path = os.path.join(model_dir, RUN_CONFIG)
-    current = defining_values(values)
+    path = os.path.join(run.model_dir, RUN_CONFIG)
+    current = defining_values(run.flags)
     if os.path.exists(path):
         with open(path) as f:
-            recorded = json.load(f)["defining_flags"]
+            stored = json.load(f)
+        # "defining_flags": the form written before run_config.json held the whole run.
+        recorded = stored.get("flags") or stored.get("defining_flags", {})
         differences = [
             f"--{name}={_show(recorded.get(name))}, not {_show(current.get(name))}"
             for name in DEFINING_FLAGS
@@ -130,14 +142,9 @@ def check_or_record(model_dir: str, values) -> dict:
         ]
         if differences:
             raise RunMismatchError(
-                f"--model_dir={model_dir} was trained with {'; '.join(differences)}; "
+                f"--model_dir={run.model_dir} was trained with {'; '.join(differences)}; "
                 "use a new --model_dir (or the flags it was trained with)"
             )
-        return recorded
-    record = {"defining_flags": current, "hash": run_hash(current)}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+        return {name: recorded.get(name) for name in DEFINING_FLAGS}
+    run.write(path)
     return current

@@ -66,6 +66,8 @@ class StepContext:
     update_pass: str = CONCATENATED
     compute_dtype: tf.DType = tf.float32
     guard: NonFiniteGuard | None = None
+    #: Micro-batches per optimizer step (the ring then holds τ·N micro-batches).
+    accumulation_steps: int = 1
 
     def __post_init__(self):
         if self.update_pass not in UPDATE_PASSES:
@@ -126,22 +128,54 @@ def weight_gradients(ctx: StepContext, tape, loss) -> list[tf.Tensor]:
     return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
 
 
-def _apply(ctx: StepContext, tape, scaled_loss, wait_for=(), clean=None, adversarial=None):
-    """Applies the gradients of ``scaled_loss`` (the optimizer unscales them, if it scales).
+def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()):
+    """Applies the (accumulated) gradients; the optimizer unscales them, if it scales.
 
-    ``clean`` and ``adversarial`` (per-example losses) and the gradients are
-    checked by the context's non-finite guard, if any, for the step about to
-    be taken.
+    ``clean_sum`` and ``adversarial_sum`` (summed per-example losses) and the
+    gradients are checked by the context's non-finite guard, if any, for the
+    step about to be taken.
     """
-    grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.guard is not None:
         scaled = ctx.compute_dtype == tf.float16  # the loss scaler handles overflows
-        ctx.guard.check(ctx.optimizer.iterations, clean, adversarial, None if scaled else grads)
+        ctx.guard.check(
+            ctx.optimizer.iterations, clean_sum, adversarial_sum, None if scaled else grads
+        )
     if wait_for:
         # The update may only overwrite θ_t after everything in wait_for has read it.
         with tf.control_dependencies(list(wait_for)):
             grads = [tf.identity(g) for g in grads]
     ctx.optimizer.apply_gradients(zip(grads, ctx.model.trainable_variables))
+
+
+def micro_batch_index(ctx: StepContext, i) -> tf.Tensor:
+    """The position of micro-batch ``i`` of this step in the stream of micro-batches."""
+    return ctx.optimizer.iterations * ctx.accumulation_steps + tf.cast(i, tf.int64)
+
+
+def accumulated(ctx: StepContext, batch, micro_step):
+    """Sums ``micro_step(i, images, labels) -> (grads, clean_sum, adv_sum)`` over the
+    step's micro-batches.
+
+    With ``accumulation_steps`` N = 1 the batch is ``(images [B,…], labels [B])``;
+    with N > 1 it is ``(images [N,B/N,…], labels [N,B/N])`` and a while loop
+    takes the micro-batches one after another (memory of one micro-batch).
+    Each micro-batch's loss is already divided by the global batch, so the
+    sum is the gradient of the whole step's loss.
+    """
+    images, labels = batch
+    n = ctx.accumulation_steps
+    if n == 1:
+        return micro_step(tf.constant(0, tf.int64), images, labels)
+    zeros = [tf.zeros(v.shape, v.dtype) for v in ctx.model.trainable_variables]
+
+    def body(i, grads, clean_sum, adv_sum):
+        g, clean, adv = micro_step(tf.cast(i, tf.int64), images[i], labels[i])
+        return i + 1, [a + b for a, b in zip(grads, g)], clean_sum + clean, adv_sum + adv
+
+    _, grads, clean_sum, adv_sum = tf.while_loop(
+        lambda i, *_: i < n, body, (tf.constant(0), zeros, tf.constant(0.0), tf.constant(0.0))
+    )
+    return grads, clean_sum, adv_sum
 
 
 def _clean_statistics(labels, logits, per_example_loss):
@@ -152,16 +186,23 @@ def _clean_statistics(labels, logits, per_example_loss):
     )
 
 
-def update_on_clean(ctx: StepContext, images, labels):
-    """One optimizer step on clean images through the main branch."""
+def clean_gradients(ctx: StepContext, images, labels):
+    """Gradients of the clean loss through the main branch (one micro-batch)."""
     with tf.GradientTape() as tape:
         logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
         per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
         loss = tf.reduce_sum(per_example) / ctx.global_batch_size
         scaled_loss = ctx.optimizer.scale_loss(loss)
-    _apply(ctx, tape, scaled_loss, clean=per_example)
+    grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:
         ctx.sums.add(**_clean_statistics(labels, logits, per_example))
+    return grads, tf.reduce_sum(per_example), tf.constant(0.0)
+
+
+def update_on_clean(ctx: StepContext, images, labels):
+    """One optimizer step on clean images through the main branch."""
+    grads, clean_sum, _ = clean_gradients(ctx, images, labels)
+    _apply(ctx, grads, clean_sum)
 
 
 def adversarial_loss(ctx: StepContext, images, labels, adversarial):
@@ -186,12 +227,12 @@ def adversarial_loss(ctx: StepContext, images, labels, adversarial):
     return loss, clean_logits, clean, adv
 
 
-def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
-    """One optimizer step on ½·(CE_clean through main + CE_adv through aux)."""
+def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
+    """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch)."""
     with tf.GradientTape() as tape:
         loss, clean_logits, clean, adv = adversarial_loss(ctx, images, labels, adversarial)
         scaled_loss = ctx.optimizer.scale_loss(loss)
-    _apply(ctx, tape, scaled_loss, wait_for, clean=clean, adversarial=adv)
+    grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:
         distance = attack_lib.linf_distance(
             tf.cast(adversarial, tf.float32), tf.cast(images, tf.float32)
@@ -202,61 +243,91 @@ def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversaria
             adv_loss=tf.reduce_sum(adv),
             adv_linf=tf.reduce_sum(distance),
         )
+    return grads, tf.reduce_sum(clean), tf.reduce_sum(adv)
+
+
+def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
+    """One optimizer step on ½·(CE_clean through main + CE_adv through aux)."""
+    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
+    _apply(ctx, grads, clean_sum, adv_sum, wait_for)
 
 
 def build_vanilla_step(ctx: StepContext):
     def vanilla_step(batch):
-        images, labels = batch
-        update_on_clean(ctx, as_stored(ctx, images), labels)
+        def micro_step(i, images, labels):
+            return clean_gradients(ctx, as_stored(ctx, images), labels)
+
+        grads, clean_sum, _ = accumulated(ctx, batch, micro_step)
+        _apply(ctx, grads, clean_sum)
 
     return vanilla_step
 
 
 def build_disadv_step(ctx: StepContext):
     def disadv_step(batch):
-        images, labels = batch
-        images = as_stored(ctx, images)
-        step = ctx.optimizer.iterations
-        adversarial = run_attack(ctx, images, labels, batch_index=step)
-        update_on_clean_and_adversarial(ctx, images, labels, adversarial)
+        def micro_step(i, images, labels):
+            images = as_stored(ctx, images)
+            index = micro_batch_index(ctx, i)
+            adversarial = run_attack(ctx, images, labels, batch_index=index)
+            return adversarial_gradients(ctx, images, labels, adversarial)
+
+        grads, clean_sum, adv_sum = accumulated(ctx, batch, micro_step)
+        _apply(ctx, grads, clean_sum, adv_sum)
 
     return disadv_step
 
 
 def build_conadv_step(ctx: StepContext):
-    """Step t: train on ring slot t mod τ, attack the incoming batch t+τ into it."""
+    """Step t: train on the ring's slots of batch t, attack the incoming batch t+τ into them.
+
+    In micro-batches (N per step; N = 1 without accumulation): micro-batch
+    m = t·N + i lives in slot m mod τN, and the incoming micro-batch m + τN
+    takes its slot once it has been read.
+    """
     if ctx.ring is None:
         raise ValueError("ConAdv needs a ring buffer in the step context")
-    staleness = ctx.ring.staleness
+    ring_size = ctx.ring.staleness  # τ·N micro-batches
+    ahead = ring_size  # the incoming micro-batch is τ steps (τN micro-batches) later
 
     def conadv_step(batch):
-        next_images, next_labels = batch  # batch t + τ
-        next_images = as_stored(ctx, next_images)
-        step = ctx.optimizer.iterations
-        slot = tf.cast(step % staleness, tf.int32)
-        images, labels, adversarial = ctx.ring.read(slot)  # batch t, attacked with θ_{t−τ}
-        next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=step + staleness)
-        update_on_clean_and_adversarial(
-            ctx, images, labels, adversarial, wait_for=[next_adversarial]
-        )
-        ctx.ring.write(slot, next_images, next_labels, next_adversarial)
+        attacks = []
+
+        def micro_step(i, next_images, next_labels):
+            next_images = as_stored(ctx, next_images)
+            index = micro_batch_index(ctx, i)
+            slot = tf.cast(index % ring_size, tf.int32)
+            images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
+            next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ahead)
+            grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                ctx.ring.write(slot, next_images, next_labels, next_adversarial)
+            attacks.append(next_adversarial)
+            return grads, clean_sum, adv_sum
+
+        grads, clean_sum, adv_sum = accumulated(ctx, batch, micro_step)
+        wait_for = attacks if ctx.accumulation_steps == 1 else []
+        _apply(ctx, grads, clean_sum, adv_sum, wait_for)
 
     return conadv_step
 
 
 def build_conadv_prologue(ctx: StepContext):
-    """Writes batch k, attacked by the current weights, into slot k mod τ.
+    """Writes step-batch k's micro-batches, attacked by the current weights, into their slots.
 
     Called for k = t … t+τ−1 before step t (t = 0 on a fresh run), so the
     buffer holds exactly what the ConAdv steps would have left there.
     """
+    n = ctx.accumulation_steps
 
     def prologue_step(batch, k):
         images, labels = batch
-        images = as_stored(ctx, images)
-        adversarial = run_attack(ctx, images, labels, batch_index=k)
-        slot = tf.cast(k % ctx.ring.staleness, tf.int32)
-        ctx.ring.write(slot, images, labels, adversarial)
+        parts = [(images, labels)] if n == 1 else [(images[i], labels[i]) for i in range(n)]
+        for i, (micro_images, micro_labels) in enumerate(parts):
+            micro_images = as_stored(ctx, micro_images)
+            index = tf.cast(k, tf.int64) * n + i
+            adversarial = run_attack(ctx, micro_images, micro_labels, batch_index=index)
+            slot = tf.cast(index % ctx.ring.staleness, tf.int32)
+            ctx.ring.write(slot, micro_images, micro_labels, adversarial)
 
     return prologue_step
 

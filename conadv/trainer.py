@@ -29,6 +29,7 @@ from conadv.metrics import ReplicaSums
 from conadv.nonfinite import NonFiniteError, NonFiniteGuard
 from conadv.preemption import PreemptedError, PreemptionWatcher
 from conadv.ring_buffer import RingBuffer
+from conadv.run_files import RunFiles
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
 from official import split_batch_norm as bn_lib
@@ -53,6 +54,8 @@ class TrainConfig:
     precision: str = "float32"
     update_pass: str = steps_lib.CONCATENATED
     global_batch_size: int = 512
+    #: Micro-batches per optimizer step (gradient accumulation).
+    accumulation_steps: int = 1
     eval_batch_size: int = 512
     train_steps: int | None = None
     train_epochs: float = 30.0
@@ -76,15 +79,24 @@ class TrainConfig:
     seed: int = 0
     export_dir: str | None = None
     max_checkpoints: int = 3
+    #: Eval top-1 whose first reaching is timed (summary.json ``time_to_target_s``).
+    target_accuracy: float = 0.759
 
 
 class Trainer:
     """Builds model, optimizer, steps and data for one run, then trains and evaluates."""
 
-    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy, source: DataSource):
+    def __init__(
+        self,
+        config: TrainConfig,
+        strategy: tf.distribute.Strategy,
+        source: DataSource,
+        files: RunFiles | None = None,
+    ):
         self.config = config
         self.strategy = strategy
         self.source = source
+        self.files = files or RunFiles(config.model_dir, strategy)
         replicas = strategy.num_replicas_in_sync
         self.steps_per_epoch = max(1, source.num_train_examples // config.global_batch_size)
         self.train_steps = int(
@@ -92,6 +104,9 @@ class Trainer:
         )
         self.eval_every = max(1, round(config.epochs_between_evals * self.steps_per_epoch))
         self.per_replica_batch = config.global_batch_size // replicas
+        self.accumulation_steps = int(config.accumulation_steps)
+        #: Examples per replica in one forward pass (a micro-batch under accumulation).
+        self.micro_batch = self.per_replica_batch // self.accumulation_steps
         self.bn_group_size = self._bn_group_size()
         self.compute_dtype = precision.compute_dtype(config.precision)
         keras.utils.set_random_seed(config.seed)
@@ -132,10 +147,11 @@ class Trainer:
 
         self.ring = None
         if config.method == steps_lib.CONADV:
+            # τ steps ahead, in micro-batches: τ·N slots per replica.
             self.ring = RingBuffer(
                 strategy,
-                config.staleness,
-                self.per_replica_batch,
+                config.staleness * self.accumulation_steps,
+                self.micro_batch,
                 source.image_size,
                 dtype=self.compute_dtype,
             )
@@ -152,6 +168,7 @@ class Trainer:
             update_pass=config.update_pass,
             compute_dtype=self.compute_dtype,
             guard=self.guard,
+            accumulation_steps=self.accumulation_steps,
         )
         # Each replica step is one XLA program when jit_compile is set (always
         # on TPU); the loop around it, and the iterator, stay outside.
@@ -161,9 +178,10 @@ class Trainer:
         self._train_loop = tf.function(self._train_loop_fn)
 
         self.iterator = None  # opened by train(), at the step it starts from
-        self._checkpoint, self._manager = self._make_checkpoint()
+        self._checkpoint, self._manager, self._ring_manager = self._make_checkpoint()
+        # Only the chief's summaries are the run's (conadv/run_files.py).
         self._writers = {
-            name: tf.summary.create_file_writer(os.path.join(config.model_dir, name))
+            name: tf.summary.create_file_writer(os.path.join(self.files.private_dir(), name))
             for name in ("train", "eval")
         }
 
@@ -174,23 +192,29 @@ class Trainer:
             size = bn_lib.check_group_size(self.config.bn_group_size, replicas)
             logging.info("BatchNorm group size %d (from --bn_group_size)", size)
             return size
-        size, reason = bn_lib.default_group_size(self.per_replica_batch, replicas)
+        size, reason = bn_lib.default_group_size(self.micro_batch, replicas)
         logging.info("BatchNorm group size %d: %s", size, reason)
         return size
 
     # ----------------------------------------------------------------- state
 
     def _make_checkpoint(self):
-        resolver = getattr(self.strategy, "cluster_resolver", None)
-        worker = resolver.task_id if resolver is not None and resolver.task_type else 0
+        """The run's checkpoint (model, optimizer, the chief's ring) and this worker's ring.
+
+        Every worker reads weights and optimizer state from the chief's
+        checkpoints in model_dir; the chief writes them. A non-chief worker's
+        ring slots go to its own checkpoints in ``worker_<i>``
+        (``conadv/run_files.py``). Ring state is keyed by worker and layout: a
+        checkpoint from another replica count, batch or worker leaves it
+        unrestored, and the ring is then refilled from the restored weights.
+        """
         items = dict(model=self.model, optimizer=self.optimizer)
-        # Per-worker state is keyed by worker and layout: a checkpoint from
-        # another replica count, batch or worker leaves it unrestored, and the
-        # ring is then refilled from the restored weights (see train()).
+        ring_key = None
         if self.ring is not None:
-            items[f"ring_w{worker}_{self.ring.layout}"] = tf.train.Checkpoint(
-                **self.ring.checkpoint_items()
-            )
+            ring_key = f"ring_w{self.files.worker_index}_{self.ring.layout}"
+            ring_items = tf.train.Checkpoint(**self.ring.checkpoint_items())
+            if self.files.is_chief:
+                items[ring_key] = ring_items
         checkpoint = tf.train.Checkpoint(**items)
         manager = tf.train.CheckpointManager(
             checkpoint,
@@ -199,7 +223,16 @@ class Trainer:
             checkpoint_name="ckpt",
             step_counter=self.optimizer.iterations,
         )
-        return checkpoint, manager
+        ring_manager = None
+        if ring_key is not None and not self.files.is_chief:
+            ring_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(**{ring_key: ring_items}),
+                directory=self.files.private_dir(),
+                max_to_keep=self.config.max_checkpoints,
+                checkpoint_name="ring",
+                step_counter=self.optimizer.iterations,
+            )
+        return checkpoint, manager, ring_manager
 
     @property
     def global_step(self) -> int:
@@ -209,8 +242,22 @@ class Trainer:
         return self._manager.latest_checkpoint is not None
 
     def restore(self) -> int:
-        """Restores the latest checkpoint in model_dir, if any; returns the step."""
+        """Restores the latest checkpoint in model_dir, if any; returns the step.
+
+        Workers first check that they all see the same latest checkpoint (a
+        model_dir every worker shares); a non-chief worker then restores its
+        own ring saved at that step, and if any worker has none, every worker
+        refills its ring (``conadv/run_files.py``).
+        """
         latest = self._manager.latest_checkpoint
+        number = int(latest.rsplit("-", 1)[-1]) if latest else -1
+        seen = self.files.agreed_step(number), -self.files.agreed_step(-number)
+        if seen[0] != seen[1]:
+            raise CheckpointMismatchError(
+                f"the workers see different latest checkpoints in --model_dir="
+                f"{self.config.model_dir} (steps {seen[0]} to {seen[1]}); every worker must "
+                "use the same shared directory"
+            )
         if latest:
             try:
                 self._checkpoint.restore(latest).expect_partial()
@@ -220,7 +267,6 @@ class Trainer:
                     f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
                     "flags it was trained with"
                 ) from None
-            number = int(latest.rsplit("-", 1)[-1])
             if number > 0 and self.global_step == 0:
                 # The optimizer's state lives elsewhere in this checkpoint (for
                 # example it was saved with or without float16 loss scaling).
@@ -229,10 +275,21 @@ class Trainer:
                     "state does not fit this run (another --precision or --optimizer?); "
                     "use the flags it was trained with or a new --model_dir"
                 )
+            if self._ring_manager is not None:
+                own = os.path.join(self._ring_manager.directory, f"ring-{number}")
+                if tf.io.gfile.exists(own + ".index"):
+                    self._ring_manager.checkpoint.restore(own).expect_partial()
             logging.info("Restored %s at step %d", latest, self.global_step)
+        if self.ring is not None and not self.files.all_agree(self.ring.is_filled()):
+            self.ring.reset()  # some worker has no ring for this step: all refill
         return self.global_step
 
     def save(self) -> str:
+        """Every worker saves what is its own; returns the chief's checkpoint path."""
+        if self._ring_manager is not None:
+            self._ring_manager.save(checkpoint_number=self.global_step)
+        if not self.files.is_chief:
+            return os.path.join(self.config.model_dir, f"ckpt-{self.global_step}")
         path = self._manager.save(checkpoint_number=self.global_step)
         logging.info("Saved checkpoint %s", path)
         return path
@@ -254,8 +311,8 @@ class Trainer:
             self.strategy.run(prologue, args=(next(iterator), k))
 
         first_batch = self.global_step
-        for k in range(self.ring.staleness):
-            # Batch index first_batch + k lives in slot (first_batch + k) mod τ.
+        for k in range(self.config.staleness):
+            # The micro-batches of step-batch first_batch + k go to their slots.
             fill(self.iterator, tf.constant(first_batch + k, tf.int64))
         self.ring.mark_filled()
 
@@ -287,33 +344,52 @@ class Trainer:
         the stream continues after them; an empty ring is filled from the
         stream first.
         """
-        ring_ahead = self.ring.staleness if self.ring is not None and self.ring.is_filled() else 0
+        filled = self.ring is not None and self.ring.is_filled()
+        ring_ahead = self.config.staleness if filled else 0
         self.iterator = iter(
             self.source.distribute(
-                self.strategy, TRAIN, self.config.global_batch_size, start_step=step + ring_ahead
+                self.strategy,
+                TRAIN,
+                self.config.global_batch_size,
+                start_step=step + ring_ahead,
+                micro_batches=self.accumulation_steps,
             )
         )
 
-    def train(self, evaluate: bool = True) -> dict:
-        """Trains to ``train_steps`` (resuming if possible); returns the run summary."""
+    def train(self, evaluate: bool = True, events=None) -> dict:
+        """Trains to ``train_steps`` (resuming if possible); returns the run summary.
+
+        ``events`` (optional, e.g. ``conadv.mlperf_log.MLPerfLog``) is told
+        where training starts, each evaluation and the end.
+        """
         config = self.config
         start_time = time.time()
         step = self.restore()
         self.open_training_stream(step)
         if self.ring is not None and not self.ring.is_filled():
             self.fill_ring_buffer()
+        accumulation = ""
+        if self.accumulation_steps > 1:
+            accumulation = (
+                f" ({self.accumulation_steps} accumulated micro-batches of "
+                f"{self.micro_batch} per replica)"
+            )
         logging.info(
-            "Training %s (%s) from step %d to %d: %d steps/epoch, global batch %d on %d replicas",
+            "Training %s (%s) from step %d to %d: %d steps/epoch, effective global batch %d%s "
+            "on %d replicas",
             config.model,
             config.method,
             step,
             self.train_steps,
             self.steps_per_epoch,
             config.global_batch_size,
+            accumulation,
             self.strategy.num_replicas_in_sync,
         )
+        if events is not None:
+            events.training_from(step)
         timed_images, timed_seconds, first_loop = 0, 0.0, True
-        last_train, eval_result = {}, {}
+        last_train, eval_result, time_to_target = {}, {}, None
         with PreemptionWatcher() as preemption:
             while step < self.train_steps:
                 stop = self._next_stop(step, evaluate)
@@ -338,7 +414,9 @@ class Trainer:
                 saved = at_eval or at_checkpoint or step >= self.train_steps
                 if saved:
                     self.save()
-                if preemption.requested and step < self.train_steps:
+                # One worker's SIGTERM stops every worker at the same step.
+                stop_requested = self.files.any_asks(preemption.requested)
+                if stop_requested and step < self.train_steps:
                     path = self._manager.latest_checkpoint if saved else self.save()
                     raise PreemptedError(
                         f"preempted (SIGTERM) at step {step}: saved {os.path.basename(path)}; "
@@ -347,11 +425,18 @@ class Trainer:
                 if at_eval:
                     eval_result = self.evaluate(EVAL)
                     self.log_evaluation(step, eval_result)
+                    if time_to_target is None and eval_result["top1"] >= config.target_accuracy:
+                        time_to_target = time.time() - start_time
+                    if events is not None:
+                        events.evaluated(step, eval_result)
+        if events is not None:
+            events.finished(step, reached=time_to_target is not None)
 
         summary = {
             "method": config.method,
             "staleness": config.staleness if config.method == steps_lib.CONADV else 0,
             "global_batch_size": config.global_batch_size,
+            "accumulation_steps": self.accumulation_steps,
             "train_steps": self.train_steps,
             "epochs": self.train_steps / self.steps_per_epoch,
             "train_top1": None,
@@ -360,6 +445,9 @@ class Trainer:
             "images_per_second": (timed_images / timed_seconds) if timed_seconds else None,
             "wall_time_s": time.time() - start_time,
             "final_train_loss": last_train.get("clean_loss"),
+            "target_accuracy": config.target_accuracy,
+            # Seconds from this start to the first evaluation at the target (None: not reached).
+            "time_to_target_s": time_to_target,
         }
         if evaluate:
             if not eval_result:  # resumed at the end: nothing was trained, evaluate anyway
@@ -487,6 +575,8 @@ class Trainer:
 
     def export(self, export_dir: str | None = None) -> dict:
         """The main branch as ``model.keras`` and a serving SavedModel (``conadv/export.py``)."""
+        if not self.files.is_chief:  # written, then removed with the worker's directory
+            export_dir = os.path.join(self.files.private_dir(), "export")
         export_dir = (
             export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
         )

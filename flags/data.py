@@ -17,7 +17,22 @@ def define(fv):
     absl_flags.DEFINE_integer(
         "num_classes", None, "Number of classes (default: the dataset's).", flag_values=fv
     )
-    absl_flags.DEFINE_integer("batch_size", 256, "Global training batch size.", flag_values=fv)
+    absl_flags.DEFINE_integer(
+        "batch_size",
+        256,
+        "Global training batch size: the examples of one optimizer step, over all replicas "
+        "and --accumulation_steps micro-batches.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "accumulation_steps",
+        1,
+        "Micro-batches per optimizer step: each replica computes gradients on "
+        "batch_size / (replicas x N) examples N times and the step applies their mean, so the "
+        "paper's global batch runs on fewer devices. BatchNorm statistics are per micro-batch; "
+        "ConAdv's --staleness counts optimizer steps.",
+        flag_values=fv,
+    )
     absl_flags.DEFINE_integer(
         "eval_batch_size", 512, "Global evaluation batch size.", flag_values=fv
     )

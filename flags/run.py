@@ -7,10 +7,12 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "mode",
         "train_and_eval",
-        ["train", "eval", "train_and_eval", "export"],
+        ["train", "eval", "train_and_eval", "export", "dry_run"],
         "train: train only; eval: evaluate the latest checkpoint; "
         "train_and_eval: train with periodic evaluation; export: write the latest "
-        "checkpoint's model.keras and serving SavedModel (also done after training).",
+        "checkpoint's model.keras and serving SavedModel (also done after training); "
+        "dry_run: print the configuration the flags give (batches per replica and BatchNorm "
+        "group, steps, learning rates, ring-buffer bytes, parameters) without reading data.",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(
@@ -23,7 +25,8 @@ def define(fv):
         "--steps_per_loop, --epochs_between_evals, --checkpoint_steps, --mode, "
         "--eval_batch_size, --eval_attack_*, --eval_predictions, --data_dir, --export_dir, "
         "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
-        "--num_cpu_devices, --tpu, --jit_compile, --update_pass, --verbosity. "
+        "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --jit_compile, --update_pass, "
+        "--mlperf_log, --mlperf_org, --mlperf_platform, --target_accuracy, --verbosity. "
         "Default: <tmp>/conadv/<dataset>_<model>_<method>_<hash of the defining flags>.",
         flag_values=fv,
     )
@@ -55,9 +58,26 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "distribution_strategy",
         "default",
-        ["default", "one_device", "mirrored", "tpu"],
+        ["default", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
         "default: one device, or all local devices when there are several; mirrored: "
-        "every local GPU (or logical CPU); tpu: the Cloud TPU named by --tpu.",
+        "every local GPU (or logical CPU); multi_worker_mirrored: every GPU (or the CPU) of "
+        "every worker of the cluster in TF_CONFIG; tpu: the Cloud TPU named by --tpu.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "num_replicas",
+        None,
+        "The replica count this configuration is made for (TPU cores of the slice, workers x "
+        "GPUs of a cluster). A run stops if its strategy has another count; --mode=dry_run "
+        "uses it instead of connecting to the TPU or cluster.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "all_reduce_alg",
+        "auto",
+        ["auto", "ring", "nccl"],
+        "multi_worker_mirrored: the collective all-reduce (nccl needs GPUs; auto lets "
+        "TensorFlow choose).",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(
@@ -100,4 +120,28 @@ def define(fv):
     )
     absl_flags.DEFINE_integer(
         "seed", 0, "Seed for weights, data order and attacks.", flag_values=fv
+    )
+    absl_flags.DEFINE_string(
+        "mlperf_log",
+        None,
+        "Also write the MLPerf training log (ResNet events and hyperparameters, "
+        "mlperf-logging format) to this file; needs pip install conadv[mlperf].",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_string(
+        "mlperf_org", "conadv", "--mlperf_log: the submission_org value.", flag_values=fv
+    )
+    absl_flags.DEFINE_string(
+        "mlperf_platform",
+        None,
+        "--mlperf_log: the submission_platform value (default: the replica count and device "
+        "kind, e.g. 8xGPU).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "target_accuracy",
+        0.759,
+        "Top-1 accuracy (a fraction) whose first reaching is timed in summary.json and "
+        "ends the MLPerf run successfully (MLPerf ResNet: 0.759).",
+        flag_values=fv,
     )

@@ -31,14 +31,23 @@ def validate_image_size(model: str, image_size: int):
 
 
 def validate_batch_sizes(values, num_replicas: int):
-    """Batch sizes must split evenly over the replicas (static per-replica shapes)."""
-    for flag in ("batch_size", "eval_batch_size"):
+    """Batch sizes must split evenly over the replicas (static per-replica shapes),
+    and the training batch also over the accumulated micro-batches."""
+    accumulation = getattr(values, "accumulation_steps", 1)
+    _require(accumulation >= 1, f"--accumulation_steps={accumulation} must be at least 1")
+    for flag, parts in (
+        ("batch_size", num_replicas * accumulation),
+        ("eval_batch_size", num_replicas),
+    ):
         size = getattr(values, flag)
         _require(size >= 1, f"--{flag}={size} must be positive")
+        if parts == num_replicas:
+            what = f"the {num_replicas} replicas"
+        else:
+            what = f"{num_replicas} replicas x --accumulation_steps={accumulation}"
         _require(
-            size % num_replicas == 0,
-            f"--{flag}={size} is not divisible by the {num_replicas} replicas; "
-            f"use a multiple of {num_replicas}",
+            size % parts == 0,
+            f"--{flag}={size} is not divisible by {what}; use a multiple of {parts}",
         )
 
 
@@ -71,7 +80,7 @@ def validate(values, num_replicas: int = 1):
         raise FlagError(str(error)) from None
     if v.dataset in registry.NEEDS_DATA_DIR:
         _require(bool(v.data_dir), f"--dataset={v.dataset} reads files: set --data_dir")
-    if v.data_dir:
+    if v.data_dir and v.mode != "dry_run":  # a dry run reads no data
         _require(
             os.path.isdir(v.data_dir),
             f"--data_dir={v.data_dir} does not exist or is not a directory",
@@ -133,14 +142,43 @@ def validate(values, num_replicas: int = 1):
             f"--bn_group_size={v.bn_group_size} must be >= 0 "
             "(0 = all replicas, 1 = each replica's own)",
         )
+    if v.num_replicas is not None:
+        _require(v.num_replicas >= 1, f"--num_replicas={v.num_replicas} must be at least 1")
     _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")
     _require(
         v.augment == "none" or v.dataset != "synthetic",
         f"--augment={v.augment} has no meaning for --dataset=synthetic (random pixels); "
         "use --augment=none",
     )
+    _require(
+        0 < v.target_accuracy <= 1,
+        f"--target_accuracy={v.target_accuracy} must be a fraction in (0, 1] (0.759, not 75.9)",
+    )
+    if v.mlperf_log:
+        try:
+            import mlperf_logging  # noqa: F401
+        except ImportError:
+            raise FlagError(
+                f"--mlperf_log={v.mlperf_log} needs the mlperf-logging package: "
+                "pip install 'conadv[mlperf]'"
+            ) from None
+        _require(
+            os.path.isdir(os.path.dirname(os.path.abspath(v.mlperf_log))),
+            f"--mlperf_log={v.mlperf_log}: its directory does not exist",
+        )
     _require(v.randaugment_layers >= 0, f"--randaugment_layers={v.randaugment_layers} must be >= 0")
     _require(
         0 <= v.randaugment_magnitude <= 30,
         f"--randaugment_magnitude={v.randaugment_magnitude} must be in [0, 30]",
+    )
+
+
+def validate_replica_count(values, num_replicas: int):
+    """``--num_replicas``, when given, must be what the strategy has."""
+    expected = values.num_replicas
+    _require(
+        expected is None or expected == num_replicas,
+        f"--num_replicas={expected} but --distribution_strategy={values.distribution_strategy} "
+        f"has {num_replicas} replicas; use the configuration made for these devices or change "
+        "--num_replicas (and the batch sizes it implies)",
     )

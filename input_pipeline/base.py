@@ -85,6 +85,9 @@ class DataSource(abc.ABC):
     default_image_size: int = 224
     #: Class names by label id, when the dataset has them (exported as labels.txt).
     class_names: list[str] | None = None
+    #: (classes, training examples, evaluation examples) known without reading
+    #: any file, for ``--mode=dry_run``; None where only the files can tell.
+    nominal_sizes: tuple[int, int, int] | None = None
 
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
@@ -144,13 +147,24 @@ class DataSource(abc.ABC):
         split: str,
         global_batch_size: int,
         start_step: int = 0,
+        micro_batches: int = 1,
     ) -> tf.distribute.DistributedDataset:
-        """The split as a distributed dataset of per-replica shards."""
+        """The split as a distributed dataset of per-replica shards.
+
+        ``micro_batches`` N > 1 (``TRAIN`` only, gradient accumulation): each
+        replica's element is N consecutive micro-batches stacked,
+        ``([N, B/N, S, S, 3], [N, B/N])``, where B is its share of
+        ``global_batch_size``; ``start_step`` still counts whole steps.
+        """
 
         def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
             per_replica = input_context.get_per_replica_batch_size(global_batch_size)
-            if split == TRAIN:
+            if split != TRAIN:
+                return self.dataset(split, per_replica, input_context)
+            if micro_batches == 1:
                 return self.dataset(split, per_replica, input_context, start_step=start_step)
-            return self.dataset(split, per_replica, input_context)
+            micro = per_replica // micro_batches
+            ds = self.dataset(split, micro, input_context, start_step=start_step * micro_batches)
+            return ds.batch(micro_batches, drop_remainder=True)
 
         return strategy.distribute_datasets_from_function(dataset_fn)

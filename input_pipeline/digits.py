@@ -36,6 +36,7 @@ class DigitsSource(DataSource):
     """Handwritten digits, in memory, at any image size."""
 
     name = "digits"
+    nominal_sizes = (10, 1_437, 360)
     # The scans are 8×8; 16 px keeps the default run within minutes on a CPU.
     default_image_size = 16
 

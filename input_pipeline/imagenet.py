@@ -40,6 +40,7 @@ class ImageNetSource(RecordSource):
     """Sharded TFRecords in the standard ImageNet layout."""
 
     name = "imagenet"
+    nominal_sizes = (1000, 1_281_167, 50_000)
     default_image_size = 224
     train_prefix, eval_prefix = "train", "validation"
 
@@ -153,6 +154,7 @@ class FolderSource(ImageNetSource):
     """TFRecords written by ``python -m input_pipeline.convert`` from class folders."""
 
     name = "folder"
+    nominal_sizes = None  # counts.json says
 
     def __init__(self, data_dir, image_size=224, options=None, num_classes=None, **kwargs):
         counts_path = os.path.join(data_dir, "counts.json")

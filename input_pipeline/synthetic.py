@@ -15,6 +15,7 @@ class SyntheticSource(DataSource):
     """ImageNet-shaped random data (1000 classes, 224 px unless told otherwise)."""
 
     name = "synthetic"
+    nominal_sizes = (1000, 1_281_167, 1_024)
     default_image_size = 224
 
     @classmethod

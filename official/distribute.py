@@ -16,7 +16,10 @@ import urllib.parse
 
 import tensorflow as tf
 
-STRATEGIES = ("default", "one_device", "mirrored", "tpu")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+
+#: ``--all_reduce_alg`` to the collective implementation of MultiWorkerMirroredStrategy.
+ALL_REDUCE_ALGORITHMS = ("auto", "ring", "nccl")
 
 #: Seconds to wait for a TPU worker's gRPC port to accept a connection.
 TPU_PROBE_TIMEOUT = 10.0
@@ -97,10 +100,42 @@ def configure_cpu_devices(num_devices: int):
         ) from error
 
 
-def get_strategy(name: str, num_cpu_devices: int = 1, tpu: str = "local"):
+def multi_worker_strategy(all_reduce_alg: str = "auto"):
+    """MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``.
+
+    Every worker runs the same program; each uses its GPUs (or its CPU as one
+    replica). Must be built before anything else touches TensorFlow's devices.
+    """
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if not resolver.cluster_spec().jobs:
+        raise StrategyError(
+            "TF_CONFIG names no cluster; set it on every worker, e.g. "
+            '{"cluster": {"worker": ["host0:port", "host1:port"]}, '
+            '"task": {"type": "worker", "index": 0}} (BUILD.md, GPU cluster)'
+        )
+    if resolver.task_type not in ("chief", "worker"):
+        raise StrategyError(
+            f"TF_CONFIG task type {resolver.task_type!r}: every process must be a chief or worker"
+        )
+    implementation = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }[all_reduce_alg]
+    options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
+
+
+def get_strategy(
+    name: str, num_cpu_devices: int = 1, tpu: str = "local", all_reduce_alg: str = "auto"
+):
     """The ``--distribution_strategy`` strategy over this host's devices (or the TPU)."""
     if name == "tpu":
         return tpu_strategy(tpu)
+    if name == "multi_worker_mirrored":
+        return multi_worker_strategy(all_reduce_alg)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default":
         if len(gpus) > 1 or num_cpu_devices > 1:

@@ -211,6 +211,10 @@ class SplitBatchNormalization(keras.layers.Layer):
         self, inputs, training=False, bn_branch="main", update_stats=True, group_statistics=True
     ):
         check_branch(bn_branch)
+        # As keras.layers.BatchNormalization: a frozen layer (trainable=False)
+        # normalises with its moving statistics and never updates them.
+        if not self.trainable:
+            training = False
         x = tf.cast(inputs, tf.float32)
         if bn_branch == MIXED:
             parts = tf.split(x, 2, axis=0)

@@ -55,8 +55,10 @@ def make_context(
     label_smoothing=0.0,
     strategy=None,
     update_pass=steps_lib.CONCATENATED,
+    accumulation_steps=1,
 ):
-    """A step context like the trainer's, with its ring buffer if ``staleness``."""
+    """A step context like the trainer's, with its ring buffer if ``staleness``
+    (τ·N micro-batch slots under ``accumulation_steps`` N)."""
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         opt = optimizers.build_optimizer(
@@ -66,8 +68,8 @@ def make_context(
         sums = ReplicaSums(steps_lib.TRAIN_SUMS)
     ring = None
     if staleness:
-        per_replica = batch_size // strategy.num_replicas_in_sync
-        ring = RingBuffer(strategy, staleness, per_replica, IMAGE_SIZE)
+        micro = batch_size // strategy.num_replicas_in_sync // accumulation_steps
+        ring = RingBuffer(strategy, staleness * accumulation_steps, micro, IMAGE_SIZE)
     return steps_lib.StepContext(
         model=model,
         optimizer=opt,
@@ -79,6 +81,7 @@ def make_context(
         sums=sums,
         ring=ring,
         update_pass=update_pass,
+        accumulation_steps=accumulation_steps,
     )
 
 
@@ -102,7 +105,7 @@ def fill_ring(ctx, iterator, strategy=None):
     def fill(it, k):
         strategy.run(prologue, args=(next(it), k))
 
-    for k in range(ctx.ring.staleness):
+    for k in range(ctx.ring.staleness // ctx.accumulation_steps):  # τ step-batches
         fill(iterator, tf.constant(k, tf.int64))
     ctx.ring.mark_filled()
 

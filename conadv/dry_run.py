@@ -1,0 +1,157 @@
+"""``--mode=dry_run``: what the flags make of a run, without its data or accelerators.
+
+Prints the global, per-replica and per-BatchNorm-group batch, accumulation,
+steps per epoch and in total, the learning rate at the schedule's key
+steps, the ConAdv ring buffer's bytes per replica and the model's parameter
+count, then exits 0 — or stops with the one-line error a real run would
+give. The replica count is ``--num_replicas`` when given (a TPU slice or a
+cluster need not be reachable); otherwise the local strategy's. Dataset
+sizes come from the source's nominal sizes (ImageNet's are known), or from
+its metadata (``counts.json``, TFDS info) — never from its images.
+"""
+
+from __future__ import annotations
+
+import types
+
+from conadv import ring_buffer
+from conadv.run_config import RunConfig
+from flags import validation
+from official import precision, resnet, schedules
+from official import split_batch_norm as bn_lib
+
+
+def _replicas(run: RunConfig) -> tuple[int, str]:
+    if run.flags["num_replicas"] is not None:
+        return run.flags["num_replicas"], "--num_replicas"
+    strategy_name = run.devices.distribution_strategy
+    if strategy_name in ("tpu", "multi_worker_mirrored"):
+        raise validation.FlagError(
+            f"--mode=dry_run with --distribution_strategy={strategy_name} needs --num_replicas "
+            "(the TPU cores of the slice, or workers x GPUs): it does not connect to devices"
+        )
+    strategy = run.devices.build_strategy()
+    return strategy.num_replicas_in_sync, f"the local {strategy_name} strategy"
+
+
+def _dataset_sizes(run: RunConfig) -> tuple[int, int, int, int]:
+    """(image size, classes, training examples, evaluation examples)."""
+    from input_pipeline import registry
+
+    cls = registry.source_class(run.data.dataset)
+    if cls.nominal_sizes is not None:
+        classes, train, evaluation = cls.nominal_sizes
+        return (
+            run.data.image_size or cls.default_image_size,
+            run.data.num_classes or classes,
+            train,
+            evaluation,
+        )
+    source = run.data.build_source()  # reads metadata files only
+    return (
+        source.image_size,
+        source.num_classes,
+        source.num_train_examples,
+        source.num_eval_examples,
+    )
+
+
+def describe(run: RunConfig) -> dict:
+    """Prints the run's configuration; returns it as a dict."""
+    replicas, replicas_from = _replicas(run)
+    image_size, num_classes, train_examples, eval_examples = _dataset_sizes(run)
+    flags = types.SimpleNamespace(**run.flags)
+    validation.validate_batch_sizes(flags, replicas)
+    validation.validate_bn_group_size(flags, replicas)
+    validation.validate_image_size(run.train.model, image_size)
+
+    train = run.train
+    accumulation = train.accumulation_steps
+    per_replica = train.global_batch_size // replicas
+    micro = per_replica // accumulation
+    if train.bn_group_size is not None:
+        group = bn_lib.check_group_size(train.bn_group_size, replicas) or replicas
+        group_reason = "--bn_group_size"
+    else:
+        group, group_reason = bn_lib.default_group_size(micro, replicas)
+        group = group or replicas  # 0: all replicas
+    steps_per_epoch = max(1, train_examples // train.global_batch_size)
+    total_steps = int(train.train_steps or max(1, round(train.train_epochs * steps_per_epoch)))
+    schedule = schedules.build_schedule(
+        train.lr_schedule,
+        peak_learning_rate=train.learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        train_steps=total_steps,
+        warmup_epochs=train.warmup_epochs,
+        end_learning_rate=train.end_learning_rate,
+        power=train.poly_power,
+    )
+    warmup_steps = min(round(train.warmup_epochs * steps_per_epoch), total_steps)
+    key_steps = sorted(
+        {0, warmup_steps, total_steps // 4, total_steps // 2, 3 * total_steps // 4, total_steps - 1}
+    )
+    learning_rates = {step: float(schedule(step)) for step in key_steps}
+    ring_bytes = 0
+    if train.method == "conadv":
+        ring_bytes = ring_buffer.bytes_per_replica(
+            train.staleness * accumulation,
+            micro,
+            image_size,
+            precision.compute_dtype(train.precision),
+        )
+    model = resnet.resnet(
+        train.model,
+        num_classes=num_classes,
+        image_size=image_size,
+        width_multiplier=train.width_multiplier,
+        seed=train.seed,
+    )
+    parameters = int(model.count_params())
+    inference_parameters = int(resnet.plain_inference_model(model).count_params())
+
+    result = {
+        "replicas": replicas,
+        "replicas_from": replicas_from,
+        "global_batch": train.global_batch_size,
+        "per_replica_batch": per_replica,
+        "accumulation_steps": accumulation,
+        "micro_batch_per_replica": micro,
+        "bn_group_replicas": group,
+        "bn_group_examples": group * micro,
+        "bn_group_reason": group_reason,
+        "image_size": image_size,
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
+        "steps_per_epoch": steps_per_epoch,
+        "train_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "learning_rates": learning_rates,
+        "ring_buffer_bytes_per_replica": ring_bytes,
+        "parameters": parameters,
+        "inference_parameters": inference_parameters,
+        "precision": train.precision,
+        "method": train.method,
+    }
+    lines = [
+        f"dry run: {train.method} {train.model} on {run.data.dataset} "
+        f"({image_size} px, {num_classes} classes), {train.precision}",
+        f"replicas: {replicas} (from {replicas_from})",
+        f"global batch: {train.global_batch_size} = {replicas} replicas x {per_replica} per "
+        f"replica" + (f" = {accumulation} micro-batches of {micro}" if accumulation > 1 else ""),
+        f"per replica: {per_replica} examples per step, {micro} per forward pass",
+        f"BatchNorm group: {group} replica(s) x {micro} = {group * micro} examples "
+        f"per statistic ({group_reason})",
+        f"accumulation: {accumulation} micro-batch(es) per optimizer step",
+        f"steps: {steps_per_epoch} per epoch ({train_examples} training examples), "
+        f"{total_steps} in total, {warmup_steps} of warmup",
+        "learning rate ("
+        + train.lr_schedule
+        + "): "
+        + ", ".join(f"step {s}: {lr:.6g}" for s, lr in learning_rates.items()),
+        f"ring buffer: {ring_bytes} bytes per replica"
+        + (f" ({ring_bytes / 2**30:.2f} GiB)" if ring_bytes else " (no ring: not ConAdv)"),
+        f"parameters: {parameters} (both BatchNorm branches), {inference_parameters} exported",
+    ]
+    for line in lines:
+        print(line, flush=True)
+    return result

@@ -1,0 +1,267 @@
+"""One run as one serializable object, built once from the flags.
+
+``RunConfig.from_flags`` reads every ConAdv flag once, validates it (one
+line naming the flag on a bad value, ``flags/validation.py``) and groups
+the values by who uses them: ``DataConfig`` builds the data source,
+``DeviceConfig`` the distribution strategy, and ``TrainConfig`` (with its
+``AttackConfig``) the trainer. Whatever depends on the devices (batch
+divisibility, BatchNorm groups, ``auto`` choices) is settled by
+``for_strategy`` once the strategy exists. ``run_config.json`` in the
+model_dir is this object (``to_dict``/``from_dict`` round-trip it), and the
+run identity (``conadv/run_identity.py``) compares its defining flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from typing import Any
+
+from conadv import run_identity
+from conadv.attack import AttackConfig
+from conadv.trainer import TrainConfig
+from flags import validation
+from input_pipeline.base import DataSource, PipelineOptions
+
+#: Every flag a run is built from (``--model_dir`` is resolved separately).
+RUN_FLAGS = run_identity.DEFINING_FLAGS + run_identity.RESUMABLE_FLAGS
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which dataset and how it is read (the source's own flags)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    num_classes: int | None = None
+    one_based_labels: bool = False
+    tfds_download: bool = False
+    pipeline: PipelineOptions = dataclasses.field(default_factory=PipelineOptions)
+
+    def build_source(self) -> DataSource:
+        from input_pipeline import registry
+
+        extra = {}
+        if self.dataset == "imagenet":
+            extra["one_based_labels"] = self.one_based_labels
+        if self.dataset.startswith("tfds:"):
+            extra["tfds_download"] = self.tfds_download
+        return registry.get_source(
+            self.dataset,
+            image_size=self.image_size,
+            data_dir=self.data_dir,
+            num_classes=self.num_classes,
+            options=self.pipeline,
+            **extra,
+        )
+
+
+@dataclasses.dataclass
+class DeviceConfig:
+    """Where the run computes; ``auto`` values are settled by ``RunConfig.for_strategy``."""
+
+    distribution_strategy: str = "default"
+    num_cpu_devices: int = 1
+    tpu: str = "local"
+    all_reduce_alg: str = "auto"
+    jit_compile: str = "auto"
+    update_pass: str = "auto"
+
+    def build_strategy(self):
+        """The ``tf.distribute`` strategy; a failure is a one-line ``FlagError``."""
+        from official import distribute
+
+        distribute.configure_cpu_devices(self.num_cpu_devices)
+        try:
+            return distribute.get_strategy(
+                self.distribution_strategy,
+                self.num_cpu_devices,
+                self.tpu,
+                all_reduce_alg=self.all_reduce_alg,
+            )
+        except distribute.StrategyError as error:
+            raise validation.FlagError(
+                f"--distribution_strategy={self.distribution_strategy}: {error}"
+            ) from None
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything one start of ``main.py`` does."""
+
+    mode: str
+    #: The value of every flag in ``RUN_FLAGS``, as given.
+    flags: dict[str, Any]
+    data: DataConfig
+    devices: DeviceConfig
+    train: TrainConfig
+    eval_predictions: bool = False
+    mlperf_log: str | None = None
+    mlperf_org: str = "conadv"
+    mlperf_platform: str | None = None
+
+    @property
+    def model_dir(self) -> str:
+        return self.train.model_dir
+
+    # ------------------------------------------------------------ building
+
+    @classmethod
+    def from_flags(cls, values) -> RunConfig:
+        """Validates the flags (absl ``FLAGS`` or any object with their names) and builds."""
+        validation.validate(values)
+        v = values
+        flag_values = {name: getattr(v, name) for name in RUN_FLAGS}
+        pipeline = PipelineOptions(
+            seed=v.seed,
+            deterministic=v.deterministic,
+            cache_eval=v.cache_eval,
+            augment=v.augment,
+            autoaugment_policy=v.autoaugment_policy,
+            randaugment_layers=v.randaugment_layers,
+            randaugment_magnitude=v.randaugment_magnitude,
+            skip_corrupt_records=v.skip_corrupt_records,
+            tf_data_service=v.tf_data_service,
+        )
+        data = DataConfig(
+            dataset=v.dataset,
+            data_dir=v.data_dir,
+            image_size=v.image_size,
+            num_classes=v.num_classes,
+            one_based_labels=v.one_based_labels,
+            tfds_download=v.tfds_download,
+            pipeline=pipeline,
+        )
+        devices = DeviceConfig(
+            distribution_strategy=v.distribution_strategy,
+            num_cpu_devices=v.num_cpu_devices,
+            tpu=v.tpu,
+            all_reduce_alg=v.all_reduce_alg,
+            jit_compile=v.jit_compile,
+            update_pass=v.update_pass,
+        )
+        attack = AttackConfig(
+            eps=v.attack_eps,
+            step_size=v.attack_step_size,
+            num_steps=v.attack_steps,
+            random_init=v.attack_init == "random",
+            bn_branch=v.attack_bn,
+            target=v.attack_target,
+        )
+        eval_attack = None
+        if v.eval_attack_eps is not None:
+            # The main branch with moving statistics, as evaluated.
+            eval_attack = AttackConfig(
+                eps=v.eval_attack_eps,
+                step_size=v.eval_attack_step_size,
+                num_steps=v.eval_attack_steps,
+                random_init=True,
+                bn_branch="main",
+            )
+        train = TrainConfig(
+            model_dir=v.model_dir or run_identity.default_model_dir(flag_values),
+            method=v.method,
+            staleness=v.staleness,
+            model=v.model,
+            width_multiplier=v.width_multiplier,
+            bn_group_size=v.bn_group_size,
+            precision=v.precision,
+            update_pass=v.update_pass,
+            global_batch_size=v.batch_size,
+            accumulation_steps=v.accumulation_steps,
+            eval_batch_size=v.eval_batch_size,
+            train_steps=v.train_steps,
+            train_epochs=v.train_epochs,
+            steps_per_loop=v.steps_per_loop,
+            epochs_between_evals=v.epochs_between_evals,
+            checkpoint_steps=v.checkpoint_steps,
+            optimizer=v.optimizer,
+            learning_rate=v.learning_rate,
+            warmup_epochs=v.warmup_epochs,
+            lr_schedule=v.lr_schedule,
+            poly_power=v.poly_power,
+            end_learning_rate=v.end_learning_rate,
+            weight_decay=v.weight_decay,
+            momentum=v.momentum,
+            label_smoothing=v.label_smoothing,
+            lars_eta=v.lars_eta,
+            attack=attack,
+            eval_attack=eval_attack,
+            jit_compile=v.jit_compile == "true",
+            seed=v.seed,
+            export_dir=v.export_dir,
+            target_accuracy=v.target_accuracy,
+        )
+        return cls(
+            mode=v.mode,
+            flags=flag_values,
+            data=data,
+            devices=devices,
+            train=train,
+            eval_predictions=v.eval_predictions,
+            mlperf_log=v.mlperf_log,
+            mlperf_org=v.mlperf_org,
+            mlperf_platform=v.mlperf_platform,
+        )
+
+    def for_strategy(self, strategy, image_size: int) -> RunConfig:
+        """This run on ``strategy``: the device-dependent checks and ``auto`` choices.
+
+        ``image_size`` is the source's (the flag may leave it to the dataset).
+        """
+        import tensorflow as tf
+
+        replicas = strategy.num_replicas_in_sync
+        values = types.SimpleNamespace(**self.flags)
+        validation.validate_replica_count(values, replicas)
+        validation.validate_batch_sizes(values, replicas)
+        validation.validate_bn_group_size(values, replicas)
+        validation.validate_image_size(self.train.model, image_size)
+        on_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+        jit = on_tpu if self.devices.jit_compile == "auto" else self.devices.jit_compile == "true"
+        update_pass = self.devices.update_pass
+        if update_pass == "auto":
+            # One pass of 2B rows fills TPU and GPU matrix units better; on CPU
+            # the two half-size passes measured faster (README, Step throughput).
+            accelerated = on_tpu or bool(tf.config.list_logical_devices("GPU"))
+            update_pass = "concatenated" if accelerated else "separate"
+        train = dataclasses.replace(self.train, jit_compile=jit, update_pass=update_pass)
+        return dataclasses.replace(self, train=train)
+
+    # ------------------------------------------------------- serialization
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        train = dict(values["train"])
+        train["attack"] = AttackConfig(**train["attack"])
+        if train.get("eval_attack") is not None:
+            train["eval_attack"] = AttackConfig(**train["eval_attack"])
+        data = dict(values["data"])
+        data["pipeline"] = PipelineOptions(**data["pipeline"])
+        return cls(
+            **{
+                **values,
+                "train": TrainConfig(**train),
+                "data": DataConfig(**data),
+                "devices": DeviceConfig(**values["devices"]),
+            }
+        )
+
+    def write(self, path: str):
+        """Writes atomically (a reader never sees half a file)."""
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: str) -> RunConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
