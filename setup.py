@@ -20,6 +20,8 @@ EXTRAS = {
     # importlib_resources: tensorflow-datasets needs it for builders defined
     # outside its package (a user's own dataset, the tests' tiny dataset).
     "tfds": ["tensorflow-datasets>=4.9", "importlib_resources"],
+    # --mlperf_log: the MLPerf log format and its compliance checker.
+    "mlperf": ["mlperf-logging>=4.0"],
     "test": [
         "pytest>=7",
         "pytest-xdist>=3",
@@ -28,6 +30,7 @@ EXTRAS = {
         "scipy",  # chi-square test of the augmentation policies
         "tensorflow-datasets>=4.9",
         "importlib_resources",
+        "mlperf-logging>=4.0",
     ],
 }
 

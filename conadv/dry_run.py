@@ -12,6 +12,7 @@ its metadata (``counts.json``, TFDS info) — never from its images.
 
 from __future__ import annotations
 
+import math
 import types
 
 from conadv import ring_buffer
@@ -54,6 +55,11 @@ def _dataset_sizes(run: RunConfig) -> tuple[int, int, int, int]:
         source.num_train_examples,
         source.num_eval_examples,
     )
+
+
+def _trainable_count(model) -> int:
+    """Trainable weights (as ResNet-50's 25,557,032 are counted), not moving statistics."""
+    return int(sum(math.prod(v.shape) for v in model.trainable_variables))
 
 
 def describe(run: RunConfig) -> dict:
@@ -106,8 +112,8 @@ def describe(run: RunConfig) -> dict:
         width_multiplier=train.width_multiplier,
         seed=train.seed,
     )
-    parameters = int(model.count_params())
-    inference_parameters = int(resnet.plain_inference_model(model).count_params())
+    parameters = _trainable_count(model)
+    inference_parameters = _trainable_count(resnet.plain_inference_model(model))
 
     result = {
         "replicas": replicas,
@@ -150,7 +156,8 @@ def describe(run: RunConfig) -> dict:
         + ", ".join(f"step {s}: {lr:.6g}" for s, lr in learning_rates.items()),
         f"ring buffer: {ring_bytes} bytes per replica"
         + (f" ({ring_bytes / 2**30:.2f} GiB)" if ring_bytes else " (no ring: not ConAdv)"),
-        f"parameters: {parameters} (both BatchNorm branches), {inference_parameters} exported",
+        f"parameters: {parameters} trainable (both BatchNorm branches), "
+        f"{inference_parameters} in the exported model",
     ]
     for line in lines:
         print(line, flush=True)

@@ -34,8 +34,8 @@ class MLPerfLog:
         self.trainer = trainer
         if not enabled:
             return
-        from mlperf_logging import mllog
         from mlperf_logging.mllog import constants
+        from mlperf_logging.mllog.mllog import MLLogger
 
         self.c = constants
         python_logger = logging.getLogger("conadv.mlperf_log")
@@ -46,7 +46,7 @@ class MLPerfLog:
         handler = logging.FileHandler(run.mlperf_log, mode="w")
         handler.setLevel(logging.INFO)
         python_logger.addHandler(handler)
-        self.log = mllog.MLLogger(logger=python_logger, default_stack_offset=2)
+        self.log = MLLogger(logger=python_logger, default_stack_offset=2)
         self._block_open = False
         self._log_init(run, strategy, source, init_start_ms)
 

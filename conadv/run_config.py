@@ -25,8 +25,13 @@ from conadv.trainer import TrainConfig
 from flags import validation
 from input_pipeline.base import DataSource, PipelineOptions
 
-#: Every flag a run is built from (``--model_dir`` is resolved separately).
-RUN_FLAGS = run_identity.DEFINING_FLAGS + run_identity.RESUMABLE_FLAGS
+#: Every flag a run is built from (``--model_dir`` is resolved separately;
+#: absl's own ``--verbosity`` only sets the log level).
+RUN_FLAGS = tuple(
+    name
+    for name in run_identity.DEFINING_FLAGS + run_identity.RESUMABLE_FLAGS
+    if name != "verbosity"
+)
 
 
 @dataclasses.dataclass

@@ -241,47 +241,70 @@ class Trainer:
     def has_checkpoint(self) -> bool:
         return self._manager.latest_checkpoint is not None
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint in model_dir, if any; returns the step.
+    def _checkpoint_steps(self) -> list[int]:
+        """Steps of the chief's kept checkpoints (every worker reads model_dir)."""
+        return sorted(int(path.rsplit("-", 1)[-1]) for path in self._manager.checkpoints)
 
-        Workers first check that they all see the same latest checkpoint (a
-        model_dir every worker shares); a non-chief worker then restores its
-        own ring saved at that step, and if any worker has none, every worker
-        refills its ring (``conadv/run_files.py``).
+    def _resume_step(self) -> int:
+        """The step to resume from: the latest every worker has its state for (-1: none).
+
+        A non-chief worker's ring checkpoints lag the chief's by at most one
+        save if the cluster was killed in between; a worker with no ring at
+        all (its directory was removed at the end of a finished run) does not
+        hold the others back: its ring will be refilled, and so will every
+        worker's.
         """
-        latest = self._manager.latest_checkpoint
-        number = int(latest.rsplit("-", 1)[-1]) if latest else -1
-        seen = self.files.agreed_step(number), -self.files.agreed_step(-number)
-        if seen[0] != seen[1]:
+        chief_steps = self._checkpoint_steps()
+        latest = chief_steps[-1] if chief_steps else -1
+        low, high = self.files.agreed_step(latest), -self.files.agreed_step(-latest)
+        if low != high:
             raise CheckpointMismatchError(
                 f"the workers see different latest checkpoints in --model_dir="
-                f"{self.config.model_dir} (steps {seen[0]} to {seen[1]}); every worker must "
-                "use the same shared directory"
+                f"{self.config.model_dir} (steps {low} to {high}); every worker must use "
+                "the same shared directory"
             )
-        if latest:
+        local = latest
+        if self._ring_manager is not None and self._ring_manager.checkpoints:
+            own = {int(path.rsplit("-", 1)[-1]) for path in self._ring_manager.checkpoints}
+            local = max((step for step in chief_steps if step in own), default=latest)
+        return self.files.agreed_step(local)
+
+    def restore(self) -> int:
+        """Restores the checkpoint to resume from, if any; returns the step.
+
+        Every worker restores weights and optimizer state from the chief's
+        checkpoint at ``_resume_step`` and its own ring from the same step; if
+        any worker has no ring for it, every worker refills its ring
+        (``conadv/run_files.py``).
+        """
+        step = self._resume_step()
+        if step >= 0:
+            path = os.path.join(self.config.model_dir, f"ckpt-{step}")
             try:
-                self._checkpoint.restore(latest).expect_partial()
+                self._checkpoint.restore(path).expect_partial()
             except (ValueError, tf.errors.InvalidArgumentError) as error:
                 raise CheckpointMismatchError(
-                    f"the checkpoint {latest} does not fit this model "
+                    f"the checkpoint {path} does not fit this model "
                     f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
                     "flags it was trained with"
                 ) from None
-            if number > 0 and self.global_step == 0:
+            if step > 0 and self.global_step == 0:
                 # The optimizer's state lives elsewhere in this checkpoint (for
                 # example it was saved with or without float16 loss scaling).
                 raise CheckpointMismatchError(
-                    f"the checkpoint {latest} was saved at step {number} but its optimizer "
+                    f"the checkpoint {path} was saved at step {step} but its optimizer "
                     "state does not fit this run (another --precision or --optimizer?); "
                     "use the flags it was trained with or a new --model_dir"
                 )
             if self._ring_manager is not None:
-                own = os.path.join(self._ring_manager.directory, f"ring-{number}")
+                own = os.path.join(self._ring_manager.directory, f"ring-{step}")
                 if tf.io.gfile.exists(own + ".index"):
                     self._ring_manager.checkpoint.restore(own).expect_partial()
-            logging.info("Restored %s at step %d", latest, self.global_step)
+            logging.info("Restored %s at step %d", path, self.global_step)
         if self.ring is not None and not self.files.all_agree(self.ring.is_filled()):
-            self.ring.reset()  # some worker has no ring for this step: all refill
+            if step >= 0:
+                logging.info("Not every worker has its ring for step %d: all are refilled", step)
+            self.ring.reset()
         return self.global_step
 
     def save(self) -> str:

@@ -162,9 +162,14 @@ class DataSource(abc.ABC):
             if split != TRAIN:
                 return self.dataset(split, per_replica, input_context)
             if micro_batches == 1:
-                return self.dataset(split, per_replica, input_context, start_step=start_step)
-            micro = per_replica // micro_batches
-            ds = self.dataset(split, micro, input_context, start_step=start_step * micro_batches)
-            return ds.batch(micro_batches, drop_remainder=True)
+                ds = self.dataset(split, per_replica, input_context, start_step=start_step)
+            else:
+                micro = per_replica // micro_batches
+                ds = self.dataset(
+                    split, micro, input_context, start_step=start_step * micro_batches
+                ).batch(micro_batches, drop_remainder=True)
+            # Training streams never end; saying so spares multi-worker
+            # iterators an end-of-data all-reduce on every step.
+            return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
         return strategy.distribute_datasets_from_function(dataset_fn)

@@ -76,31 +76,58 @@ class DigitsSource(DataSource):
         return preprocessing.augment_pixels(image, self.augment_fn, seed), label
 
     def dataset(self, split, batch_size, input_context=None, start_step=0):
-        source_split = EVAL if split == EVAL else TRAIN
-        images = self._pixels[source_split]
-        labels = self._splits[source_split][1]
-        ds = tf.data.Dataset.from_tensor_slices((images, labels))
-        shard_size = len(labels)
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-            ds = ds.shard(n, i)
-            shard_size = len(range(i, len(labels), n))
         if split == TRAIN:
-
-            def epoch(index):
-                # The whole shard is one block: a full permutation per epoch.
-                seed = epochs.epoch_seed(self.options.seed, index)
-                return epochs.permute_blocks(ds, max(1, shard_size), seed)
-
-            start = start_step * epochs.records_per_step(batch_size, input_context)
-            stream = epochs.epochs_from(epoch, lambda: shard_size, start)
-            stream = stream.map(lambda index, example: example)
-            if self.augment_fn is not None:
-                stream = stream.enumerate(start=start).map(
-                    lambda position, example: self._augment(position, *example),
-                    num_parallel_calls=tf.data.AUTOTUNE,
-                )
-            return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+            return self._train_stream(batch_size, input_context, start_step)
         if split not in (EVAL, TRAIN_EVAL):
             raise ValueError(f"unknown split {split!r}")
+        source_split = EVAL if split == EVAL else TRAIN
+        ds = tf.data.Dataset.from_tensor_slices(
+            (self._pixels[source_split], self._splits[source_split][1])
+        )
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def _train_stream(self, batch_size, input_context, start_step):
+        """One global stream, whatever the layout: replica r of R gets rows
+        [r·B, (r+1)·B) of each global batch of R·B examples.
+
+        The set is small, so every input pipeline reads all of it and keeps
+        its replicas' rows: a step sees the same examples on one host with R
+        replicas as on R workers with one each (tests/test_multi_worker.py),
+        and a run may resume on another layout with the same global batch.
+        """
+        labels = self._splits[TRAIN][1]
+        examples = tf.data.Dataset.from_tensor_slices((self._pixels[TRAIN], labels))
+        replicas, pipelines, pipeline = 1, 1, 0
+        if input_context is not None:
+            replicas = input_context.num_replicas_in_sync
+            pipelines = input_context.num_input_pipelines
+            pipeline = input_context.input_pipeline_id
+
+        def epoch(index):
+            # The whole set is one block: a full permutation per epoch.
+            seed = epochs.epoch_seed(self.options.seed, index)
+            return epochs.permute_blocks(examples, len(labels), seed)
+
+        global_batch = batch_size * replicas
+        start = start_step * global_batch
+        stream = epochs.epochs_from(epoch, lambda: len(labels), start)
+        # Each example's position in the global stream seeds its augmentation.
+        stream = stream.enumerate(start=start).map(
+            lambda position, element: (position, *element[1])
+        )
+        if pipelines > 1:
+            share = global_batch // pipelines  # this pipeline's replicas' rows
+            first = pipeline * share
+            stream = stream.batch(global_batch, drop_remainder=True)
+            stream = stream.map(
+                lambda *columns: tuple(column[first : first + share] for column in columns)
+            ).unbatch()
+        if self.augment_fn is not None:
+            stream = stream.map(
+                lambda position, image, label: (position, *self._augment(position, image, label)),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        stream = stream.map(lambda position, image, label: (image, label))
+        return stream.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

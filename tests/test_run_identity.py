@@ -49,7 +49,7 @@ class RunIdentityTest(tf.test.TestCase):
         recorded = []
         for directory in directories:
             with open(os.path.join(directory, run_identity.RUN_CONFIG)) as f:
-                recorded.append(json.load(f)["defining_flags"]["attack_eps"])
+                recorded.append(json.load(f)["flags"]["attack_eps"])
         self.assertEqual(sorted(recorded), [4.0, 8.0])
 
     def test_explicit_directory_refuses_a_changed_defining_flag_and_resumes_otherwise(self):

@@ -1,0 +1,187 @@
+"""Two MultiWorkerMirroredStrategy workers on 127.0.0.1 against one MirroredStrategy process.
+
+Run by tests/test_multi_worker.py inside a private network namespace whose
+only interface is loopback (TensorFlow's servers listen on every interface),
+as ``python -m tests.multi_worker_program WORK_DIR``. It runs ``main.py``:
+
+1. once with MirroredStrategy over 2 logical CPU devices (the reference);
+2. as two workers (``TF_CONFIG``, free ports) to the end;
+3. as two workers killed (SIGKILL) after a checkpoint, then restarted.
+
+and prints ``RESULT {json}`` with the largest differences between the final
+checkpoints' model variables, the files each run left, and where the
+restarted run resumed. Every worker it starts is killed before it exits,
+also when something fails.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CHECKPOINT_EVERY = 10, 3
+COMMON = (
+    "--dataset=digits",
+    "--image_size=16",
+    "--model=resnet20",
+    "--width_multiplier=0.25",
+    "--method=conadv",
+    "--staleness=1",
+    "--batch_size=16",
+    "--eval_batch_size=16",
+    f"--train_steps={STEPS}",
+    "--steps_per_loop=1",
+    f"--checkpoint_steps={CHECKPOINT_EVERY}",
+    "--mode=train",
+    "--deterministic",
+    "--optimizer=momentum",
+    "--learning_rate=0.1",
+    "--warmup_epochs=0",
+    "--lr_schedule=cosine",
+    "--seed=7",
+)
+TIMEOUT = 600
+
+_children: list[subprocess.Popen] = []
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start(args, log_path, env=None):
+    log = open(log_path, "a")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    _children.append(proc)
+    return proc
+
+
+def wait_all(procs, what):
+    for proc in procs:
+        code = proc.wait(timeout=TIMEOUT)
+        if code != 0:
+            raise RuntimeError(f"{what}: a process exited with {code}")
+
+
+def start_workers(model_dir, work_dir, tag):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        procs.append(
+            start(
+                [
+                    *COMMON,
+                    "--distribution_strategy=multi_worker_mirrored",
+                    f"--model_dir={model_dir}",
+                ],
+                os.path.join(work_dir, f"{tag}_worker{index}.log"),
+                env={"TF_CONFIG": json.dumps(tf_config)},
+            )
+        )
+    return procs
+
+
+def model_variables(model_dir, step):
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, f"ckpt-{step}"))
+    return {
+        key: reader.get_tensor(key)
+        for key in reader.get_variable_to_shape_map()
+        if key.startswith("model/")
+    }
+
+
+def max_relative_difference(a, b):
+    import numpy as np
+
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max(float(np.max(np.abs(a[k] - b[k])) / (np.max(np.abs(a[k])) + 1e-12)) for k in a)
+
+
+def main():
+    work_dir = sys.argv[1]
+    reference = os.path.join(work_dir, "mirrored")
+    whole = os.path.join(work_dir, "whole")
+    killed = os.path.join(work_dir, "killed")
+    result = {}
+    try:
+        wait_all(
+            [
+                start(
+                    [
+                        *COMMON,
+                        "--distribution_strategy=mirrored",
+                        "--num_cpu_devices=2",
+                        f"--model_dir={reference}",
+                    ],
+                    os.path.join(work_dir, "mirrored.log"),
+                )
+            ],
+            "mirrored reference",
+        )
+        wait_all(start_workers(whole, work_dir, "whole"), "two workers")
+
+        procs = start_workers(killed, work_dir, "killed")
+        first = CHECKPOINT_EVERY
+        deadline = time.time() + TIMEOUT
+        while not (
+            os.path.exists(os.path.join(killed, f"ckpt-{first}.index"))
+            and os.path.exists(os.path.join(killed, "worker_1", f"ring-{first}.index"))
+        ):
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the workers stopped (or hung) before their first checkpoint")
+            time.sleep(0.02)
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        result["at_kill"] = {
+            "chief": sorted(f for f in os.listdir(killed) if f.endswith(".index")),
+            "worker_1": sorted(
+                f for f in os.listdir(os.path.join(killed, "worker_1")) if f.endswith(".index")
+            ),
+        }
+        wait_all(start_workers(killed, work_dir, "restarted"), "restarted workers")
+        with open(os.path.join(killed, "log.txt")) as f:
+            result["restored"] = [line.strip() for line in f if "Restored" in line]
+            f.seek(0)
+            result["refilled"] = [line.strip() for line in f if "refilled" in line]
+
+        ref = model_variables(reference, STEPS)
+        result["whole_vs_mirrored"] = max_relative_difference(ref, model_variables(whole, STEPS))
+        result["killed_vs_mirrored"] = max_relative_difference(ref, model_variables(killed, STEPS))
+        result["files"] = {
+            "whole": sorted(os.listdir(whole)),
+            "killed": sorted(os.listdir(killed)),
+            "mirrored": sorted(os.listdir(reference)),
+        }
+        with open(os.path.join(whole, "summary.json")) as f:
+            result["whole_summary_steps"] = json.load(f)["train_steps"]
+    finally:
+        for proc in _children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""``--distribution_strategy=multi_worker_mirrored``: two worker processes on
+127.0.0.1 train like one process with two replicas, keep only the chief's
+files, and resume after being killed (tests/multi_worker_program.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import tensorflow as tf
+
+from tests.child_process import ROOT
+from tests.test_data_service import LOOPBACK_ONLY, loopback_only_available
+
+#: Relative, per model variable, after 10 steps: the same examples on the
+#: same replicas, the same collectives; only reduction order could differ.
+TOLERANCE = 1e-5
+
+
+def run_program(work_dir, timeout=1200):
+    """The program's RESULT; its whole process group is killed on timeout or failure."""
+    proc = subprocess.Popen(
+        [*LOOPBACK_ONLY, sys.executable, "-m", "tests.multi_worker_program", work_dir],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None or proc.returncode != 0:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and every worker it started
+            except ProcessLookupError:
+                pass
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        logs = ""
+        for name in sorted(os.listdir(work_dir)):
+            if name.endswith(".log"):
+                with open(os.path.join(work_dir, name)) as f:
+                    logs += f"--- {name}\n{f.read()[-1500:]}\n"
+        raise AssertionError(f"multi-worker program failed:\n{stderr[-3000:]}\n{logs}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+class MultiWorkerTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.result = None
+        if loopback_only_available():
+            work_dir = os.path.join(tf.compat.v1.test.get_temp_dir(), "multi_worker")
+            os.makedirs(work_dir, exist_ok=True)
+            cls.result = run_program(work_dir)
+
+    def setUp(self):
+        if self.result is None:
+            self.skipTest("needs unshare and ip for a loopback-only network namespace")
+
+    def test_two_workers_train_like_two_replicas_in_one_process(self):
+        self.assertLess(self.result["whole_vs_mirrored"], TOLERANCE)
+        self.assertEqual(self.result["whole_summary_steps"], 10)
+
+    def test_only_the_chief_s_files_remain(self):
+        files = self.result["files"]
+        for run in ("whole", "killed"):
+            self.assertEqual([f for f in files[run] if f.startswith("worker_")], [], run)
+            # The same files as the one-process run: checkpoints, summaries,
+            # summary.json, the export, run_config.json and the log.
+            self.assertEqual(files[run], files["mirrored"], run)
+
+    def test_killed_workers_resume_with_their_own_rings(self):
+        r = self.result
+        # Killed after checkpoint 3: the chief's checkpoint and worker 1's ring
+        # both existed; the restart resumed there, refilled no ring, and ended
+        # with the uninterrupted weights. A refilled ring would attack batch 4
+        # with the weights of step 3 instead of 2, and the weights would differ.
+        self.assertIn("ckpt-3.index", r["at_kill"]["chief"])
+        self.assertIn("ring-3.index", r["at_kill"]["worker_1"])
+        self.assertLen(r["restored"], 1)
+        self.assertRegex(r["restored"][0], r"Restored .*/ckpt-[369] at step [369]")
+        self.assertEqual(r["refilled"], [])
+        self.assertLess(r["killed_vs_mirrored"], TOLERANCE)
+
+
+if __name__ == "__main__":
+    tf.test.main()
