@@ -42,7 +42,11 @@ class _Untracked:
 
 
 class RingBuffer:
-    """τ slots per replica of (images, labels, adversarial images)."""
+    """Slots per replica of (images, labels, adversarial images).
+
+    ``staleness`` is the number of slots: τ, or τ·N micro-batches of
+    ``per_replica_batch`` examples under gradient accumulation of N.
+    """
 
     def __init__(
         self,

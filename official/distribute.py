@@ -11,6 +11,8 @@ listens blocks instead of failing.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import urllib.parse
 
@@ -106,6 +108,13 @@ def multi_worker_strategy(all_reduce_alg: str = "auto"):
     Every worker runs the same program; each uses its GPUs (or its CPU as one
     replica). Must be built before anything else touches TensorFlow's devices.
     """
+    text = os.environ.get("TF_CONFIG", "").strip()
+    try:
+        json.loads(text or "{}")
+    except ValueError as error:
+        raise StrategyError(f"TF_CONFIG is not valid JSON ({error})") from None
+    if not text:
+        os.environ.pop("TF_CONFIG", None)  # the resolver reads an empty one as broken JSON
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if not resolver.cluster_spec().jobs:
         raise StrategyError(

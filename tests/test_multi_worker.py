@@ -10,7 +10,7 @@ import sys
 
 import tensorflow as tf
 
-from tests.child_process import ROOT
+from tests.child_process import ROOT, run_main
 from tests.test_data_service import LOOPBACK_ONLY, loopback_only_available
 
 #: Relative, per model variable, after 10 steps: the same examples on the
@@ -85,6 +85,26 @@ class MultiWorkerTest(tf.test.TestCase):
         self.assertRegex(r["restored"][0], r"Restored .*/ckpt-[369] at step [369]")
         self.assertEqual(r["refilled"], [])
         self.assertLess(r["killed_vs_mirrored"], TOLERANCE)
+
+
+class ClusterFlagErrorsTest(tf.test.TestCase):
+    """What a misconfigured cluster run says: one line, exit 2, before any work."""
+
+    def error_line(self, *args, env=None):
+        proc = run_main(*args, "--train_steps=1", expect_ok=False, env=env)
+        self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        self.assertLen(errors, 1, proc.stderr[-2000:])
+        return errors[0]
+
+    def test_no_tf_config(self):
+        strategy = "--distribution_strategy=multi_worker_mirrored"
+        line = self.error_line(strategy, env={"TF_CONFIG": ""})
+        self.assertStartsWith(line, f"error: {strategy}: TF_CONFIG names no cluster")
+
+    def test_replica_count_other_than_the_configuration_s(self):
+        line = self.error_line("--num_replicas=4")
+        self.assertIn("--num_replicas=4 but --distribution_strategy=default has 1 replicas", line)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from absl import flags as absl_flags
 
 import flags as conadv_flags
 from conadv import run_identity
+from conadv.run_config import RunConfig
 from tests.child_process import TINY_RESNET, run_main
 
 SHORT = (*TINY_RESNET, "--train_steps=2", "--steps_per_loop=1", "--mode=train")
@@ -36,6 +37,44 @@ class FlagCategoriesTest(tf.test.TestCase):
         self.assertIn("--eval_attack_*", help_text)
 
 
+class RunConfigTest(tf.test.TestCase):
+    def parse(self, *args):
+        values = absl_flags.FlagValues()
+        conadv_flags.define_all(values)
+        values(["prog", *args])
+        return values
+
+    def test_the_flags_become_one_object_that_round_trips_through_json(self):
+        values = self.parse(
+            "--attack_eps=6",
+            "--attack_steps=3",
+            "--eval_attack_eps=2",
+            "--accumulation_steps=2",
+            "--augment=randaugment",
+            "--seed=9",
+            "--model_dir=/tmp/somewhere",
+        )
+        run = RunConfig.from_flags(values)
+        # Each consumer's settings, taken from the flags once.
+        self.assertEqual((run.train.attack.eps, run.train.attack.num_steps), (6.0, 3))
+        self.assertEqual(run.train.attack.alpha, 2.5 * 6.0 / 3)  # the K > 1 default step
+        self.assertEqual(run.train.eval_attack.bn_branch, "main")
+        self.assertEqual(run.train.accumulation_steps, 2)
+        self.assertEqual((run.data.pipeline.augment, run.data.pipeline.seed), ("randaugment", 9))
+        self.assertEqual(run.model_dir, "/tmp/somewhere")
+        path = os.path.join(self.get_temp_dir(), "run_config.json")
+        run.write(path)
+        self.assertEqual(RunConfig.read(path), run)
+
+    def test_bad_flags_stop_before_anything_is_built(self):
+        from flags.validation import FlagError
+
+        with self.assertRaisesRegex(FlagError, "--accumulation_steps=0 must be at least 1"):
+            RunConfig.from_flags(self.parse("--accumulation_steps=0"))
+        with self.assertRaisesRegex(FlagError, r"--target_accuracy=75.9 .*\(0.759, not 75.9\)"):
+            RunConfig.from_flags(self.parse("--target_accuracy=75.9"))
+
+
 class RunIdentityTest(tf.test.TestCase):
     def test_default_runs_with_different_settings_get_different_directories(self):
         tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
@@ -50,6 +89,11 @@ class RunIdentityTest(tf.test.TestCase):
         for directory in directories:
             with open(os.path.join(directory, run_identity.RUN_CONFIG)) as f:
                 recorded.append(json.load(f)["flags"]["attack_eps"])
+            # run_config.json is the run object itself: it reads back into a
+            # RunConfig whose attack is the one the flags asked for.
+            run = RunConfig.read(os.path.join(directory, run_identity.RUN_CONFIG))
+            self.assertEqual(run.train.attack.eps, run.flags["attack_eps"])
+            self.assertEqual(run.model_dir, directory)
         self.assertEqual(sorted(recorded), [4.0, 8.0])
 
     def test_explicit_directory_refuses_a_changed_defining_flag_and_resumes_otherwise(self):
