@@ -51,13 +51,14 @@ def run_main(values) -> dict | None:
     source = run.data.build_source()
     run = run.for_strategy(strategy, source.image_size)
 
+    import tensorflow as tf
+
     from conadv import run_files
     from conadv.trainer import Trainer, write_json
 
     files = run_files.RunFiles(run.model_dir, strategy)
-    os.makedirs(run.model_dir, exist_ok=True)
-    if files.is_chief:
-        run_identity.check_or_record(run)
+    tf.io.gfile.makedirs(run.model_dir)
+    run_identity.check_or_record(run, record=files.is_chief)
     log_file = run_logging.add_log_file(files.private_dir())
     logging.info("Full log in %s", log_file)
     trainer = Trainer(run.train, strategy, source, files=files)
@@ -80,6 +81,8 @@ def run_main(values) -> dict | None:
             )
         return result
     if run.mode == "export":
+        if not files.is_chief:
+            return {}  # the chief exports
         exported = trainer.export()
         print(
             f"exported step {trainer.global_step}: {exported['keras']} and "
@@ -96,12 +99,13 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
+    files.clean_up()
+    if not files.is_chief:
+        return summary  # the export and summary.json are the chief's (no collectives)
     exported = trainer.export()
     summary["export_path"] = exported["keras"]
     summary["saved_model_path"] = exported["saved_model"]
-    if files.is_chief:
-        write_json(os.path.join(run.model_dir, "summary.json"), summary)
-    files.clean_up()
+    write_json(os.path.join(run.model_dir, "summary.json"), summary)
     if summary["eval_top1"] is not None:
         print(
             f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f})"

@@ -74,7 +74,7 @@ class ServingModule(tf.Module):
 
 def export_model(model, export_dir: str, image_size: int, class_names=None) -> dict:
     """Writes ``model.keras``, ``saved_model/`` and (with names) ``labels.txt``; returns paths."""
-    os.makedirs(export_dir, exist_ok=True)
+    tf.io.gfile.makedirs(export_dir)
     plain = resnet.plain_inference_model(model)
     keras_path = os.path.join(export_dir, KERAS_FILE)
     plain.save(keras_path)
@@ -92,7 +92,7 @@ def export_model(model, export_dir: str, image_size: int, class_names=None) -> d
     paths = {"keras": keras_path, "saved_model": saved_model_path}
     if class_names is not None:
         labels_path = os.path.join(export_dir, LABELS_FILE)
-        with open(labels_path, "w") as f:
+        with tf.io.gfile.GFile(labels_path, "w") as f:
             f.write("".join(f"{name}\n" for name in class_names))
         paths["labels"] = labels_path
     return paths

@@ -57,7 +57,10 @@ class MLPerfLog:
         log.event(c.CACHE_CLEAR, True, time_ms=init_start_ms)
         log.start(c.INIT_START, time_ms=init_start_ms)
         log.event(c.SUBMISSION_BENCHMARK, c.RESNET)
-        log.event(c.SUBMISSION_DIVISION, c.CLOSED)
+        division = run.mlperf_division
+        if division == "auto":
+            division = c.CLOSED if train.method == "vanilla" else c.OPEN
+        log.event(c.SUBMISSION_DIVISION, division)
         log.event(c.SUBMISSION_ORG, run.mlperf_org)
         log.event(c.SUBMISSION_PLATFORM, run.mlperf_platform or platform_name(strategy))
         log.event(c.SUBMISSION_STATUS, c.RESEARCH)

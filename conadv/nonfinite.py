@@ -72,3 +72,8 @@ class NonFiniteGuard:
             return None
         step, code = min(bad)
         return step, QUANTITIES[code]
+
+
+def code_of(quantity: str) -> int:
+    """The number ``NonFiniteGuard`` records for a quantity's name."""
+    return {name: code for code, name in QUANTITIES.items()}[quantity]

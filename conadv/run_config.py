@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 from typing import Any
 
@@ -106,6 +105,7 @@ class RunConfig:
     eval_predictions: bool = False
     mlperf_log: str | None = None
     mlperf_org: str = "conadv"
+    mlperf_division: str = "auto"
     mlperf_platform: str | None = None
 
     @property
@@ -209,6 +209,7 @@ class RunConfig:
             eval_predictions=v.eval_predictions,
             mlperf_log=v.mlperf_log,
             mlperf_org=v.mlperf_org,
+            mlperf_division=v.mlperf_division,
             mlperf_platform=v.mlperf_platform,
         )
 
@@ -259,14 +260,14 @@ class RunConfig:
         )
 
     def write(self, path: str):
-        """Writes atomically (a reader never sees half a file)."""
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        """Writes atomically (a reader never sees half a file); local or gs:// paths."""
+        from conadv.trainer import write_json
+
+        write_json(path, self.to_dict())
 
     @classmethod
     def read(cls, path: str) -> RunConfig:
-        with open(path) as f:
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path) as f:
             return cls.from_dict(json.load(f))

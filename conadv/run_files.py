@@ -20,7 +20,6 @@ not, and on whether one of them was asked to stop (SIGTERM).
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -54,13 +53,15 @@ class RunFiles:
         if self.is_chief:
             return self.model_dir
         path = os.path.join(self.model_dir, f"worker_{self.worker_index}")
-        os.makedirs(path, exist_ok=True)
+        tf.io.gfile.makedirs(path)
         return path
 
     def clean_up(self):
         """Removes a non-chief worker's directory at the end of the run."""
         if not self.is_chief:
-            shutil.rmtree(self.private_dir(), ignore_errors=True)
+            path = self.private_dir()
+            if tf.io.gfile.exists(path):
+                tf.io.gfile.rmtree(path)
 
     # ---------------------------------------------------------- agreements
 

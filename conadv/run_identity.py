@@ -86,6 +86,7 @@ RESUMABLE_FLAGS = (
     "update_pass",
     "mlperf_log",
     "mlperf_org",
+    "mlperf_division",
     "mlperf_platform",
     "target_accuracy",
     "verbosity",
@@ -121,17 +122,20 @@ def _show(value) -> str:
     return "(default)" if value is None else str(value)
 
 
-def check_or_record(run) -> dict:
+def check_or_record(run, record: bool = True) -> dict:
     """Writes the run (a ``RunConfig``) as ``run_config.json`` on a first start;
     on a later one, compares its defining flags with the recorded ones.
 
     Raises ``RunMismatchError`` naming every defining flag whose value differs.
-    Returns the recorded defining flags.
+    Returns the recorded defining flags. ``record=False`` (a non-chief worker)
+    only compares: every worker stops on a mismatch, none waits for another.
     """
+    import tensorflow as tf  # not at import: main.py imports this before TensorFlow
+
     path = os.path.join(run.model_dir, RUN_CONFIG)
     current = defining_values(run.flags)
-    if os.path.exists(path):
-        with open(path) as f:
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
             stored = json.load(f)
         # "defining_flags": the form written before run_config.json held the whole run.
         recorded = stored.get("flags") or stored.get("defining_flags", {})
@@ -146,5 +150,6 @@ def check_or_record(run) -> dict:
                 "use a new --model_dir (or the flags it was trained with)"
             )
         return {name: recorded.get(name) for name in DEFINING_FLAGS}
-    run.write(path)
+    if record:
+        run.write(path)
     return current

@@ -107,7 +107,16 @@ def configure_console():
 
 
 def add_log_file(model_dir: str) -> str:
-    """Appends every record at INFO or above to ``<model_dir>/log.txt``; returns its path."""
+    """Appends every record at INFO or above to ``<model_dir>/log.txt``; returns its path.
+
+    A ``--model_dir`` on a remote file system (``gs://…``) gets the log in a
+    local directory instead (Python's logging writes local files only); the
+    run's first lines say where.
+    """
+    if "://" in model_dir:
+        local = os.path.join(tempfile.gettempdir(), "conadv_logs", model_dir.split("://", 1)[1])
+        os.makedirs(local, exist_ok=True)
+        model_dir = local
     path = os.path.join(model_dir, LOG_FILE)
     root = logging.getLogger()
     for handler in root.handlers:

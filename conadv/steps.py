@@ -36,6 +36,7 @@ from conadv.metrics import ReplicaSums
 from conadv.nonfinite import NonFiniteGuard
 from conadv.ring_buffer import RingBuffer
 from official import losses, precision
+from official.accumulation import GradientAccumulator
 
 VANILLA = "vanilla"
 DISADV = "disadv"
@@ -68,6 +69,8 @@ class StepContext:
     guard: NonFiniteGuard | None = None
     #: Micro-batches per optimizer step (the ring then holds τ·N micro-batches).
     accumulation_steps: int = 1
+    #: Per-replica gradient sums when accumulation_steps > 1 (official/accumulation.py).
+    accumulator: GradientAccumulator | None = None
 
     def __post_init__(self):
         if self.update_pass not in UPDATE_PASSES:
@@ -147,37 +150,6 @@ def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()
     ctx.optimizer.apply_gradients(zip(grads, ctx.model.trainable_variables))
 
 
-def micro_batch_index(ctx: StepContext, i) -> tf.Tensor:
-    """The position of micro-batch ``i`` of this step in the stream of micro-batches."""
-    return ctx.optimizer.iterations * ctx.accumulation_steps + tf.cast(i, tf.int64)
-
-
-def accumulated(ctx: StepContext, batch, micro_step):
-    """Sums ``micro_step(i, images, labels) -> (grads, clean_sum, adv_sum)`` over the
-    step's micro-batches.
-
-    With ``accumulation_steps`` N = 1 the batch is ``(images [B,…], labels [B])``;
-    with N > 1 it is ``(images [N,B/N,…], labels [N,B/N])`` and a while loop
-    takes the micro-batches one after another (memory of one micro-batch).
-    Each micro-batch's loss is already divided by the global batch, so the
-    sum is the gradient of the whole step's loss.
-    """
-    images, labels = batch
-    n = ctx.accumulation_steps
-    if n == 1:
-        return micro_step(tf.constant(0, tf.int64), images, labels)
-    zeros = [tf.zeros(v.shape, v.dtype) for v in ctx.model.trainable_variables]
-
-    def body(i, grads, clean_sum, adv_sum):
-        g, clean, adv = micro_step(tf.cast(i, tf.int64), images[i], labels[i])
-        return i + 1, [a + b for a, b in zip(grads, g)], clean_sum + clean, adv_sum + adv
-
-    _, grads, clean_sum, adv_sum = tf.while_loop(
-        lambda i, *_: i < n, body, (tf.constant(0), zeros, tf.constant(0.0), tf.constant(0.0))
-    )
-    return grads, clean_sum, adv_sum
-
-
 def _clean_statistics(labels, logits, per_example_loss):
     return dict(
         examples=tf.size(labels),
@@ -252,92 +224,140 @@ def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversaria
     _apply(ctx, grads, clean_sum, adv_sum, wait_for)
 
 
-def build_vanilla_step(ctx: StepContext):
-    def vanilla_step(batch):
-        def micro_step(i, images, labels):
-            return clean_gradients(ctx, as_stored(ctx, images), labels)
-
-        grads, clean_sum, _ = accumulated(ctx, batch, micro_step)
-        _apply(ctx, grads, clean_sum)
-
-    return vanilla_step
+def vanilla_gradients(ctx: StepContext, images, labels, index):
+    """Vanilla on one (micro-)batch: the clean loss through the main branch."""
+    grads, clean_sum, _ = clean_gradients(ctx, as_stored(ctx, images), labels)
+    return grads, clean_sum, None, []
 
 
-def build_disadv_step(ctx: StepContext):
-    def disadv_step(batch):
-        def micro_step(i, images, labels):
-            images = as_stored(ctx, images)
-            index = micro_batch_index(ctx, i)
-            adversarial = run_attack(ctx, images, labels, batch_index=index)
-            return adversarial_gradients(ctx, images, labels, adversarial)
-
-        grads, clean_sum, adv_sum = accumulated(ctx, batch, micro_step)
-        _apply(ctx, grads, clean_sum, adv_sum)
-
-    return disadv_step
+def disadv_gradients(ctx: StepContext, images, labels, index):
+    """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss."""
+    images = as_stored(ctx, images)
+    adversarial = run_attack(ctx, images, labels, batch_index=index)
+    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
+    return grads, clean_sum, adv_sum, []
 
 
-def build_conadv_step(ctx: StepContext):
-    """Step t: train on the ring's slots of batch t, attack the incoming batch t+τ into them.
+def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
+    """ConAdv on (micro-)batch ``index``: train on its ring slot, attack the incoming one into it.
 
-    In micro-batches (N per step; N = 1 without accumulation): micro-batch
-    m = t·N + i lives in slot m mod τN, and the incoming micro-batch m + τN
-    takes its slot once it has been read.
+    The ring holds τ·N micro-batches (N = 1 without accumulation): micro-batch
+    m lives in slot m mod τN, was attacked τ optimizer steps ago, and the
+    incoming micro-batch m + τN (``next_images``) is attacked with the current
+    weights and takes its slot once it has been read.
     """
-    if ctx.ring is None:
+    ring_size = ctx.ring.staleness
+    next_images = as_stored(ctx, next_images)
+    slot = tf.cast(index % ring_size, tf.int32)
+    images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
+    next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ring_size)
+    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
+    with tf.control_dependencies(grads):
+        ctx.ring.write(slot, next_images, next_labels, next_adversarial)
+    # The update may only overwrite θ_t once the attack has read it.
+    return grads, clean_sum, adv_sum, [next_adversarial]
+
+
+_GRADIENTS = {VANILLA: vanilla_gradients, DISADV: disadv_gradients, CONADV: conadv_gradients}
+
+
+def _gradients_fn(method: str, ctx: StepContext):
+    if method not in _GRADIENTS:
+        raise ValueError(f"--method={method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if method == CONADV and ctx.ring is None:
         raise ValueError("ConAdv needs a ring buffer in the step context")
-    ring_size = ctx.ring.staleness  # τ·N micro-batches
-    ahead = ring_size  # the incoming micro-batch is τ steps (τN micro-batches) later
-
-    def conadv_step(batch):
-        attacks = []
-
-        def micro_step(i, next_images, next_labels):
-            next_images = as_stored(ctx, next_images)
-            index = micro_batch_index(ctx, i)
-            slot = tf.cast(index % ring_size, tf.int32)
-            images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
-            next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ahead)
-            grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
-            with tf.control_dependencies([g for g in grads if g is not None]):
-                ctx.ring.write(slot, next_images, next_labels, next_adversarial)
-            attacks.append(next_adversarial)
-            return grads, clean_sum, adv_sum
-
-        grads, clean_sum, adv_sum = accumulated(ctx, batch, micro_step)
-        wait_for = attacks if ctx.accumulation_steps == 1 else []
-        _apply(ctx, grads, clean_sum, adv_sum, wait_for)
-
-    return conadv_step
-
-
-def build_conadv_prologue(ctx: StepContext):
-    """Writes step-batch k's micro-batches, attacked by the current weights, into their slots.
-
-    Called for k = t … t+τ−1 before step t (t = 0 on a fresh run), so the
-    buffer holds exactly what the ConAdv steps would have left there.
-    """
-    n = ctx.accumulation_steps
-
-    def prologue_step(batch, k):
-        images, labels = batch
-        parts = [(images, labels)] if n == 1 else [(images[i], labels[i]) for i in range(n)]
-        for i, (micro_images, micro_labels) in enumerate(parts):
-            micro_images = as_stored(ctx, micro_images)
-            index = tf.cast(k, tf.int64) * n + i
-            adversarial = run_attack(ctx, micro_images, micro_labels, batch_index=index)
-            slot = tf.cast(index % ctx.ring.staleness, tf.int32)
-            ctx.ring.write(slot, micro_images, micro_labels, adversarial)
-
-    return prologue_step
+    return _GRADIENTS[method]
 
 
 def build_step(method: str, ctx: StepContext):
-    builders = {
-        VANILLA: build_vanilla_step,
-        DISADV: build_disadv_step,
-        CONADV: build_conadv_step,
-    }
-    if method not in builders:
-        raise ValueError(f"--method={method!r} is unknown; choose one of {', '.join(METHODS)}")
-    return builders[method](ctx)
+    """The replica step of one batch: its gradients, then the optimizer step (step t)."""
+    gradients = _gradients_fn(method, ctx)
+
+    def step(batch):
+        images, labels = batch
+        index = tf.cast(ctx.optimizer.iterations, tf.int64)
+        grads, clean_sum, adv_sum, wait_for = gradients(ctx, images, labels, index)
+        _apply(ctx, grads, clean_sum, adv_sum, wait_for)
+
+    return step
+
+
+def build_micro_step(method: str, ctx: StepContext):
+    """Gradient accumulation: the replica step of micro-batch ``i`` of step t.
+
+    Its gradients go to the context's accumulator; ``build_apply_step``
+    applies their sum. Micro-batch i of step t is number t·N + i of the
+    stream of micro-batches (its attack seed and ring slot follow from it).
+    """
+    gradients = _gradients_fn(method, ctx)
+
+    def micro_step(batch, i):
+        images, labels = batch
+        index = tf.cast(ctx.optimizer.iterations, tf.int64) * ctx.accumulation_steps + i
+        grads, clean_sum, adv_sum, _ = gradients(ctx, images, labels, index)
+        sums = {"clean": clean_sum}
+        if adv_sum is not None:
+            sums["adversarial"] = adv_sum
+        ctx.accumulator.add(grads, **sums)
+
+    return micro_step
+
+
+def build_apply_step(method: str, ctx: StepContext):
+    """Gradient accumulation: one optimizer step on the accumulated gradients."""
+
+    def apply_step():
+        grads = ctx.accumulator.gradients()
+        adversarial = None if method == VANILLA else ctx.accumulator.scalar("adversarial")
+        _apply(ctx, grads, ctx.accumulator.scalar("clean"), adversarial)
+        ctx.accumulator.reset()
+
+    return apply_step
+
+
+class TrainStep:
+    """One optimizer step from an iterator; call in cross-replica context, in a tf.function.
+
+    Without accumulation, one ``strategy.run`` of the replica step on the
+    next batch. With N micro-batches, N ``strategy.run`` calls (each on the
+    next micro-batch: one forward and backward pass of B/N rows, and any
+    BatchNorm group collectives, per call) and one that applies their sum.
+    Each replica function is one XLA program when ``jit_compile`` is set.
+    """
+
+    def __init__(self, method: str, ctx: StepContext, strategy, jit_compile: bool = False):
+        self.strategy = strategy
+        self.n = ctx.accumulation_steps
+        if self.n == 1:
+            self._step = tf.function(build_step(method, ctx), jit_compile=jit_compile)
+        else:
+            if ctx.accumulator is None:
+                raise ValueError("accumulation_steps > 1 needs an accumulator in the step context")
+            self._micro = tf.function(build_micro_step(method, ctx), jit_compile=jit_compile)
+            self._apply = tf.function(build_apply_step(method, ctx), jit_compile=jit_compile)
+
+    def __call__(self, iterator):
+        if self.n == 1:
+            self.strategy.run(self._step, args=(next(iterator),))
+            return
+        for i in tf.range(tf.constant(self.n, tf.int64)):
+            self.strategy.run(self._micro, args=(next(iterator), i))
+        self.strategy.run(self._apply)
+
+
+def build_conadv_prologue(ctx: StepContext):
+    """Writes micro-batch ``index``, attacked by the current weights, into its slot.
+
+    Called for the τ·N micro-batches t·N … (t+τ)·N − 1 before step t (t = 0 on
+    a fresh run; N = 1 without accumulation), so the buffer holds exactly what
+    the ConAdv steps would have left there.
+    """
+
+    def prologue_step(batch, index):
+        images, labels = batch
+        images = as_stored(ctx, images)
+        adversarial = run_attack(ctx, images, labels, batch_index=index)
+        slot = tf.cast(index % ctx.ring.staleness, tf.int32)
+        ctx.ring.write(slot, images, labels, adversarial)
+
+    return prologue_step

@@ -24,6 +24,7 @@ from absl import logging
 
 from conadv import attack as attack_lib
 from conadv import export as export_lib
+from conadv import nonfinite
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.nonfinite import NonFiniteError, NonFiniteGuard
@@ -33,6 +34,7 @@ from conadv.run_files import RunFiles
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
 from official import split_batch_norm as bn_lib
+from official.accumulation import GradientAccumulator
 
 EVAL_SUMS = ("examples", "loss", "top1", "top5", "robust_loss", "robust_top1", "robust_top5")
 
@@ -169,21 +171,32 @@ class Trainer:
             compute_dtype=self.compute_dtype,
             guard=self.guard,
             accumulation_steps=self.accumulation_steps,
+            accumulator=self._accumulator(),
         )
         # Each replica step is one XLA program when jit_compile is set (always
         # on TPU); the loop around it, and the iterator, stay outside.
-        replica_step = steps_lib.build_step(config.method, self.context)
-        self._replica_step = tf.function(replica_step, jit_compile=config.jit_compile)
+        self._train_step = steps_lib.TrainStep(
+            config.method, self.context, strategy, jit_compile=config.jit_compile
+        )
         self._eval_replica_step = tf.function(self._eval_replica, jit_compile=config.jit_compile)
         self._train_loop = tf.function(self._train_loop_fn)
 
         self.iterator = None  # opened by train(), at the step it starts from
+        self._last_saved = -1  # the step of the latest complete checkpoint (-1: none)
         self._checkpoint, self._manager, self._ring_manager = self._make_checkpoint()
         # Only the chief's summaries are the run's (conadv/run_files.py).
         self._writers = {
             name: tf.summary.create_file_writer(os.path.join(self.files.private_dir(), name))
             for name in ("train", "eval")
         }
+
+    def _accumulator(self) -> GradientAccumulator | None:
+        """Per-replica gradient sums for accumulation over micro-batches (N > 1)."""
+        if self.accumulation_steps == 1:
+            return None
+        return GradientAccumulator(
+            self.strategy, self.model.trainable_variables, scalars=("clean", "adversarial")
+        )
 
     def _bn_group_size(self) -> int:
         """``--bn_group_size``, or the smallest group whose statistics cover 64 examples."""
@@ -301,6 +314,7 @@ class Trainer:
                 if tf.io.gfile.exists(own + ".index"):
                     self._ring_manager.checkpoint.restore(own).expect_partial()
             logging.info("Restored %s at step %d", path, self.global_step)
+        self._last_saved = step
         if self.ring is not None and not self.files.all_agree(self.ring.is_filled()):
             if step >= 0:
                 logging.info("Not every worker has its ring for step %d: all are refilled", step)
@@ -309,45 +323,58 @@ class Trainer:
 
     def save(self) -> str:
         """Every worker saves what is its own; returns the chief's checkpoint path."""
+        step = self.global_step
         if self._ring_manager is not None:
-            self._ring_manager.save(checkpoint_number=self.global_step)
-        if not self.files.is_chief:
-            return os.path.join(self.config.model_dir, f"ckpt-{self.global_step}")
-        path = self._manager.save(checkpoint_number=self.global_step)
-        logging.info("Saved checkpoint %s", path)
+            self._ring_manager.save(checkpoint_number=step)
+        path = os.path.join(self.config.model_dir, f"ckpt-{step}")
+        if self.files.is_chief:
+            path = self._manager.save(checkpoint_number=step)
+            logging.info("Saved checkpoint %s", path)
+        self._last_saved = step
         return path
 
     # ------------------------------------------------------------- training
 
     def _train_loop_fn(self, iterator, num_steps):
         for _ in tf.range(num_steps):
-            self.strategy.run(self._replica_step, args=(next(iterator),))
+            self._train_step(iterator)
 
     def fill_ring_buffer(self):
-        """ConAdv's prologue: slot k ← batch k attacked with the current weights."""
+        """ConAdv's prologue: the τ·N micro-batches of steps t … t+τ−1, attacked
+        with the current weights, into their slots (N = 1 without accumulation)."""
         prologue = tf.function(
             steps_lib.build_conadv_prologue(self.context), jit_compile=self.config.jit_compile
         )
 
         @tf.function
-        def fill(iterator, k):
-            self.strategy.run(prologue, args=(next(iterator), k))
+        def fill(iterator, first, count):
+            for index in tf.range(first, first + count):
+                self.strategy.run(prologue, args=(next(iterator), index))
 
-        first_batch = self.global_step
-        for k in range(self.config.staleness):
-            # The micro-batches of step-batch first_batch + k go to their slots.
-            fill(self.iterator, tf.constant(first_batch + k, tf.int64))
+        first = self.global_step * self.accumulation_steps
+        fill(
+            self.iterator, tf.constant(first, tf.int64), tf.constant(self.ring.staleness, tf.int64)
+        )
         self.ring.mark_filled()
 
     def _stop_if_diverged(self):
-        """Raises ``NonFiniteError`` (and saves nothing) if a step of the last loop diverged."""
+        """Raises ``NonFiniteError`` (and saves nothing) if a step of the last loop diverged.
+
+        Every worker raises, naming the earliest bad step of any worker: one
+        replica's NaN reaches every worker's weights through the all-reduce.
+        """
         bad = self.guard.first()
-        if bad is not None:
-            step, quantity = bad
-            latest = self._manager.latest_checkpoint
-            last_good = os.path.basename(latest) if latest else "none (no checkpoint yet)"
+        never = 2**62
+        local = never if bad is None else bad[0] * 4 + nonfinite.code_of(bad[1])
+        first = self.files.agreed_step(local)  # the minimum over workers
+        if first < never:
+            step, code = divmod(first, 4)
+            last_good = (
+                f"ckpt-{self._last_saved}" if self._last_saved >= 0 else "none (no checkpoint yet)"
+            )
             raise NonFiniteError(
-                f"non-finite {quantity} at step {step}; last good checkpoint {last_good}"
+                f"non-finite {nonfinite.QUANTITIES[code]} at step {step}; "
+                f"last good checkpoint {last_good}"
             )
 
     def _next_stop(self, step: int, evaluate: bool) -> int:
@@ -388,6 +415,8 @@ class Trainer:
         config = self.config
         start_time = time.time()
         step = self.restore()
+        if events is not None:
+            events.training_from(step)  # the prologue's attacks are part of the run
         self.open_training_stream(step)
         if self.ring is not None and not self.ring.is_filled():
             self.fill_ring_buffer()
@@ -409,8 +438,6 @@ class Trainer:
             accumulation,
             self.strategy.num_replicas_in_sync,
         )
-        if events is not None:
-            events.training_from(step)
         timed_images, timed_seconds, first_loop = 0, 0.0, True
         last_train, eval_result, time_to_target = {}, {}, None
         with PreemptionWatcher() as preemption:
@@ -440,9 +467,10 @@ class Trainer:
                 # One worker's SIGTERM stops every worker at the same step.
                 stop_requested = self.files.any_asks(preemption.requested)
                 if stop_requested and step < self.train_steps:
-                    path = self._manager.latest_checkpoint if saved else self.save()
+                    if not saved:
+                        self.save()
                     raise PreemptedError(
-                        f"preempted (SIGTERM) at step {step}: saved {os.path.basename(path)}; "
+                        f"preempted (SIGTERM) at step {step}: saved ckpt-{step}; "
                         "run the same command again to resume"
                     )
                 if at_eval:
@@ -598,8 +626,6 @@ class Trainer:
 
     def export(self, export_dir: str | None = None) -> dict:
         """The main branch as ``model.keras`` and a serving SavedModel (``conadv/export.py``)."""
-        if not self.files.is_chief:  # written, then removed with the worker's directory
-            export_dir = os.path.join(self.files.private_dir(), "export")
         export_dir = (
             export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
         )
@@ -624,10 +650,9 @@ class Trainer:
 def write_json(path: str, values: dict):
     """Writes atomically: a reader never sees half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def format_duration(seconds: float) -> str:

@@ -26,7 +26,8 @@ def define(fv):
         "--eval_batch_size, --eval_attack_*, --eval_predictions, --data_dir, --export_dir, "
         "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
         "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --jit_compile, --update_pass, "
-        "--mlperf_log, --mlperf_org, --mlperf_platform, --target_accuracy, --verbosity. "
+        "--mlperf_log, --mlperf_org, --mlperf_division, --mlperf_platform, --target_accuracy, "
+        "--verbosity. "
         "Default: <tmp>/conadv/<dataset>_<model>_<method>_<hash of the defining flags>.",
         flag_values=fv,
     )
@@ -130,6 +131,14 @@ def define(fv):
     )
     absl_flags.DEFINE_string(
         "mlperf_org", "conadv", "--mlperf_log: the submission_org value.", flag_values=fv
+    )
+    absl_flags.DEFINE_enum(
+        "mlperf_division",
+        "auto",
+        ["auto", "closed", "open"],
+        "--mlperf_log: the submission_division value. auto: closed for --method=vanilla, "
+        "open for the adversarial methods (they change the reference training).",
+        flag_values=fv,
     )
     absl_flags.DEFINE_string(
         "mlperf_platform",

@@ -142,6 +142,13 @@ def validate(values, num_replicas: int = 1):
             f"--bn_group_size={v.bn_group_size} must be >= 0 "
             "(0 = all replicas, 1 = each replica's own)",
         )
+    _require(
+        v.distribution_strategy != "multi_worker_mirrored"
+        or bool(v.model_dir)
+        or v.mode == "dry_run",
+        "--distribution_strategy=multi_worker_mirrored needs --model_dir: a directory every "
+        "worker shares (the default is under each host's own temporary directory)",
+    )
     if v.num_replicas is not None:
         _require(v.num_replicas >= 1, f"--num_replicas={v.num_replicas} must be at least 1")
     _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")

@@ -151,23 +151,23 @@ class DataSource(abc.ABC):
     ) -> tf.distribute.DistributedDataset:
         """The split as a distributed dataset of per-replica shards.
 
-        ``micro_batches`` N > 1 (``TRAIN`` only, gradient accumulation): each
-        replica's element is N consecutive micro-batches stacked,
-        ``([N, B/N, S, S, 3], [N, B/N])``, where B is its share of
-        ``global_batch_size``; ``start_step`` still counts whole steps.
+        ``micro_batches`` N > 1 (``TRAIN`` only, gradient accumulation): the
+        elements are micro-batches of B/N, B being a replica's share of
+        ``global_batch_size``, N per step; ``start_step`` still counts whole
+        steps.
         """
 
         def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
             per_replica = input_context.get_per_replica_batch_size(global_batch_size)
             if split != TRAIN:
                 return self.dataset(split, per_replica, input_context)
-            if micro_batches == 1:
-                ds = self.dataset(split, per_replica, input_context, start_step=start_step)
-            else:
-                micro = per_replica // micro_batches
-                ds = self.dataset(
-                    split, micro, input_context, start_step=start_step * micro_batches
-                ).batch(micro_batches, drop_remainder=True)
+            # Micro-batches are the stream's batches: N of them per step.
+            ds = self.dataset(
+                split,
+                per_replica // micro_batches,
+                input_context,
+                start_step=start_step * micro_batches,
+            )
             # Training streams never end; saying so spares multi-worker
             # iterators an end-of-data all-reduce on every step.
             return ds.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))

@@ -13,6 +13,7 @@ other record sources (``input_pipeline.records``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -137,12 +138,32 @@ class ImageNetSource(RecordSource):
         return total
 
     def _train_record_count(self, files) -> int:
-        """Records in these training files: read once, when a run resumes."""
+        """Records in these training files: counted when a run first resumes on this
+        machine, then remembered (keyed by the files' names and sizes)."""
+        key = hashlib.sha256(
+            json.dumps([(f, tf.io.gfile.stat(f).length) for f in files]).encode()
+        ).hexdigest()[:16]
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "conadv", "record_counts")
+        path = os.path.join(cache, f"{key}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return int(json.load(f)["records"])
         logging.info(
-            "Counting the records of %d training files to resume at the right batch", len(files)
+            "Counting the records of %d training files to resume at the right batch "
+            "(once per machine; remembered in %s)",
+            len(files),
+            cache,
         )
         reader = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
-        return epochs.count_records(reader)
+        count = epochs.count_records(reader)
+        try:
+            os.makedirs(cache, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"records": count, "files": len(files)}, f)
+            os.replace(path + ".tmp", path)
+        except OSError as error:  # a read-only home: count again next time
+            logging.warning("Could not remember the record count in %s: %s", cache, error)
+        return count
 
     def _decode_record(self, record):
         example = tf.io.parse_single_example(record, FEATURES)

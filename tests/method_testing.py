@@ -10,6 +10,7 @@ from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
 from official import optimizers, resnet
+from official.accumulation import GradientAccumulator
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -66,6 +67,11 @@ def make_context(
         )
         opt.build(model.trainable_variables)
         sums = ReplicaSums(steps_lib.TRAIN_SUMS)
+    accumulator = None
+    if accumulation_steps > 1:
+        accumulator = GradientAccumulator(
+            strategy, model.trainable_variables, scalars=("clean", "adversarial")
+        )
     ring = None
     if staleness:
         micro = batch_size // strategy.num_replicas_in_sync // accumulation_steps
@@ -82,17 +88,18 @@ def make_context(
         ring=ring,
         update_pass=update_pass,
         accumulation_steps=accumulation_steps,
+        accumulator=accumulator,
     )
 
 
 def step_runner(ctx, method, strategy=None, jit_compile=False):
     """Runs one training step of ``method`` per call, like the trainer's loop does."""
     strategy = strategy or tf.distribute.get_strategy()
-    replica_step = tf.function(steps_lib.build_step(method, ctx), jit_compile=jit_compile)
+    train_step = steps_lib.TrainStep(method, ctx, strategy, jit_compile=jit_compile)
 
     @tf.function
     def run(iterator):
-        strategy.run(replica_step, args=(next(iterator),))
+        train_step(iterator)
 
     return run
 
@@ -102,11 +109,11 @@ def fill_ring(ctx, iterator, strategy=None):
     prologue = steps_lib.build_conadv_prologue(ctx)
 
     @tf.function
-    def fill(it, k):
-        strategy.run(prologue, args=(next(it), k))
+    def fill(it, index):
+        strategy.run(prologue, args=(next(it), index))
 
-    for k in range(ctx.ring.staleness // ctx.accumulation_steps):  # τ step-batches
-        fill(iterator, tf.constant(k, tf.int64))
+    for index in range(ctx.ring.staleness):  # τ·N micro-batches (N = 1: τ batches)
+        fill(iterator, tf.constant(index, tf.int64))
     ctx.ring.mark_filled()
 
 

@@ -18,6 +18,7 @@ import keras  # noqa: E402
 
 from conadv import steps as steps_lib  # noqa: E402
 from official import optimizers, precision, resnet  # noqa: E402
+from official.split_batch_norm import SplitBatchNormalization  # noqa: E402
 from tests import method_testing as mt  # noqa: E402
 
 BATCH = 8
@@ -35,8 +36,12 @@ def model_for(strategy, synchronized):
         )
 
 
-def train(strategy, method, images, labels, steps, synchronized=True):
+def train(strategy, method, images, labels, steps, synchronized=True, accumulation=1, frozen=False):
     model = model_for(strategy, synchronized)
+    if frozen:  # BatchNorm on moving statistics (Keras' trainable=False)
+        for layer in model._flatten_layers():
+            if isinstance(layer, SplitBatchNormalization):
+                layer.trainable = False
     ctx = mt.make_context(
         model,
         learning_rate=0.1,
@@ -45,7 +50,14 @@ def train(strategy, method, images, labels, steps, synchronized=True):
         staleness=1 if method == "conadv" else None,
         batch_size=BATCH,
         strategy=strategy,
+        accumulation_steps=accumulation,
     )
+    if accumulation > 1:  # each step's batch as consecutive micro-batches
+        steps_in_data, batch = labels.shape
+        images = images.reshape(
+            steps_in_data * accumulation, batch // accumulation, *images.shape[2:]
+        )
+        labels = labels.reshape(steps_in_data * accumulation, batch // accumulation)
     iterator = mt.batch_iterator(images, labels, strategy)
     if method == "conadv":
         mt.fill_ring(ctx, iterator, strategy)
@@ -134,6 +146,30 @@ def main():
     out["overflow"] = {
         "ours": overflow_on_one_replica(mirrored, precision.LossScaleOptimizer),
         "keras": overflow_on_one_replica(mirrored, keras.optimizers.LossScaleOptimizer),
+    }
+    # Gradient accumulation on 2 replicas: N = 2 micro-batches per step.
+    frozen_one, _ = train(mirrored, "vanilla", images, labels, steps=2, frozen=True)
+    frozen_two, _ = train(mirrored, "vanilla", images, labels, steps=2, frozen=True, accumulation=2)
+    out["accumulation_frozen_max_rel_diff"] = max_rel_diff(frozen_two, frozen_one)
+    model, ctx = train(mirrored, "conadv", images, labels, steps=2, accumulation=2)
+    quarter = BATCH // 4  # a replica's share of a micro-batch
+    micro = images.reshape(-1, BATCH // 2, *images.shape[2:])
+    out["accumulation_conadv"] = {
+        "steps": int(ctx.optimizer.iterations.numpy()),
+        "finite": bool(all(np.all(np.isfinite(v.numpy())) for v in model.variables)),
+        "examples": ctx.sums.totals()["examples"],
+        "ring_slots": ctx.ring.staleness,
+        # After steps 0 and 1, slot i of replica r holds micro-batch 2·2 + i, rows of r.
+        "ring_holds_step_2": [
+            bool(
+                np.array_equal(
+                    ctx.ring.local_slots("images")[r][i].numpy(),
+                    micro[4 + i][r * quarter : (r + 1) * quarter],
+                )
+            )
+            for r in range(2)
+            for i in range(2)
+        ],
     }
     print("RESULT " + json.dumps(out))
 

@@ -99,6 +99,15 @@ def start_workers(model_dir, work_dir, tag):
     return procs
 
 
+def listed(state_file, name):
+    """Whether a CheckpointManager state file lists checkpoint ``name``."""
+    try:
+        with open(state_file) as f:
+            return f'"{name}"' in f.read()
+    except OSError:
+        return False
+
+
 def model_variables(model_dir, step):
     import tensorflow as tf
 
@@ -143,9 +152,11 @@ def main():
         procs = start_workers(killed, work_dir, "killed")
         first = CHECKPOINT_EVERY
         deadline = time.time() + TIMEOUT
+        # A checkpoint counts once the manager's state file lists it (it is
+        # written after the checkpoint's files): the chief's and worker 1's.
         while not (
-            os.path.exists(os.path.join(killed, f"ckpt-{first}.index"))
-            and os.path.exists(os.path.join(killed, "worker_1", f"ring-{first}.index"))
+            listed(os.path.join(killed, "checkpoint"), f"ckpt-{first}")
+            and listed(os.path.join(killed, "worker_1", "checkpoint"), f"ring-{first}")
         ):
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the workers stopped (or hung) before their first checkpoint")

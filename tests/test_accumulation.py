@@ -22,12 +22,12 @@ def frozen_model(seed=1):
     return model
 
 
-def stacked(images, labels, n):
-    """Per step, the batch as n micro-batches: [steps, n, B/n, ...]."""
-    steps = images.shape[0]
+def micro_batches(images, labels, n):
+    """Each step's batch as n consecutive micro-batches of B/n: [steps·n, B/n, ...]."""
+    steps, batch = labels.shape
     return (
-        images.reshape(steps, n, -1, *images.shape[2:]),
-        labels.reshape(steps, n, -1),
+        images.reshape(steps * n, batch // n, *images.shape[2:]),
+        labels.reshape(steps * n, batch // n),
     )
 
 
@@ -39,7 +39,7 @@ class AccumulationTest(tf.test.TestCase):
     def train(self, method, n, steps, model, images, labels, **context):
         ctx = mt.make_context(model, batch_size=BATCH, accumulation_steps=n, **context)
         if n > 1:
-            images, labels = stacked(images, labels, n)
+            images, labels = micro_batches(images, labels, n)
         iterator = mt.batch_iterator(images, labels)
         if method == "conadv":
             mt.fill_ring(ctx, iterator)

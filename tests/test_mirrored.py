@@ -30,6 +30,17 @@ class MirroredTest(tf.test.TestCase):
         # Without synchronisation the per-replica statistics differ: the check can fail.
         self.assertGreater(self.result["unsync_vs_single_max_rel_diff"], 10 * SYNC_TOLERANCE)
 
+    def test_gradient_accumulation_on_two_replicas(self):
+        # Frozen BatchNorm: two micro-batches per step update like one batch.
+        self.assertLess(self.result["accumulation_frozen_max_rel_diff"], SYNC_TOLERANCE)
+        # ConAdv with group BatchNorm (its collectives run in every micro-step).
+        info = self.result["accumulation_conadv"]
+        self.assertEqual(info["steps"], 2)
+        self.assertTrue(info["finite"])
+        self.assertEqual(info["examples"], 16)  # 2 steps x global batch 8
+        self.assertEqual(info["ring_slots"], 2)  # τ·N
+        self.assertEqual(info["ring_holds_step_2"], [True] * 4)
+
     def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
         ours = self.result["overflow"]["ours"]
         self.assertTrue(ours["unchanged"])  # the step was skipped everywhere

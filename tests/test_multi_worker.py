@@ -99,8 +99,15 @@ class ClusterFlagErrorsTest(tf.test.TestCase):
 
     def test_no_tf_config(self):
         strategy = "--distribution_strategy=multi_worker_mirrored"
-        line = self.error_line(strategy, env={"TF_CONFIG": ""})
+        model_dir = f"--model_dir={self.get_temp_dir()}/run"
+        line = self.error_line(strategy, model_dir, env={"TF_CONFIG": ""})
         self.assertStartsWith(line, f"error: {strategy}: TF_CONFIG names no cluster")
+
+    def test_no_shared_model_dir(self):
+        line = self.error_line("--distribution_strategy=multi_worker_mirrored")
+        self.assertStartsWith(
+            line, "error: --distribution_strategy=multi_worker_mirrored needs --model_dir"
+        )
 
     def test_replica_count_other_than_the_configuration_s(self):
         line = self.error_line("--num_replicas=4")

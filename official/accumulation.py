@@ -1,0 +1,54 @@
+"""Per-replica sums of gradients over the micro-batches of one optimizer step.
+
+Gradient accumulation runs each micro-batch as its own ``strategy.run``
+call, adds its gradients here, and applies the sum once per step. The sums
+live in ``ON_READ`` variables made in ``strategy.scope()``: in replica
+context each replica adds to and reads its own copy, with no communication
+and no replica id (so it works alike under Mirrored, MultiWorkerMirrored
+and TPU strategies); the optimizer's ``apply_gradients`` then all-reduces
+the sums as it would one batch's gradients. They are zero at every step
+boundary, so checkpoints need not hold them.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class GradientAccumulator:
+    """Sums of gradients (one per variable) and of named scalars, per replica."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, variables, scalars=()):
+        def zeros(shape, dtype, name):
+            return tf.Variable(
+                tf.zeros(shape, dtype),
+                trainable=False,
+                name=name,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.NONE,
+            )
+
+        with strategy.scope():
+            self._gradients = [
+                zeros(v.shape, v.dtype, f"accumulated_{i}") for i, v in enumerate(variables)
+            ]
+            self._scalars = {name: zeros([], tf.float32, f"accumulated_{name}") for name in scalars}
+
+    def add(self, gradients, **scalars):
+        """Adds one micro-batch's gradients (and scalars); call in replica context."""
+        updates = [var.assign_add(g) for var, g in zip(self._gradients, gradients)]
+        updates += [self._scalars[name].assign_add(value) for name, value in scalars.items()]
+        return tf.group(updates)
+
+    def gradients(self) -> list[tf.Tensor]:
+        return [var.read_value() for var in self._gradients]
+
+    def scalar(self, name: str) -> tf.Tensor:
+        return self._scalars[name].read_value()
+
+    def reset(self):
+        """Zeroes this replica's sums; call in replica context after they were read."""
+        return tf.group(
+            [var.assign(tf.zeros_like(var)) for var in self._gradients]
+            + [var.assign(0.0) for var in self._scalars.values()]
+        )
