@@ -48,6 +48,7 @@ class MLPerfLog:
         python_logger.addHandler(handler)
         self.log = MLLogger(logger=python_logger, default_stack_offset=2)
         self._block_open = False
+        self._open_epoch = None
         self._log_init(run, strategy, source, init_start_ms)
 
     # --------------------------------------------------------------- init
@@ -109,6 +110,24 @@ class MLPerfLog:
             return
         self.log.start(self.c.RUN_START)
         self._block_start(step)
+        self._epoch_start(step)
+
+    def _epoch_start(self, step: int):
+        self._open_epoch = self._epoch(step)
+        self.log.start(self.c.EPOCH_START, metadata={self.c.EPOCH_NUM: self._open_epoch})
+
+    def _epoch_stop(self):
+        if self._open_epoch is not None:
+            self.log.end(self.c.EPOCH_STOP, metadata={self.c.EPOCH_NUM: self._open_epoch})
+            self._open_epoch = None
+
+    def epoch_ended(self, step: int):
+        """``step`` is the first step of a new epoch."""
+        if not self.enabled:
+            return
+        self._epoch_stop()
+        if step < self.trainer.train_steps:
+            self._epoch_start(step)
 
     def evaluated(self, step: int, result: dict):
         if not self.enabled:
@@ -125,6 +144,7 @@ class MLPerfLog:
     def finished(self, step: int, reached: bool):
         if not self.enabled:
             return
+        self._epoch_stop()
         self._block_stop()
         status = self.c.SUCCESS if reached else self.c.ABORTED
         self.log.end(self.c.RUN_STOP, metadata={self.c.STATUS: status})

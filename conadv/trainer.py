@@ -377,8 +377,10 @@ class Trainer:
                 f"last good checkpoint {last_good}"
             )
 
-    def _next_stop(self, step: int, evaluate: bool) -> int:
+    def _next_stop(self, step: int, evaluate: bool, at_epochs: bool = False) -> int:
         stops = [self.train_steps, step + self.config.steps_per_loop]
+        if at_epochs:  # the events log epoch boundaries
+            stops.append((step // self.steps_per_epoch + 1) * self.steps_per_epoch)
         if evaluate:
             stops.append((step // self.eval_every + 1) * self.eval_every)
         if self.config.checkpoint_steps > 0:
@@ -410,7 +412,8 @@ class Trainer:
         """Trains to ``train_steps`` (resuming if possible); returns the run summary.
 
         ``events`` (optional, e.g. ``conadv.mlperf_log.MLPerfLog``) is told
-        where training starts, each evaluation and the end.
+        where training starts, each epoch boundary (host loops then also end
+        there), each evaluation and the end.
         """
         config = self.config
         start_time = time.time()
@@ -442,7 +445,7 @@ class Trainer:
         last_train, eval_result, time_to_target = {}, {}, None
         with PreemptionWatcher() as preemption:
             while step < self.train_steps:
-                stop = self._next_stop(step, evaluate)
+                stop = self._next_stop(step, evaluate, at_epochs=events is not None)
                 num_steps = stop - step
                 self.train_sums.reset()
                 loop_start = time.time()
@@ -473,6 +476,8 @@ class Trainer:
                         f"preempted (SIGTERM) at step {step}: saved ckpt-{step}; "
                         "run the same command again to resume"
                     )
+                if events is not None and step % self.steps_per_epoch == 0:
+                    events.epoch_ended(step)
                 if at_eval:
                     eval_result = self.evaluate(EVAL)
                     self.log_evaluation(step, eval_result)

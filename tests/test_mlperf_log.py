@@ -46,16 +46,16 @@ class MLPerfLogTest(tf.test.TestCase):
         cls.log = os.path.join(cls.dir, "mlperf.log")
         cls.model_dir = os.path.join(cls.dir, "run")
         # Closed-division hyperparameters: LARS, weight decay 1e-4 (= 1e-4·2^0),
-        # poly power 2, end learning rate 1e-4. 1437 digits / batch 64 = 22
+        # poly power 2, end learning rate 1e-4. 1437 digits / batch 256 = 5
         # steps per epoch; an evaluation every 3 steps.
         run_main(
             *TINY_RESNET,
             "--image_size=16",
-            "--batch_size=64",
+            "--batch_size=256",
             "--eval_batch_size=64",
             "--train_steps=6",
             "--steps_per_loop=3",
-            "--epochs_between_evals=0.14",
+            "--epochs_between_evals=0.6",
             "--optimizer=lars",
             "--weight_decay=1e-4",
             "--end_learning_rate=0.0001",
@@ -103,11 +103,17 @@ class MLPerfLogTest(tf.test.TestCase):
         self.assertLen(accuracy, 2)
         self.assertEqual(keys.count("block_start"), 2)
         self.assertEqual(keys.count("block_stop"), 2)
+        # 6 steps of 5-step epochs: epoch 2 begins at step 5.
+        epochs = [(e["key"], e["metadata"]["epoch_num"]) for e in log if "epoch_" in e["key"]]
+        self.assertEqual(
+            epochs,
+            [("epoch_start", 1), ("epoch_stop", 1), ("epoch_start", 2), ("epoch_stop", 2)],
+        )
         with open(os.path.join(self.model_dir, "eval", "..", "summary.json")) as f:
             summary = json.load(f)
         self.assertAlmostEqual(accuracy[-1]["value"], summary["eval_top1"], places=6)
         value = {e["key"]: e["value"] for e in log}
-        self.assertEqual(value["global_batch_size"], 64)
+        self.assertEqual(value["global_batch_size"], 256)
         self.assertEqual(value["gradient_accumulation_steps"], 1)
         self.assertEqual(value["train_samples"], 1437)
         self.assertEqual(value["eval_samples"], 360)
