@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from official.per_replica import per_replica_variable
+
 CLEAN_LOSS, ADVERSARIAL_LOSS, GRADIENT = 1, 2, 3
 QUANTITIES = {CLEAN_LOSS: "clean loss", ADVERSARIAL_LOSS: "adversarial loss", GRADIENT: "gradient"}
 
@@ -28,13 +30,8 @@ class NonFiniteGuard:
     def __init__(self, strategy: tf.distribute.Strategy):
         self.strategy = strategy
         with strategy.scope():
-            self._first = tf.Variable(
-                [-1, 0],
-                dtype=tf.int64,
-                trainable=False,
-                name="first_nonfinite_step",
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.NONE,
+            self._first = per_replica_variable(
+                tf.constant([-1, 0], tf.int64), "first_nonfinite_step"
             )
 
     def check(self, step, clean_loss=None, adversarial_loss=None, gradients=None):

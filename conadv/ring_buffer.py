@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from official.per_replica import per_replica_variable
+
 
 def bytes_per_replica(staleness: int, per_replica_batch: int, image_size: int, dtype) -> int:
     """Memory one replica's slots take: clean and adversarial images, and labels."""
@@ -84,13 +86,7 @@ class RingBuffer:
 
     @staticmethod
     def _variable(shape, dtype, name):
-        return tf.Variable(
-            tf.zeros(shape, dtype),
-            trainable=False,
-            name=name,
-            synchronization=tf.VariableSynchronization.ON_READ,
-            aggregation=tf.VariableAggregation.NONE,
-        )
+        return per_replica_variable(tf.zeros(shape, dtype), name)
 
     @property
     def bytes_per_replica(self) -> int:

@@ -33,6 +33,12 @@ RUN_FLAGS = tuple(
 )
 
 
+def _from_same_names(cls, flag_values: dict, **others):
+    """``cls`` with each field that a flag of the same name sets taken from that flag."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in flag_values.items() if k in fields}, **others)
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Which dataset and how it is read (the source's own flags)."""
@@ -120,34 +126,10 @@ class RunConfig:
         validation.validate(values)
         v = values
         flag_values = {name: getattr(v, name) for name in RUN_FLAGS}
-        pipeline = PipelineOptions(
-            seed=v.seed,
-            deterministic=v.deterministic,
-            cache_eval=v.cache_eval,
-            augment=v.augment,
-            autoaugment_policy=v.autoaugment_policy,
-            randaugment_layers=v.randaugment_layers,
-            randaugment_magnitude=v.randaugment_magnitude,
-            skip_corrupt_records=v.skip_corrupt_records,
-            tf_data_service=v.tf_data_service,
+        data = _from_same_names(
+            DataConfig, flag_values, pipeline=_from_same_names(PipelineOptions, flag_values)
         )
-        data = DataConfig(
-            dataset=v.dataset,
-            data_dir=v.data_dir,
-            image_size=v.image_size,
-            num_classes=v.num_classes,
-            one_based_labels=v.one_based_labels,
-            tfds_download=v.tfds_download,
-            pipeline=pipeline,
-        )
-        devices = DeviceConfig(
-            distribution_strategy=v.distribution_strategy,
-            num_cpu_devices=v.num_cpu_devices,
-            tpu=v.tpu,
-            all_reduce_alg=v.all_reduce_alg,
-            jit_compile=v.jit_compile,
-            update_pass=v.update_pass,
-        )
+        devices = _from_same_names(DeviceConfig, flag_values)
         attack = AttackConfig(
             eps=v.attack_eps,
             step_size=v.attack_step_size,

@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from official.per_replica import per_replica_variable
+
 
 class GradientAccumulator:
     """Sums of gradients (one per variable) and of named scalars, per replica."""
 
     def __init__(self, strategy: tf.distribute.Strategy, variables, scalars=()):
         def zeros(shape, dtype, name):
-            return tf.Variable(
-                tf.zeros(shape, dtype),
-                trainable=False,
-                name=name,
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.NONE,
-            )
+            return per_replica_variable(tf.zeros(shape, dtype), name)
 
         with strategy.scope():
             self._gradients = [
