@@ -79,9 +79,11 @@ def run_main(values) -> dict | None:
                 os.path.join(run.model_dir, "predictions.json"),
                 {"global_step": trainer.global_step, "top_k_ids": trainer.predict()},
             )
+        _finish(trainer, files, log_file)
         return result
     if run.mode == "export":
         if not files.is_chief:
+            _finish(trainer, files, log_file)
             return {}  # the chief exports
         exported = trainer.export()
         print(
@@ -89,6 +91,7 @@ def run_main(values) -> dict | None:
             f"{exported['saved_model']}",
             flush=True,
         )
+        _finish(trainer, files, log_file)
         return exported
 
     mlperf = None
@@ -99,13 +102,14 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
-    files.clean_up()
     if not files.is_chief:
+        _finish(trainer, files, log_file)
         return summary  # the export and summary.json are the chief's (no collectives)
     exported = trainer.export()
     summary["export_path"] = exported["keras"]
     summary["saved_model_path"] = exported["saved_model"]
     write_json(os.path.join(run.model_dir, "summary.json"), summary)
+    _finish(trainer, files, log_file)
     if summary["eval_top1"] is not None:
         print(
             f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f})"
@@ -113,6 +117,14 @@ def run_main(values) -> dict | None:
             flush=True,
         )
     return summary
+
+
+def _finish(trainer, files, log_file):
+    """A finished worker closes what it writes; a non-chief then removes its directory."""
+    trainer.close()
+    if not files.is_chief:
+        run_logging.remove_log_file(log_file)
+        files.clean_up()
 
 
 def main(argv):

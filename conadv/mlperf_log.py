@@ -24,8 +24,9 @@ from conadv.steps import CONADV
 
 
 class MLPerfLog:
-    """Writes the events of one training run; the trainer calls the ``training_from``,
-    ``evaluated`` and ``finished`` hooks."""
+    """Writes the events of one training run; the trainer calls its hooks
+    (``training_from``, ``loop_starting``, ``epoch_ended``, ``evaluated``,
+    ``finished``)."""
 
     def __init__(self, run, strategy, source, trainer, init_start_ms: int, enabled: bool = True):
         """``init_start_ms``: when the program started (before the model, data and
@@ -109,8 +110,13 @@ class MLPerfLog:
         if not self.enabled:
             return
         self.log.start(self.c.RUN_START)
-        self._block_start(step)
-        self._epoch_start(step)
+        if step < self.trainer.train_steps:  # a run resumed at its end trains nothing
+            self._block_start(step)
+
+    def loop_starting(self, step: int):
+        """Opens the epoch ``step`` lies in, inside the open block, if none is open."""
+        if self.enabled and self._open_epoch is None:
+            self._epoch_start(step)
 
     def _epoch_start(self, step: int):
         self._open_epoch = self._epoch(step)
@@ -122,12 +128,9 @@ class MLPerfLog:
             self._open_epoch = None
 
     def epoch_ended(self, step: int):
-        """``step`` is the first step of a new epoch."""
-        if not self.enabled:
-            return
-        self._epoch_stop()
-        if step < self.trainer.train_steps:
-            self._epoch_start(step)
+        """``step`` is the first step of a new epoch (opened by the next loop)."""
+        if self.enabled:
+            self._epoch_stop()
 
     def evaluated(self, step: int, result: dict):
         if not self.enabled:

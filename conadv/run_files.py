@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 
 class RunFiles:
@@ -57,11 +58,20 @@ class RunFiles:
         return path
 
     def clean_up(self):
-        """Removes a non-chief worker's directory at the end of the run."""
-        if not self.is_chief:
-            path = self.private_dir()
+        """Removes a non-chief worker's directory at the end of the run.
+
+        Close what writes there first (its log file, summary writers). A
+        failure to remove it (say, a file an NFS server still holds) is a
+        warning, not a failed run.
+        """
+        if self.is_chief:
+            return
+        path = self.private_dir()
+        try:
             if tf.io.gfile.exists(path):
                 tf.io.gfile.rmtree(path)
+        except (tf.errors.OpError, OSError) as error:
+            logging.warning("Could not remove this worker's directory %s: %s", path, error)
 
     # ---------------------------------------------------------- agreements
 

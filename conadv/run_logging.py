@@ -106,6 +106,17 @@ def configure_console():
         absl_handler.addFilter(ConsoleFilter())
 
 
+def remove_log_file(path: str):
+    """Stops writing ``path`` (added by ``add_log_file``) and closes it."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == os.path.abspath(
+            path
+        ):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def add_log_file(model_dir: str) -> str:
     """Appends every record at INFO or above to ``<model_dir>/log.txt``; returns its path.
 

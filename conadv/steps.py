@@ -1,9 +1,12 @@
 """The three training steps — vanilla, DisAdv and ConAdv — as per-replica functions.
 
-Every builder returns a function of one per-replica batch ``(images, labels)``
-meant to be called by ``strategy.run`` inside one ``tf.function`` (the
-training loop). Each replica's loss is a sum divided by the *global* batch,
-because the optimizer sums gradients over replicas.
+``TrainStep`` runs one optimizer step from the iterator, inside the training
+loop's ``tf.function``: one ``strategy.run`` of ``build_step``'s replica
+function on the next per-replica batch ``(images, labels)`` or, under
+gradient accumulation of N micro-batches, N runs of ``build_micro_step``'s
+(``(micro-batch, i)``) and one of ``build_apply_step``'s. Each replica's loss
+is a sum divided by the *global* batch, because the optimizer sums gradients
+over replicas (and the accumulator over micro-batches).
 
 - vanilla: update on the clean batch through the main BatchNorm branch.
 - DisAdv: attack batch t with θ_t, then update on clean_t (main) and adv_t

@@ -357,6 +357,11 @@ class Trainer:
         )
         self.ring.mark_filled()
 
+    def close(self):
+        """Flushes and closes the TensorBoard writers."""
+        for writer in self._writers.values():
+            writer.close()
+
     def _stop_if_diverged(self):
         """Raises ``NonFiniteError`` (and saves nothing) if a step of the last loop diverged.
 
@@ -412,8 +417,8 @@ class Trainer:
         """Trains to ``train_steps`` (resuming if possible); returns the run summary.
 
         ``events`` (optional, e.g. ``conadv.mlperf_log.MLPerfLog``) is told
-        where training starts, each epoch boundary (host loops then also end
-        there), each evaluation and the end.
+        where training starts, where each host loop starts, each epoch boundary
+        (host loops then also end there), each evaluation and the end.
         """
         config = self.config
         start_time = time.time()
@@ -446,6 +451,8 @@ class Trainer:
         with PreemptionWatcher() as preemption:
             while step < self.train_steps:
                 stop = self._next_stop(step, evaluate, at_epochs=events is not None)
+                if events is not None:
+                    events.loop_starting(step)
                 num_steps = stop - step
                 self.train_sums.reset()
                 loop_start = time.time()

@@ -13,6 +13,7 @@ other record sources (``input_pipeline.records``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -140,9 +141,9 @@ class ImageNetSource(RecordSource):
     def _train_record_count(self, files) -> int:
         """Records in these training files: counted when a run first resumes on this
         machine, then remembered (keyed by the files' names and sizes)."""
-        key = hashlib.sha256(
-            json.dumps([(f, tf.io.gfile.stat(f).length) for f in files]).encode()
-        ).hexdigest()[:16]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # many round trips on GCS
+            sizes = list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+        key = hashlib.sha256(json.dumps(list(zip(files, sizes))).encode()).hexdigest()[:16]
         cache = os.path.join(os.path.expanduser("~"), ".cache", "conadv", "record_counts")
         path = os.path.join(cache, f"{key}.json")
         if os.path.exists(path):
