@@ -27,6 +27,9 @@ class FlagfileTest(tf.test.TestCase):
             values = parse(f"--flagfile={path}")
             if values.data_dir:
                 values.data_dir = self.get_temp_dir()
+            if values.distribution_strategy == "multi_worker_mirrored":
+                # A cluster run needs the shared --model_dir a user passes (BUILD.md).
+                values.model_dir = self.get_temp_dir()
             validate(values)
 
     def test_paper_hyperparameters(self):
