@@ -32,11 +32,9 @@ class RunFiles:
     def __init__(self, model_dir: str, strategy: tf.distribute.Strategy):
         self.model_dir = model_dir
         self.strategy = strategy
-        resolver = getattr(strategy, "cluster_resolver", None)
         self.multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
             strategy.extended._in_multi_worker_mode()  # noqa: SLF001 (no public equivalent)
         )
-        self.task_id = int(resolver.task_id or 0) if self.multi_worker else 0
         self.is_chief = bool(strategy.extended.should_checkpoint)
         #: Index of this worker's ring in checkpoints (0 on one host).
         self.worker_index = 0 if self.is_chief else self.worker_id()
