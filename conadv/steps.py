@@ -174,12 +174,6 @@ def clean_gradients(ctx: StepContext, images, labels):
     return grads, tf.reduce_sum(per_example), tf.constant(0.0)
 
 
-def update_on_clean(ctx: StepContext, images, labels):
-    """One optimizer step on clean images through the main branch."""
-    grads, clean_sum, _ = clean_gradients(ctx, images, labels)
-    _apply(ctx, grads, clean_sum)
-
-
 def adversarial_loss(ctx: StepContext, images, labels, adversarial):
     """½·(CE_clean through main + CE_adv through aux), over the global batch.
 
@@ -219,12 +213,6 @@ def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
             adv_linf=tf.reduce_sum(distance),
         )
     return grads, tf.reduce_sum(clean), tf.reduce_sum(adv)
-
-
-def update_on_clean_and_adversarial(ctx: StepContext, images, labels, adversarial, wait_for=()):
-    """One optimizer step on ½·(CE_clean through main + CE_adv through aux)."""
-    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
-    _apply(ctx, grads, clean_sum, adv_sum, wait_for)
 
 
 def vanilla_gradients(ctx: StepContext, images, labels, index):
