@@ -13,12 +13,21 @@ signatures for TensorFlow Serving:
 Each returns ``probabilities`` ``[N, C]``, ``top_k_ids`` and ``top_k_scores``
 ``[N, k]`` (k = 5, or C if smaller) and, when the dataset has class names,
 ``top_k_names``; the names are also written to ``labels.txt``.
+
+The SavedModel is written by ``keras.export.ExportArchive``, not by saving a
+``tf.Module`` that holds the model. A Keras 3 variable wraps a ``tf.Variable``;
+saved through the model, each wrapper becomes a second variable in the graph
+beside the one the signatures read. TensorFlow 2's loader relinks them, but
+the session loader of TensorFlow Serving and ``saved_model_cli`` restores the
+wrappers and then fails with "Could not find variable". The archive saves only
+the variables the signatures capture, one graph variable each.
 """
 
 from __future__ import annotations
 
 import os
 
+import keras
 import tensorflow as tf
 
 from input_pipeline import preprocessing
@@ -29,47 +38,51 @@ SAVED_MODEL_DIR = "saved_model"
 LABELS_FILE = "labels.txt"
 
 
-class ServingModule(tf.Module):
-    """The inference model behind the two serving signatures."""
+def serving_functions(model, image_size: int, class_names=None, top_k: int = 5):
+    """(from encoded images, from uint8 pixels): the two signatures' bodies, untraced."""
+    image_size = int(image_size)
+    names = None if class_names is None else tf.constant(list(class_names))
+    pixel_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
 
-    def __init__(self, model, image_size: int, class_names=None, top_k: int = 5):
-        super().__init__(name="conadv_serving")
-        self.model = model
-        self.image_size = int(image_size)
-        self.top_k = int(top_k)
-        self.class_names = None if class_names is None else tf.constant(list(class_names))
-        self.serve_encoded = tf.function(
-            self._serve_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="images")]
-        )
-        self.serve_pixels = tf.function(
-            self._serve_pixels,
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
-        )
-
-    def _predict(self, images):
-        logits = tf.cast(self.model(images, training=False), tf.float32)
+    def predict(pixels):
+        logits = tf.cast(model(pixels, training=False), tf.float32)
         probabilities = tf.nn.softmax(logits)
-        scores, ids = tf.math.top_k(probabilities, k=self.top_k)
+        scores, ids = tf.math.top_k(probabilities, k=top_k)
         outputs = {"probabilities": probabilities, "top_k_ids": ids, "top_k_scores": scores}
-        if self.class_names is not None:
-            outputs["top_k_names"] = tf.gather(self.class_names, ids)
+        if names is not None:
+            outputs["top_k_names"] = tf.gather(names, ids)
         return outputs
 
-    def _serve_encoded(self, images):
+    def from_encoded(images):
         pixels = tf.map_fn(
-            lambda data: preprocessing.eval_from_bytes(data, self.image_size),
+            lambda data: preprocessing.eval_from_bytes(data, image_size),
             images,
-            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32),
+            fn_output_signature=pixel_spec,
         )
-        return self._predict(pixels)
+        return predict(pixels)
 
-    def _serve_pixels(self, images):
+    def from_pixels(images):
         pixels = tf.map_fn(
-            lambda image: preprocessing.eval_from_pixels(image, self.image_size),
+            lambda image: preprocessing.eval_from_pixels(image, image_size),
             images,
-            fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32),
+            fn_output_signature=pixel_spec,
         )
-        return self._predict(pixels)
+        return predict(pixels)
+
+    return from_encoded, from_pixels
+
+
+def write_saved_model(model, path: str, image_size: int, class_names=None, top_k: int = 5):
+    """Writes the serving SavedModel of the Keras ``model`` to ``path``."""
+    from_encoded, from_pixels = serving_functions(model, image_size, class_names, top_k)
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint(
+        "serving_default", from_encoded, [tf.TensorSpec([None], tf.string, name="images")]
+    )
+    archive.add_endpoint(
+        "serve_pixels", from_pixels, [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
+    )
+    archive.write_out(path, verbose=False)
 
 
 def export_model(model, export_dir: str, image_size: int, class_names=None) -> dict:
@@ -79,16 +92,8 @@ def export_model(model, export_dir: str, image_size: int, class_names=None) -> d
     keras_path = os.path.join(export_dir, KERAS_FILE)
     plain.save(keras_path)
     num_classes = int(plain.output_shape[-1])
-    module = ServingModule(plain, image_size, class_names, top_k=min(5, num_classes))
     saved_model_path = os.path.join(export_dir, SAVED_MODEL_DIR)
-    tf.saved_model.save(
-        module,
-        saved_model_path,
-        signatures={
-            "serving_default": module.serve_encoded.get_concrete_function(),
-            "serve_pixels": module.serve_pixels.get_concrete_function(),
-        },
-    )
+    write_saved_model(plain, saved_model_path, image_size, class_names, top_k=min(5, num_classes))
     paths = {"keras": keras_path, "saved_model": saved_model_path}
     if class_names is not None:
         labels_path = os.path.join(export_dir, LABELS_FILE)
