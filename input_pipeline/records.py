@@ -15,7 +15,7 @@ import sys
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline import epochs, preprocessing
+from input_pipeline import data_service, epochs, preprocessing
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource, bad_record_message
 
 SHUFFLE_BUFFER = 10_000
@@ -233,12 +233,8 @@ class RecordSource(DataSource):
         options.deterministic = self.options.deterministic or split != TRAIN
         ds = ds.with_options(options)
         if self.options.tf_data_service and split == TRAIN:
-            # Preprocessing runs on the service's workers; every consumer reads
-            # its own full stream of epochs (its own shuffle, as locally).
-            ds = ds.apply(
-                tf.data.experimental.service.distribute(
-                    processing_mode="parallel_epochs",
-                    service=self.options.tf_data_service,
-                )
-            )
+            # Preprocessing runs on the service's one worker (several cannot
+            # keep the stream's order, see data_service); every input pipeline
+            # reads its own stream of epochs from its start step, as locally.
+            ds = data_service.distribute(ds, self.options.tf_data_service)
         return ds.prefetch(tf.data.AUTOTUNE)

@@ -6,9 +6,13 @@ given. Images are read still encoded (``SkipDecoding``), so the same fused
 decode-and-crop, augmentation and bad-record checks as for ``imagenet`` apply;
 the file and record a check names come from the example's ``tfds_id``. The
 evaluation split is ``validation`` when the dataset has one, else ``test``.
+A resumed run takes an epoch's length from the records per file that TFDS
+wrote into the dataset's metadata, without reading the split.
 """
 
 from __future__ import annotations
+
+import os
 
 import tensorflow as tf
 from absl import logging
@@ -97,15 +101,45 @@ class TFDSSource(RecordSource):
             raise DataError(f"{flag}: feature {label_key!r} is not a class label")
         return image_key, label_key
 
+    def _split_name(self, split):
+        return self.eval_split if split == EVAL else "train"
+
+    def file_counts(self, split=TRAIN) -> list[tuple[str, int]]:
+        """``(file, records)`` of each file of ``split``, in the order TFDS reads them.
+
+        From the shard lengths TFDS recorded in ``dataset_info.json`` when it
+        prepared the dataset: no record file is opened.
+        """
+        instructions = self.builder.info.splits[self._split_name(split)].file_instructions
+        return [(os.fspath(i.filename), int(i.take)) for i in instructions]
+
+    @staticmethod
+    def _by_file(input_context, num_files) -> bool:
+        """Whether input pipelines take whole files (TFDS's ``input_context``
+        sharding, file ``i::n``) rather than every n-th record."""
+        pipelines = input_context.num_input_pipelines if input_context else 1
+        return pipelines > 1 and num_files >= pipelines
+
+    def _epoch_record_count(self, input_context) -> int:
+        # A resumed run needs this pipeline's epoch length; the metadata has it,
+        # so the split (all of ImageNet for tfds:imagenet2012) is never read for it.
+        counts = [records for _, records in self.file_counts(TRAIN)]
+        if input_context is None or input_context.num_input_pipelines <= 1:
+            return sum(counts)
+        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+        if self._by_file(input_context, len(counts)):
+            return sum(counts[i::n])
+        return len(range(i, sum(counts), n))
+
     def _split_records(self, split, input_context, epoch=None):
         # TFDS reads files in its own fixed order here (its file shuffle takes
         # only a Python seed); each epoch's records are shuffled by the
         # epoch-seeded buffer of RecordSource instead.
         tfds = self._tfds
-        name = self.eval_split if split == EVAL else "train"
+        name = self._split_name(split)
         pipelines = input_context.num_input_pipelines if input_context else 1
         shards = self.builder.info.splits[name].num_shards
-        by_file = pipelines > 1 and shards >= pipelines
+        by_file = self._by_file(input_context, shards)
         read_config = tfds.ReadConfig(
             input_context=input_context if by_file else None,
             shuffle_seed=self.options.seed,

@@ -1,5 +1,5 @@
-"""``--tf_data_service``: the training pipeline through a dispatcher and a worker
-on loopback reads the same epoch as the local pipeline."""
+"""``--tf_data_service``: through one worker on loopback the training pipeline
+reads the local stream, also when resumed; a second worker is refused."""
 
 import collections
 import shutil
@@ -8,6 +8,7 @@ import subprocess
 import tensorflow as tf
 
 from tests.child_process import run_for_result
+from tests.data_service_program import BATCH, MANY, RESUME_AT
 from tests.test_input_imagenet import write_imagenet_layout
 
 #: A private network namespace with loopback up and nothing else: the tf.data
@@ -16,6 +17,7 @@ LOOPBACK_ONLY = (
     *("unshare", "--user", "--map-root-user", "--net", "--"),
     *("sh", "-c", 'ip link set lo up && exec "$@"', "sh"),
 )
+EPOCH = 20  # records of write_imagenet_layout's training files
 
 
 def loopback_only_available():
@@ -25,27 +27,67 @@ def loopback_only_available():
     return probe.returncode == 0
 
 
+def flat(batches):
+    return [value for batch in batches for value in batch]
+
+
 class DataServiceTest(tf.test.TestCase):
-    def test_service_epoch_matches_local_epoch(self):
+    def test_one_worker_reads_the_local_stream_and_a_second_is_refused(self):
         if not loopback_only_available():
             self.skipTest("needs unshare and ip for a loopback-only network namespace")
         data_dir = self.get_temp_dir()
         written = write_imagenet_layout(data_dir)
         result = run_for_result(
-            "-m", "tests.data_service_program", data_dir, "20", prefix=LOOPBACK_ONLY
+            "-m", "tests.data_service_program", data_dir, str(EPOCH), prefix=LOOPBACK_ONLY
         )
-        local, remote = result["local"], result["remote"]
+        local, remote, resumed = result["local"], result["remote"], result["resumed"]
+        epoch_batches = EPOCH // BATCH
         self.assertStartsWith(result["dispatcher"], "grpc://localhost:")
         self.assertGreaterEqual(result["worker_tasks"], 1)
-        # One epoch (20 records) of labels, the same multiset through the service.
-        self.assertLen(remote["labels"], 20)
+        for read in (local, remote, resumed):
+            self.assertIsNone(read["error"])
+
+        # One epoch through the service: every written record once...
+        self.assertLen(remote["labels"], epoch_batches)
+        written_labels = [label for _, labels in written["train"] for label in labels]
+        self.assertLen(written_labels, EPOCH)
         self.assertEqual(
-            collections.Counter(remote["labels"]), collections.Counter(local["labels"])
+            collections.Counter(flat(remote["labels"])), collections.Counter(written_labels)
         )
-        self.assertEqual(sum(len(labels) for _, labels in written["train"]), 20)
-        # Deterministic mode: the worker ran the same preprocessing, image by image.
-        self.assertEqual(remote["labels"], local["labels"])
-        self.assertAllClose(remote["checksums"], local["checksums"], rtol=1e-6)
+        # ...as the same batches as locally, image by image (--deterministic).
+        self.assertEqual(remote["labels"], local["labels"][:epoch_batches])
+        self.assertAllClose(remote["checksums"], local["checksums"][:epoch_batches], rtol=1e-6)
+        # Resumed at step RESUME_AT, across the epoch boundary: the local stream from that batch.
+        self.assertEqual(resumed["labels"], local["labels"][RESUME_AT:])
+        self.assertAllClose(resumed["checksums"], local["checksums"][RESUME_AT:], rtol=1e-6)
+
+        # The count is the number of workers started (the dispatcher agrees).
+        self.assertEqual(result["registered"], 2)
+        self.assertEqual(result["counts"], [1, 2])
+        # A pipeline built with two workers registered: one line naming the count and the fix.
+        refused = result["refused"]
+        self.assertIsNotNone(refused, "a pipeline was built on a service with two workers")
+        self.assertRegex(
+            refused, r"^--tf_data_service=grpc://localhost:\d+ has 2 workers; run exactly one"
+        )
+        self.assertNotIn("\n", refused)
+        # Built before the second worker joined: the read stops at the first batch
+        # the second worker sends, having delivered no batch twice.
+        late = result["two_workers"]
+        self.assertIsNotNone(
+            late["error"], f"{len(late['labels'])} batches read through two workers"
+        )
+        self.assertLess(len(late["labels"]), MANY)
+        self.assertRegex(
+            late["error"],
+            r"^--tf_data_service=grpc://localhost:\d+: batch 0 of the stream arrived where batch "
+            r"\d+ was due.*exactly one",
+        )
+        self.assertNotIn("\n", late["error"])
+        delivered = [tuple(round(value, 2) for value in batch) for batch in late["checksums"]]
+        self.assertLen(set(delivered), len(delivered))
+        shared = min(len(late["labels"]), len(local["labels"]))
+        self.assertEqual(late["labels"][:shared], local["labels"][:shared])
 
 
 if __name__ == "__main__":

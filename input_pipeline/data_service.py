@@ -1,0 +1,99 @@
+"""``--tf_data_service``: training preprocessing on exactly one tf.data service worker.
+
+The training stream is seeded epochs laid end to end, opened at the batch of
+the step a run starts from (``input_pipeline/epochs.py``). Through the service
+that stays true only with one worker, so a pipeline refuses a service with
+more than one (``DataError`` naming the count), and stops a run the moment a
+second worker's batches show up in its stream:
+
+- ``parallel_epochs`` (``ShardingPolicy.OFF``), the only mode that needs no
+  particular dispatcher setup, has every worker produce the whole stream:
+  with two workers every batch arrives about twice (200 batches read through
+  two held about 105 distinct ones).
+- ``DYNAMIC`` hands the source's elements to whichever worker asks next;
+  here the source is the range of epoch numbers, so workers would read whole
+  epochs side by side and no batch position is where arithmetic puts it.
+- Static sharding (``FILE``, ``DATA``, ``HINT`` with
+  ``shard(SHARD_HINT, SHARD_HINT)``) gives each record to one worker, but needs
+  the dispatcher started with a fixed worker list (without one, reading fails:
+  "Worker ... is not in the workers list"), restarts a restarted worker's
+  shard from its beginning, and the reader merges the workers' streams in
+  arrival order. Round-robin reads (``num_consumers``) do not fix the order
+  either: a worker not ready within 100 ms skips its turn. Faster workers
+  then run ahead without bound, so the batches read before step k are not
+  the first k of the stream, and a run resumed at step k would re-read some
+  and never read others.
+
+One worker on a machine with enough cores keeps exact resume and the
+``--deterministic`` order (it runs the same graph as the trainer would).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+from input_pipeline.base import BAD_RECORD, DataError
+
+#: How to fix a service with several workers, in both errors.
+_FIX = (
+    "run exactly one tf.data service worker per dispatcher (several would each "
+    "produce the whole training stream, so every batch would be read more than once)"
+)
+
+
+def count_workers(service: str) -> int:
+    """Workers of the tf.data service at ``service`` when the call is made.
+
+    A one-element dataset read in ``parallel_epochs`` mode: every worker
+    produces all of it, so each worker contributes the element once. Takes
+    about a second (the reader's heartbeat); waits while no worker has
+    registered, as training would.
+    """
+    with tf.init_scope():  # the count is read eagerly, also when asked inside a function
+        probe = tf.data.Dataset.range(1).apply(
+            tf.data.experimental.service.distribute(
+                processing_mode="parallel_epochs", service=service
+            )
+        )
+        return int(probe.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+def _in_order(service: str):
+    """Passes batch number ``n`` only where ``n`` is due, stripping the number.
+
+    One worker delivers its batches in order (the reader asks a task for one
+    element at a time). A second worker starts its own copy at batch 0, and a
+    restarted worker starts again from there: either breaks the sequence.
+    """
+
+    def check(due, element):
+        number, batch = element
+        # The address goes into the template itself: a string value would be quoted.
+        message = tf.strings.format(
+            f"{BAD_RECORD}--tf_data_service={service}: batch {{}} of the stream arrived where "
+            "batch {} was due, so a second worker joined or the worker restarted; " + _FIX,
+            [number, due],
+        )
+        with tf.control_dependencies([tf.debugging.Assert(tf.equal(number, due), [message])]):
+            return due + 1, tf.nest.map_structure(tf.identity, batch)
+
+    return check
+
+
+def distribute(dataset: tf.data.Dataset, service: str) -> tf.data.Dataset:
+    """``dataset`` (an endless stream of batches) produced by the one worker at ``service``.
+
+    Raises ``DataError`` when the service has more than one worker; a worker
+    that joins later stops the run at its first batch, with the same advice
+    (``data_error_from`` finds it in the iterator's error).
+    """
+    logging.info("Asking the tf.data service at %s how many workers it has", service)
+    workers = count_workers(service)
+    if workers > 1:
+        raise DataError(f"--tf_data_service={service} has {workers} workers; {_FIX}")
+    numbered = dataset.enumerate()
+    remote = numbered.apply(
+        tf.data.experimental.service.distribute(processing_mode="parallel_epochs", service=service)
+    )
+    return remote.scan(tf.constant(0, tf.int64), _in_order(service))
