@@ -62,6 +62,9 @@ def run_main(values) -> dict | None:
     log_file = run_logging.add_log_file(files.private_dir())
     logging.info("Full log in %s", log_file)
     trainer = Trainer(run.train, strategy, source, files=files)
+    if files.is_chief and run.mode in ("train", "train_and_eval"):
+        # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
+        run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
     if run.mode in ("eval", "export"):
         if not trainer.has_checkpoint():
             raise FlagError(

@@ -113,6 +113,11 @@ class RunConfig:
     mlperf_org: str = "conadv"
     mlperf_division: str = "auto"
     mlperf_platform: str | None = None
+    #: The length (steps) the learning-rate schedule is planned over, and each
+    #: resume that re-planned it: kept in run_config.json by
+    #: ``run_identity.check_schedule`` once the trainer has resolved the length.
+    schedule_steps: int | None = None
+    schedule_changes: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def model_dir(self) -> str:
@@ -155,6 +160,8 @@ class RunConfig:
             model=v.model,
             width_multiplier=v.width_multiplier,
             bn_group_size=v.bn_group_size,
+            bn_momentum=v.bn_momentum,
+            precise_bn_batches=v.precise_bn_batches,
             precision=v.precision,
             update_pass=v.update_pass,
             global_batch_size=v.batch_size,

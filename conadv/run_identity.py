@@ -9,6 +9,12 @@ often to log, evaluate and checkpoint, where the data and exports live, on
 which devices — are listed in ``RESUMABLE_FLAGS``. The default ``--model_dir``
 ends in a short hash of the defining flags, so two different runs started
 with defaults never share a directory.
+
+How long to train may change, but not silently: the poly and cosine decays
+are planned over the whole run, so a new length changes the learning rate of
+every step still to train. ``check_schedule`` keeps the planned length in
+``run_config.json`` and, when a resume re-plans it, prints one ``note:`` line
+and appends the change to the file's ``schedule_changes``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ DEFINING_FLAGS = (
     "model",
     "width_multiplier",
     "bn_group_size",
+    "bn_momentum",
     "precision",
     "method",
     "staleness",
@@ -71,6 +78,7 @@ RESUMABLE_FLAGS = (
     "eval_attack_steps",
     "eval_attack_step_size",
     "eval_predictions",
+    "precise_bn_batches",
     "data_dir",
     "export_dir",
     "cache_eval",
@@ -153,3 +161,102 @@ def check_or_record(run, record: bool = True) -> dict:
     if record:
         run.write(path)
     return current
+
+
+def check_schedule(run, steps_per_epoch: int, train_steps: int) -> dict | None:
+    """Records the length the learning-rate schedule is planned over; says and
+    records a resume that changes it.
+
+    Extending a run (a larger ``--train_steps`` or ``--train_epochs`` on its
+    ``--model_dir``) is allowed, but the decay is then re-planned over the new
+    length, which changes the learning rate from the checkpoint's step on
+    (from the end learning rate back up, for a finished run). So the chief of
+    a start that trains calls this once the trainer has resolved
+    ``train_steps``; a change prints one line naming the flag, the old and
+    new length and the learning rate at the checkpoint's step under both
+    plans, and is appended to ``schedule_changes`` in ``run_config.json``
+    (``step``, ``from``, ``to``, ``flag``, ``learning_rate_before``,
+    ``learning_rate_after``). A restart with the same length, one with no
+    checkpoint yet (nothing was trained on the old plan), one whose new
+    length leaves nothing to train, and a change that leaves the curve as it
+    was (``--lr_schedule=step``: boundaries are in epochs) print nothing and
+    add no change. Returns the change, or None.
+    """
+    import tensorflow as tf  # not at import: main.py imports this before TensorFlow
+
+    from conadv.trainer import write_json
+
+    path = os.path.join(run.model_dir, RUN_CONFIG)
+    with tf.io.gfile.GFile(path) as f:
+        stored = json.load(f)
+    step = _checkpoint_step(run.model_dir)
+    planned = stored.get("schedule_steps")
+    if planned is None and step is not None:
+        planned = _length_from_flags(stored.get("flags", {}), steps_per_epoch)
+    if planned == train_steps or (step is not None and train_steps <= step):
+        return None
+    change = None
+    if planned is not None and step is not None:
+        before = _schedule(run.train, steps_per_epoch, planned)
+        after = _schedule(run.train, steps_per_epoch, train_steps)
+        if before.get_config() != after.get_config():
+            change = {
+                "step": step,
+                "from": planned,
+                "to": train_steps,
+                "flag": _length_flag(run.flags),
+                "learning_rate_before": float(before(step)),
+                "learning_rate_after": float(after(step)),
+            }
+            print(
+                f"note: {change['flag']} changes the run's length from {planned} to "
+                f"{train_steps} steps on resume: the {run.train.lr_schedule} schedule is "
+                f"re-planned; learning rate at step {step} is now "
+                f"{change['learning_rate_after']:.4g} (was {change['learning_rate_before']:.4g});"
+                f" recorded in {RUN_CONFIG}",
+                flush=True,
+            )
+    stored["schedule_steps"] = train_steps
+    if change is not None:
+        stored["schedule_changes"] = [*(stored.get("schedule_changes") or []), change]
+    write_json(path, stored)
+    return change
+
+
+def _checkpoint_step(model_dir: str) -> int | None:
+    """The step of the latest checkpoint in model_dir (the one a start resumes from)."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(model_dir)
+    return None if latest is None else int(latest.rsplit("-", 1)[-1])
+
+
+def _length_from_flags(recorded: dict, steps_per_epoch: int) -> int | None:
+    """The planned length of a run_config.json written before it kept ``schedule_steps``
+    (the trainer's rule: ``--train_steps``, else ``--train_epochs`` in steps)."""
+    if recorded.get("train_steps"):
+        return int(recorded["train_steps"])
+    if recorded.get("train_epochs") is None:
+        return None
+    return max(1, round(recorded["train_epochs"] * steps_per_epoch))
+
+
+def _length_flag(flags: dict) -> str:
+    if flags.get("train_steps"):
+        return f"--train_steps={flags['train_steps']}"
+    return f"--train_epochs={_show(flags['train_epochs'])}"
+
+
+def _schedule(train, steps_per_epoch: int, train_steps: int):
+    """The trainer's learning-rate schedule for ``train`` (a TrainConfig) over train_steps."""
+    from official import schedules
+
+    return schedules.build_schedule(
+        train.lr_schedule,
+        peak_learning_rate=train.learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        train_steps=train_steps,
+        warmup_epochs=train.warmup_epochs,
+        end_learning_rate=train.end_learning_rate,
+        power=train.poly_power,
+    )

@@ -21,9 +21,12 @@ def define(fv):
         "Checkpoints, TensorBoard logs, summary.json, log.txt and the export. A run on a "
         "directory with a checkpoint resumes from it; run_config.json records the flags that "
         "define the run, and a start with other values of those stops with an error. These may "
-        "change on resume: --train_steps, --train_epochs (upward to train longer), "
+        "change on resume: --train_steps, --train_epochs (upward to train longer; a new length "
+        "re-plans the poly or cosine decay from the checkpoint's step, said in one note: line "
+        "and recorded in run_config.json), "
         "--steps_per_loop, --epochs_between_evals, --checkpoint_steps, --mode, "
-        "--eval_batch_size, --eval_attack_*, --eval_predictions, --data_dir, --export_dir, "
+        "--eval_batch_size, --eval_attack_*, --eval_predictions, --precise_bn_batches, "
+        "--data_dir, --export_dir, "
         "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
         "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --jit_compile, --update_pass, "
         "--mlperf_log, --mlperf_org, --mlperf_division, --mlperf_platform, --target_accuracy, "
@@ -38,7 +41,11 @@ def define(fv):
         flag_values=fv,
     )
     absl_flags.DEFINE_integer(
-        "train_steps", None, "Total training steps; overrides --train_epochs.", flag_values=fv
+        "train_steps",
+        None,
+        "Total training steps; overrides --train_epochs. The learning-rate decay is planned "
+        "over them (a resume with another value re-plans it; see --model_dir).",
+        flag_values=fv,
     )
     absl_flags.DEFINE_float("train_epochs", 16.0, "Training length in epochs.", flag_values=fv)
     absl_flags.DEFINE_integer(
