@@ -12,17 +12,20 @@ batch statistics but must leave every variable untouched).
 
 Batch statistics are taken over a *group* of replicas (``group_size``): 1 is
 each replica's own batch (the paper's per-worker BatchNorm), k is k
-consecutive replicas, 0 is every replica. A group's sums travel in one
-collective per layer: an all-reduce for all replicas, TPU's grouped
-``CrossReplicaSum`` on TPU, and an ``all_gather`` (summing the group's rows)
-under the Mirrored strategies.
+consecutive replicas, 0 is every replica. Each replica's (count, mean, M2)
+rows travel in one collective per layer — an ``all_gather`` under the
+Mirrored strategies, TPU's grouped ``CrossReplicaSum`` of a table of the
+group's rows on TPU — and are combined with the parallel-variance formula,
+so a large mean does not cancel the variance (``batch_moments``).
 Moments, normalisation and moving statistics are float32 whatever the
 compute dtype (bfloat16 and float16 sums over a large batch lose too much).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import keras
 import tensorflow as tf
@@ -33,6 +36,61 @@ ALL_REPLICAS = 0
 
 #: The paper uses BatchNorm statistics over at least this many examples.
 MIN_EXAMPLES_PER_STATISTIC = 64
+
+
+#: Per thread (MirroredStrategy runs each replica in a thread of its own): the
+#: collectors of ``collect_main_statistics`` active while a forward pass is traced.
+_collecting = threading.local()
+
+
+class MainStatisticsCollector:
+    """What ``collect_main_statistics`` gathers: ``sums[layer] = (Σ(x−K), Σ(x−K)², n)``."""
+
+    def __init__(self, shifts: dict | None):
+        self.shifts = shifts or {}
+        self.sums: dict = {}
+
+    def add(self, layer, x, moving_mean):
+        shift = self.shifts.get(layer, moving_mean)
+        self.sums[layer] = shifted_sums(x, shift)
+
+
+@contextlib.contextmanager
+def collect_main_statistics(shifts: dict | None = None):
+    """Collects, while a forward pass is traced, every main branch's input sums.
+
+    Inside the context each training-mode call of a split BatchNorm records
+    ``(Σ(x−K), Σ(x−K)², n)`` for its main-branch input ``x``, summed over all
+    but the channel axis of this replica's batch, with ``K = shifts[layer]``
+    (default: the branch's moving mean). ``K`` must be the same on every
+    replica, so the sums add up across replicas, and close to the mean, so
+    a large mean does not cancel the variance. Precise BatchNorm
+    (``official/precise_bn.py``) turns these into population statistics; the
+    context is a trace-time one, so the model's call signature, and every
+    layer between, stays unchanged.
+    """
+    stack = getattr(_collecting, "stack", None)
+    if stack is None:
+        stack = _collecting.stack = []
+    collector = MainStatisticsCollector(shifts)
+    stack.append(collector)
+    try:
+        yield collector
+    finally:
+        stack.pop()
+
+
+def _active_collector() -> MainStatisticsCollector | None:
+    stack = getattr(_collecting, "stack", None)
+    return stack[-1] if stack else None
+
+
+def shifted_sums(x: tf.Tensor, shift: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(Σ(x−K), Σ(x−K)², count) per channel over all but the last axis, in float32."""
+    axes = list(range(len(x.shape) - 1))
+    centered = tf.cast(x, tf.float32) - tf.cast(shift, tf.float32)
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+    return tf.reduce_sum(centered, axes), tf.reduce_sum(tf.square(centered), axes), count
 
 
 def check_branch(bn_branch: str, allow_mixed: bool = True) -> str:
@@ -87,49 +145,143 @@ def default_group_size(
     )
 
 
+#: On TPU, the largest group whose per-replica rows travel in one collective.
+#: A table of more rows costs more bytes than a second small collective costs
+#: latency, so larger groups (all replicas of a pod) make two collectives.
+MAX_TABLE_ROWS = 64
+
+
+def _axes(x: tf.Tensor) -> list[int]:
+    return list(range(len(x.shape) - 1))
+
+
+def _count(x: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+
+
+def _centred_sums(x: tf.Tensor, centre: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(Σ(x − c), Σ(x − c)²) per channel, for a centre ``c`` that carries no gradient.
+
+    With ``c`` close to the mean both sums keep their precision; the mean is
+    then ``c + Σ(x − c)/n`` and M2 is ``Σ(x − c)² − n·(mean − c)²``, whose
+    gradients, through the first sum only, are exactly those of the mean and M2.
+    """
+    centred = x - tf.stop_gradient(centre)
+    return tf.reduce_sum(centred, _axes(x)), tf.reduce_sum(tf.square(centred), _axes(x))
+
+
+def _local_rows(parts: list[tf.Tensor]) -> tf.Tensor:
+    """Per part, this replica's (n, c, mean − c, M2), shape [parts, 3C + 1].
+
+    ``c`` is the float32 mean (no gradient) and ``mean − c`` its rounding
+    error, so the pair holds the mean to far more than float32 precision and
+    M2 = Σ(x − mean)² is centred: E[x²] − E[x]² in float32 would lose the
+    variance once |mean| ≫ σ, and so would a between-replica term built from
+    float32 means.
+    """
+    rows = []
+    for x in parts:
+        count = _count(x)
+        n = tf.maximum(count, 1.0)  # an empty shard: zeros, not NaN
+        centre = tf.stop_gradient(tf.reduce_sum(x, _axes(x)) / n)
+        first, second = _centred_sums(x, centre)
+        residual = first / n
+        rows.append(tf.concat([count[None], centre, residual, second - count * residual**2], 0))
+    return tf.stack(rows)
+
+
+def _combine_rows(table: tf.Tensor) -> list[tuple]:
+    """(mean, biased variance) per part from a group's rows [rows, parts, 3C + 1].
+
+    The parallel-variance formula (Chan et al.): M2 = Σ M2_i + Σ n_i·(mean_i −
+    mean)², with every mean taken relative to a float32 shift near them all
+    (the differences of nearby float32 numbers are exact; empty rows weigh
+    nothing). Every group member holds the same table, so they compute the
+    same moments.
+    """
+    channels = (table.shape[-1] - 1) // 3
+    count = table[..., :1]
+    centres = table[..., 1 : channels + 1]
+    residuals = table[..., channels + 1 : 2 * channels + 1]
+    n = tf.maximum(tf.reduce_sum(count, 0), 1.0)
+    shift = tf.stop_gradient(tf.reduce_sum(count * centres, 0) / n)
+    offsets = (centres - shift) + residuals  # mean_i − shift
+    offset = tf.reduce_sum(count * offsets, 0) / n
+    m2 = tf.reduce_sum(table[..., 2 * channels + 1 :] + count * tf.square(offsets - offset), 0)
+    return list(zip(tf.unstack(shift + offset), tf.unstack(m2 / n)))
+
+
+def _table_moments(parts, group_sum, slot, size: int) -> list[tuple]:
+    """One summing collective: each replica writes its rows at ``slot`` of a ``size``-row
+    table (zeros elsewhere); ``group_sum`` adds the group's tables into its full table."""
+    rows = _local_rows(parts)
+    mine = tf.equal(tf.range(size), tf.cast(slot, tf.int32))[:, None, None]
+    table = tf.where(mine, rows[None], tf.zeros_like(rows)[None])
+    return _combine_rows(group_sum(table))
+
+
+def _two_pass_moments(parts, group_sum) -> list[tuple]:
+    """Two summing collectives of one row per part: counts and sums give the group's
+    float32 mean ``c`` (no gradient), then sums centred on ``c`` the mean and M2."""
+    sums = tf.stop_gradient(
+        group_sum(
+            tf.stack([tf.concat([_count(x)[None], tf.reduce_sum(x, _axes(x))], 0) for x in parts])
+        )
+    )
+    n = tf.maximum(sums[:, :1], 1.0)
+    centres = tf.unstack(sums[:, 1:] / n)
+    centred = group_sum(tf.stack([tf.stack(_centred_sums(x, c)) for x, c in zip(parts, centres)]))
+    moments = []
+    for c, part_sums, count in zip(centres, tf.unstack(centred), tf.unstack(n)):
+        first, second = tf.unstack(part_sums)
+        residual = first / count
+        moments.append((c + residual, tf.maximum(second / count - residual**2, 0.0)))
+    return moments
+
+
 def batch_moments(parts: list[tf.Tensor], group_size: int = 1) -> list[tuple]:
     """(mean, biased variance) over all but the channel axis, for each of ``parts``.
 
     Over the replica's own batch when ``group_size`` is 1 (or there is one
-    replica); otherwise the per-replica sums, sums of squares and counts of
-    every part are exchanged in a single collective and those of the
-    replica's group added up, so unequal shards are weighted by their size.
+    replica); otherwise over its group's batches, weighted by their sizes
+    (unequal shards count by their examples). Each replica centres its own
+    sums on its own mean and the group's (count, mean, M2) rows are combined
+    with the parallel-variance formula, so a mean far larger than the
+    spread does not cancel the variance. The rows travel in one collective:
+    an ``all_gather`` of every replica's rows under the Mirrored strategies,
+    and on TPU a grouped ``CrossReplicaSum`` of a table of the group's rows
+    (two one-row collectives for groups above ``MAX_TABLE_ROWS``).
     """
     context = tf.distribute.get_replica_context()
     replicas = context.num_replicas_in_sync if context is not None else 1
     if group_size == 1 or replicas == 1:
         return [tf.nn.moments(x, list(range(len(x.shape) - 1))) for x in parts]
 
-    channels = parts[0].shape[-1]
-    local = []
-    for x in parts:
-        axes = list(range(len(x.shape) - 1))
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
-        local.append(
-            tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count[None]], 0)
-        )
-    local = tf.stack(local)  # [parts, 2C + 1]
-    if group_size == ALL_REPLICAS or group_size >= replicas:
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-    elif isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
-        # TPU's own grouped all-reduce: each group sums only its rows (TPU's
-        # all_gather is a masked all-reduce of every replica's rows).
-        groups = [list(range(g, g + group_size)) for g in range(0, replicas, group_size)]
-        total = tf.raw_ops.CrossReplicaSum(
-            input=local, group_assignment=tf.constant(groups, tf.int32)
-        )
-    else:
-        gathered = context.all_gather(local[None], axis=0)  # [replicas, parts, 2C + 1]
-        groups = tf.reshape(gathered, [replicas // group_size, group_size, *local.shape])
-        group = tf.cast(context.replica_id_in_sync_group, tf.int32) // group_size
-        total = tf.reduce_sum(tf.gather(groups, group), axis=0)
-    moments = []
-    for row in tf.unstack(total):
-        n = tf.maximum(row[-1], 1.0)
-        mean = row[:channels] / n
-        variance = tf.maximum(row[channels : 2 * channels] / n - tf.square(mean), 0.0)
-        moments.append((mean, variance))
-    return moments
+    size = replicas if group_size == ALL_REPLICAS else min(group_size, replicas)
+    if not isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+        if size == replicas:
+            # Every replica: two all-reduces of one row per part, not a gather of
+            # every replica's rows (large on a big cluster).
+            return _two_pass_moments(
+                parts, lambda t: context.all_reduce(tf.distribute.ReduceOp.SUM, t)
+            )
+        rows = _local_rows(parts)  # [parts, 3C + 1]
+        gathered = context.all_gather(rows[None], axis=0)  # every replica's rows, in order
+        groups = tf.reshape(gathered, [replicas // size, size, *rows.shape])
+        group = tf.cast(context.replica_id_in_sync_group, tf.int32) // size
+        return _combine_rows(tf.gather(groups, group))
+
+    # TPU's own grouped all-reduce: each group sums only its members' tensors
+    # (TPU's all_gather is a masked all-reduce of every replica's rows).
+    assignment = tf.constant([list(range(g, g + size)) for g in range(0, replicas, size)], tf.int32)
+
+    def group_sum(t):
+        return tf.raw_ops.CrossReplicaSum(input=t, group_assignment=assignment)
+
+    if size > MAX_TABLE_ROWS:
+        return _two_pass_moments(parts, group_sum)
+    slot = tf.cast(context.replica_id_in_sync_group, tf.int32) % size
+    return _table_moments(parts, group_sum, slot, size)
 
 
 class SplitBatchNormalization(keras.layers.Layer):
@@ -224,9 +376,12 @@ class SplitBatchNormalization(keras.layers.Layer):
         if training:
             group = self.group_size if group_statistics else 1
             moments = batch_moments(parts, group)
+        collector = _active_collector() if training else None
         outputs = []
         for index, (part, branch) in enumerate(zip(parts, branches)):
             params = self.branch_variables(branch)
+            if collector is not None and branch == "main":
+                collector.add(self, part, params["moving_mean"].value)
             if training:
                 mean, variance = moments[index]
                 if update_stats:

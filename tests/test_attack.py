@@ -1,5 +1,6 @@
 """The L∞ PGD attack: bounds, effect on the loss, and that it changes no variable."""
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -17,6 +18,79 @@ def _attack(model, images, labels, **config):
         seed=tf.constant([5, 7], tf.int64),
         num_classes=mt.NUM_CLASSES,
     ).numpy()
+
+
+class PixelBlindModel(keras.Model):
+    """Logits that do not depend on the pixels (input gradient exactly 0), so the
+    attack's signed step is 0 and its result is its random start."""
+
+    def call(self, x, training=False, bn_branch="main", update_stats=True, group_statistics=True):
+        pixels = tf.reduce_sum(x, axis=[1, 2, 3])[:, None]
+        return 0.0 * pixels + tf.range(mt.NUM_CLASSES, dtype=tf.float32)
+
+
+class RandomStartTest(tf.test.TestCase):
+    """The random start x0 = clip(x + U(−ε, ε), 0, 255), seen through a zero gradient.
+
+    Catches an attack without its random start (every test of AttackTest passes
+    without it), noise of the wrong range or shape, and noise that ignores the seed.
+    """
+
+    EPS = 6.0
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = PixelBlindModel()
+        rng = np.random.default_rng(3)
+        cls.images = rng.uniform(20, 230, (32, mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3)).astype(np.float32)
+        cls.images[:4, :4] = 255.0  # saturated pixels: the start is clipped to [0, 255]
+        cls.images[4:8, :4] = 0.0
+        cls.labels = rng.integers(0, mt.NUM_CLASSES, 32).astype(np.int32)
+
+    def _start(self, seed, random_init=True):
+        return attack_lib.pgd_attack(
+            self.model,
+            tf.constant(self.images),
+            tf.constant(self.labels),
+            attack_lib.AttackConfig(eps=self.EPS, random_init=random_init),
+            seed=tf.constant(seed, tf.int64),
+            num_classes=mt.NUM_CLASSES,
+        ).numpy()
+
+    def test_start_is_uniform_in_the_eps_ball(self):
+        noise = self._start([5, 7]) - self.images
+        inner = (self.images > self.EPS) & (self.images < 255 - self.EPS)
+        u = noise[inner] / self.EPS  # ~U(−1, 1) where no clip applies
+        self.assertGreater(u.size, 20000)
+        self.assertLessEqual(np.abs(u).max(), 1.0)
+        self.assertGreater(u.max(), 0.999)
+        self.assertLess(u.min(), -0.999)
+        self.assertLess(abs(u.mean()), 0.02)  # standard error ≈ 0.004
+        self.assertAllClose(u.std(), 1 / np.sqrt(3), rtol=0.02)
+        counts, _ = np.histogram(u, bins=10, range=(-1, 1))
+        self.assertAllClose(counts / u.size, np.full(10, 0.1), atol=0.01)
+
+    def test_start_is_clipped_to_the_pixel_range(self):
+        start = self._start([5, 7])
+        high, low = start[:4, :4], start[4:8, :4]  # clean pixels 255 and 0
+        self.assertEqual(high.max(), 255.0)
+        self.assertEqual(low.min(), 0.0)
+        self.assertGreaterEqual(high.min(), 255.0 - self.EPS)
+        self.assertLessEqual(low.max(), self.EPS)
+        # Half the draws leave the range and are clipped onto its edge.
+        self.assertAllClose(np.mean(high == 255.0), 0.5, atol=0.08)
+        self.assertAllClose(np.mean(low == 0.0), 0.5, atol=0.08)
+
+    def test_start_depends_on_the_seed_only(self):
+        a, b = self._start([5, 7]), self._start([5, 7])
+        self.assertAllEqual(a, b)
+        inner = (self.images > 0) & (self.images < 255)  # saturated pixels clip alike
+        for other in ([5, 8], [6, 7]):
+            self.assertLess(np.mean(self._start(other)[inner] == a[inner]), 0.01, msg=str(other))
+
+    def test_no_random_start_no_gradient_returns_the_input(self):
+        self.assertAllEqual(self._start([5, 7], random_init=False), self.images)
 
 
 class AttackTest(tf.test.TestCase):

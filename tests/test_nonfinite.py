@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from conadv.nonfinite import NonFiniteError
+from conadv.nonfinite import NonFiniteError, NonFiniteGuard
 from conadv.trainer import TrainConfig, Trainer
 from input_pipeline.base import DataSource
 from tests import method_testing as mt
@@ -79,6 +79,41 @@ class NonFiniteGuardTest(tf.test.TestCase):
             self.assertEqual(fresh.restore(), 4)
             for var in fresh.model.variables:
                 self.assertTrue(np.all(np.isfinite(var.numpy())), var.path)
+
+    def test_nan_adversarial_alone_stops_the_run_naming_it(self):
+        """Catches a guard that ignores the adversarial loss: NaN in the auxiliary
+        BatchNorm's γ leaves the clean pass (main branch) finite but makes every
+        adversarial loss NaN, from step 0. A guard blind to it would report the
+        gradient (NaN through the adversarial term) instead. (ConAdv; DisAdv shares
+        the guard call.)"""
+        trainer = self._trainer(tempfile.mkdtemp(dir=self.get_temp_dir()), "conadv")
+        trainer.source = ArraySource(*mt.fixed_batches(12, BATCH, seed=12))  # no Inf
+        layer = trainer.model.split_batch_norm_layers()[-1]
+        layer.aux_gamma.assign(np.full(layer.aux_gamma.shape, np.nan, np.float32))
+        with self.assertRaises(NonFiniteError) as caught:
+            trainer.train(evaluate=False)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("non-finite adversarial loss at step 0;"), message)
+
+    def test_guard_records_a_nan_adversarial_loss_with_finite_rest(self):
+        """Catches a guard that ignores the adversarial loss: a NaN (or Inf)
+        adversarial loss with a finite clean loss and finite gradients is recorded,
+        at its step, as "adversarial loss"; all-finite quantities are not."""
+        strategy = tf.distribute.get_strategy()
+        gradients = [tf.constant([[0.5, -1.0]]), tf.constant([2.0])]
+        for bad in (np.nan, np.inf):
+            guard = NonFiniteGuard(strategy)
+
+            @tf.function
+            def check(step, adversarial, guard=guard):
+                strategy.run(
+                    lambda: guard.check(step, tf.constant([1.0, 2.0]), adversarial, gradients)
+                )
+
+            check(tf.constant(2, tf.int64), tf.constant([0.3, 0.4]))
+            self.assertIsNone(guard.first())
+            check(tf.constant(3, tf.int64), tf.constant([0.3, bad], tf.float32))
+            self.assertEqual(guard.first(), (3, "adversarial loss"))
 
     def test_clean_data_trains_through(self):
         images, labels = mt.fixed_batches(12, BATCH, seed=12)  # same data, no Inf

@@ -30,6 +30,32 @@ class ScheduleTest(tf.test.TestCase):
         ]:
             self.assertAllClose(float(s(step)), want, rtol=1e-6, msg=str(step))
 
+    def test_poly_uses_its_configured_power(self):
+        """Catches a poly decay that ignores ``power`` (e.g. always squares): powers
+        other than 2 against the closed form, through ``build_schedule`` and after a
+        ``get_config`` round trip."""
+        peak, end, warm, total = 4.0, 0.01, 10, 60
+        for power in (0.5, 1.0, 3.0):
+            s = schedules.build_schedule(
+                "poly",
+                peak,
+                steps_per_epoch=2,
+                train_steps=total,
+                warmup_epochs=warm / 2,
+                end_learning_rate=end,
+                power=power,
+            )
+            rebuilt = schedules.WarmupPolyDecay(**s.get_config())
+            for step in (5, 10, 17, 35, 59, 60):
+                if step < warm:
+                    want = peak * step / warm
+                else:
+                    want = end + (peak - end) * (1 - (step - warm) / (total - warm)) ** power
+                for schedule in (s, rebuilt):
+                    self.assertAllClose(
+                        float(schedule(step)), want, rtol=1e-6, msg=f"power {power}, step {step}"
+                    )
+
     def test_cosine(self):
         s = schedules.build_schedule(
             "cosine",

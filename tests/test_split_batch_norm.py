@@ -1,5 +1,7 @@
 """Split BatchNorm: branch isolation, update rules, export, synchronised moments."""
 
+import functools
+import json
 import os
 
 import keras
@@ -186,13 +188,12 @@ for sync in (True, False):
         "output": np.concatenate(
             [t.numpy() for t in strategy.experimental_local_results(y)]).tolist(),
     }
-print("RESULT " + json.dumps(out))
 """
 
 
 class SynchronizedTest(tf.test.TestCase):
     def test_synchronized_uses_global_batch_moments(self):
-        result = run_for_result("-c", SYNC_PROGRAM)
+        result = two_replica_result()
         rng = np.random.default_rng(0)
         x = np.concatenate([rng.normal(0, 1, (4, 2, 2, 3)), rng.normal(5, 2, (4, 2, 2, 3))]).astype(
             "float32"
@@ -206,6 +207,117 @@ class SynchronizedTest(tf.test.TestCase):
         self.assertGreater(
             np.abs(np.array(local["output"]) - np.array(synced["output"])).max(), 0.1
         )
+
+
+#: Runs after SYNC_PROGRAM, in the same process (its ``strategy``, ``out``).
+LARGE_MEAN_PROGRAM = """
+from official import split_batch_norm as sbn
+x = np.array(json.loads(INPUT), np.float32)  # [replica, part, 8, 4, 4, 3]
+ds = strategy.experimental_distribute_dataset(
+    tf.data.Dataset.from_tensors((x[:, 0].reshape(-1, 4, 4, 3), x[:, 1].reshape(-1, 4, 4, 3)))
+)
+with strategy.scope():
+    layer = sbn.SplitBatchNormalization(group_size=2)
+    layer.build((None, 4, 4, 3))
+
+def replica(clean, adv):
+    context = tf.distribute.get_replica_context()
+    def all_reduce(t):
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, t)
+    replica_id = context.replica_id_in_sync_group
+    return {
+        "batch_moments": sbn.batch_moments([clean, adv], 2),
+        # The TPU paths' arithmetic, with an all-reduce in place of CrossReplicaSum.
+        "table": sbn._table_moments([clean, adv], all_reduce, replica_id, 2),
+        "two_pass": sbn._two_pass_moments([clean, adv], all_reduce),
+        "layer": layer(tf.concat([clean, adv], 0), training=True, bn_branch="mixed"),
+    }
+
+@tf.function
+def step(batch):
+    return strategy.run(replica, args=batch)
+
+out["large_mean"] = tf.nest.map_structure(
+    lambda t: [v.numpy().tolist() for v in strategy.experimental_local_results(t)],
+    step(next(iter(ds))),
+)
+"""
+
+
+def large_mean_shards():
+    """[replica, part, 8, 4, 4, 3] float32: |mean| up to 1000 per channel, σ = 0.1.
+
+    The replicas' means differ by 0.2 (2σ), so the between-replica term of the
+    group variance matters; the two parts (clean, adversarial) differ by 7.
+    """
+    rng = np.random.default_rng(5)
+    means = np.array([1000.0, -500.0, 3.0])
+    shards = [
+        [rng.normal(means + 0.2 * r + 7.0 * p, 0.1, (8, 4, 4, 3)) for p in range(2)]
+        for r in range(2)
+    ]
+    return np.array(shards, np.float32)
+
+
+@functools.cache
+def two_replica_result() -> dict:
+    """Both programs in one child process (2 logical CPUs; a child costs seconds)."""
+    program = (
+        f"INPUT = {json.dumps(json.dumps(large_mean_shards().tolist()))}\n"
+        + SYNC_PROGRAM
+        + LARGE_MEAN_PROGRAM
+        + 'print("RESULT " + json.dumps(out))\n'
+    )
+    return run_for_result("-c", program)
+
+
+class LargeMeanGroupMomentsTest(tf.test.TestCase):
+    """Group moments of 2 replicas when |mean| ≫ σ, against float64 NumPy.
+
+    Catches the variance as E[x²] − E[x]² of float32 sums (the defect of issue
+    15 item 8): at mean 1000 each float32 square x² ≈ 1e6 is rounded by ~6e-8 · 1e6,
+    far more than σ² = 0.01; the old code's variance was off by 510 %.
+    Also catches a combination that drops the between-replica term Σ n_i·(mean_i
+    − mean)² (the replicas' means differ by 2σ).
+    """
+
+    # Measured: mean within 2.3e-5 (float32 rounds 1000 to 6.1e-5) and variance
+    # within 2.6e-7 relative; the old code's variance was off by more than 100 %.
+    MEAN_ATOL = 1e-4
+    VARIANCE_RTOL = 1e-5
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.x = large_mean_shards()
+        cls.result = two_replica_result()["large_mean"]
+
+    def _want(self, part):
+        x = self.x[:, part].astype(np.float64)  # both replicas' shards: the group of 2
+        return x.mean(axis=(0, 1, 2, 3)), x.var(axis=(0, 1, 2, 3))
+
+    def test_batch_moments_and_the_tpu_arithmetic_match_numpy(self):
+        for name in ("batch_moments", "table", "two_pass"):
+            for replica in range(2):  # both members of the group get the group's moments
+                for part in range(2):
+                    mean, variance = self.result[name][part]
+                    want_mean, want_variance = self._want(part)
+                    msg = f"{name}, replica {replica}, part {part}"
+                    self.assertAllClose(mean[replica], want_mean, atol=self.MEAN_ATOL, msg=msg)
+                    self.assertAllClose(
+                        variance[replica], want_variance, rtol=self.VARIANCE_RTOL, msg=msg
+                    )
+
+    def test_layer_normalises_with_the_group_moments(self):
+        for replica in range(2):
+            got = np.array(self.result["layer"][replica])
+            want = []
+            for part in range(2):
+                mean, variance = self._want(part)
+                want.append((self.x[replica, part] - mean) / np.sqrt(variance + 1e-5))
+            # Measured 4e-4: tf.nn.batch_normalization computes x·s − mean·s with
+            # x·s ≈ 7000. A 1 % variance error would move the outputs (up to ~4) by 2e-2.
+            self.assertAllClose(got, np.concatenate(want), atol=2e-3)
 
 
 if __name__ == "__main__":

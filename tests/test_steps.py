@@ -66,9 +66,46 @@ class StalenessTest(tf.test.TestCase):
 
 
 class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
+    """At learning rate 0, ConAdv (stale weights) and DisAdv (current weights) see
+    the same θ, so they must train on the same adversarial batches.
+
+    Both are checked against an attack written here, not against
+    ``steps.run_attack``: a bug in the attack shared by both methods (no random
+    start, a wrong seed, a descending step, the wrong BatchNorm branch) would
+    otherwise make them agree and pass.
+    """
+
+    STEPS = 4
+    EPS = 8.0  # mt.make_context's attack: one step of size ε
+
+    def independent_attack(self, model, x, y, batch_index):
+        """DESIGN.md's attack, eagerly: x0 = clip(x + U(−ε, ε), 0, 255), one signed
+        step of the summed CE through the auxiliary branch's batch statistics,
+        projected onto the ε-ball and [0, 255].
+
+        The random start is drawn as the code documents it (seed [ctx.seed, batch
+        index] on one replica, the first of a Philox split, float32 from the top 24
+        bits of an int64 draw), with TensorFlow's generator and NumPy arithmetic.
+        """
+        key = tf.constant([3, batch_index], tf.int64)
+        start_seed = tf.random.experimental.stateless_split(key, 2, alg="philox")[0]
+        bits = tf.random.stateless_uniform(
+            x.shape, start_seed, minval=None, maxval=None, dtype=tf.int64, alg="philox"
+        ).numpy()
+        fraction = ((bits >> 40) & 0xFFFFFF) / 2.0**24
+        noise = (-self.EPS + 2 * self.EPS * fraction).astype(np.float32)  # exact in float32
+        x0 = tf.constant(np.clip(x + noise, 0.0, 255.0))
+        with tf.GradientTape() as tape:
+            tape.watch(x0)
+            logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+            log_p = tf.nn.log_softmax(logits)
+            loss = -tf.reduce_sum(tf.gather(log_p, y, axis=1, batch_dims=1))
+        step = x0.numpy() + self.EPS * np.sign(tape.gradient(loss, x0).numpy())
+        lower, upper = np.maximum(x - self.EPS, 0.0), np.minimum(x + self.EPS, 255.0)
+        return np.clip(step, lower, upper)
+
     def test_identical_weights_statistics_and_adversarial_batches(self):
         images, labels = mt.fixed_batches(6, BATCH, seed=11)
-        steps = 4
         results = {}
         for method in ("disadv", "conadv"):
             model = mt.small_model(seed=4)
@@ -85,23 +122,28 @@ class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
                 mt.fill_ring(ctx, iterator)
             run = mt.step_runner(ctx, method)
             per_step, adversarial = [], []
-            for _ in range(steps):
+            for _ in range(self.STEPS):
                 if method == "conadv":
                     adversarial.append(ctx.ring.local_slots("adversarial")[0][0].numpy())
                 ctx.sums.reset()
                 run(iterator)
                 per_step.append(ctx.sums.totals())
-            if method == "disadv":
-                # DisAdv's attack of batch t, recomputed (its weights never change).
-                adversarial = [
-                    mt.attack_in_replica(ctx, images[t], labels[t], t) for t in range(steps)
-                ]
             results[method] = (mt.snapshot(model), per_step, adversarial)
 
-        dis_vars, dis_sums, dis_adv = results["disadv"]
+        dis_vars, dis_sums, _ = results["disadv"]
         con_vars, con_sums, con_adv = results["conadv"]
-        for a, b in zip(dis_adv, con_adv):
-            self.assertAllClose(a, b, atol=1e-4)
+        # θ never moves (learning rate 0), so the initial model attacks every batch.
+        reference = mt.small_model(seed=4)
+        for t in range(self.STEPS):
+            want = self.independent_attack(reference, images[t], labels[t], t)
+            # ConAdv's stored attack (made at step t − 1, or by the prologue).
+            self.assertAllClose(con_adv[t], want, atol=1e-4, msg=f"batch {t}")  # measured 1.5e-5
+            # DisAdv's attack is not stored: its summed adversarial CE and L∞ distance.
+            logits = reference(want, training=True, bn_branch="aux", update_stats=False)
+            adv_loss = tf.reduce_sum(reference_cross_entropy(labels[t], logits, 0.1))
+            linf = np.abs(want - images[t]).max(axis=(1, 2, 3)).sum()
+            self.assertAllClose(dis_sums[t]["adv_loss"], float(adv_loss), rtol=1e-4)
+            self.assertAllClose(dis_sums[t]["adv_linf"], linf, rtol=1e-5)
         for a, b in zip(dis_sums, con_sums):
             for key in ("adv_loss", "adv_linf", "clean_loss", "adv_examples"):
                 self.assertAllClose(a[key], b[key], rtol=1e-5, msg=key)
