@@ -110,7 +110,7 @@ def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
         ctx.attack,
         seed=attack_seed(ctx, batch_index),
         num_classes=ctx.num_classes,
-        loss_scale=precision.ATTACK_LOSS_SCALE if ctx.compute_dtype == tf.float16 else 1.0,
+        loss_scale=precision.attack_loss_scale(ctx.compute_dtype),
     )
     if ctx.compute_dtype == tf.float32:
         return adversarial

@@ -12,6 +12,7 @@ so a resumed run opens it at the batch it needs next.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
 from official import split_batch_norm as bn_lib
 from official.accumulation import GradientAccumulator
+from official.precise_bn import PreciseBatchNorm
 
 EVAL_SUMS = ("examples", "loss", "top1", "top5", "robust_loss", "robust_top1", "robust_top5")
 
@@ -53,6 +55,11 @@ class TrainConfig:
     model: str = "resnet20"
     width_multiplier: float = 1.0
     bn_group_size: int | None = None  # None: the smallest group of >= 64 examples
+    #: BatchNorm moving statistics: moving ← momentum·moving + (1 − momentum)·batch.
+    bn_momentum: float = 0.9
+    #: Batches of training examples whose population statistics replace the main
+    #: branch's moving statistics for evaluation and export (0: the moving ones).
+    precise_bn_batches: int = 200
     precision: str = "float32"
     update_pass: str = steps_lib.CONCATENATED
     global_batch_size: int = 512
@@ -120,6 +127,7 @@ class Trainer:
                 image_size=source.image_size,
                 width_multiplier=config.width_multiplier,
                 bn_group_size=self.bn_group_size,
+                bn_momentum=config.bn_momentum,
                 seed=config.seed,
                 dtype_policy=config.precision,
             )
@@ -141,7 +149,7 @@ class Trainer:
             )
             if precision.needs_loss_scaling(config.precision):
                 self.optimizer = precision.LossScaleOptimizer(self.optimizer)
-            # Slots must exist before the first distributed step (see DESIGN.md).
+            # Slots must exist before the first distributed step (docs/design.md).
             self.optimizer.build(self.model.trainable_variables)
             self.train_sums = ReplicaSums(steps_lib.TRAIN_SUMS, name="train_sums")
             self.eval_sums = ReplicaSums(EVAL_SUMS, name="eval_sums")
@@ -179,6 +187,8 @@ class Trainer:
             config.method, self.context, strategy, jit_compile=config.jit_compile
         )
         self._eval_replica_step = tf.function(self._eval_replica, jit_compile=config.jit_compile)
+        self.precise_bn = PreciseBatchNorm(self.model, strategy)
+        self._precise_cache = None  # (step, PreciseStatistics) of the latest computation
         self._train_loop = tf.function(self._train_loop_fn)
 
         self.iterator = None  # opened by train(), at the step it starts from
@@ -505,6 +515,8 @@ class Trainer:
             "train_top1": None,
             "eval_top1": eval_result.get("top1"),
             "eval_top5": eval_result.get("top5"),
+            # How the evaluated (and exported) main branch got its BatchNorm statistics.
+            "bn_statistics": eval_result.get("bn_statistics"),
             "images_per_second": (timed_images / timed_seconds) if timed_seconds else None,
             "wall_time_s": time.time() - start_time,
             "final_train_loss": last_train.get("clean_loss"),
@@ -515,8 +527,15 @@ class Trainer:
         if evaluate:
             if not eval_result:  # resumed at the end: nothing was trained, evaluate anyway
                 eval_result = self.evaluate(EVAL)
-                summary.update(eval_top1=eval_result["top1"], eval_top5=eval_result["top5"])
+                summary.update(
+                    eval_top1=eval_result["top1"],
+                    eval_top5=eval_result["top5"],
+                    bn_statistics=eval_result["bn_statistics"],
+                )
             summary["train_top1"] = self.evaluate(TRAIN_EVAL)["top1"]
+            if summary["bn_statistics"]["kind"] == "precise":
+                # What the moving averages alone would have given, for comparison.
+                summary["eval_top1_moving_average"] = self.evaluate(EVAL, precise=False)["top1"]
             summary["wall_time_s"] = time.time() - start_time
         return summary
 
@@ -599,13 +618,61 @@ class Trainer:
                 self.config.eval_attack,
                 seed=seed,
                 num_classes=self.source.num_classes,
+                # Float16 input gradients flush to zero without the training attack's scale.
+                loss_scale=precision.attack_loss_scale(self.compute_dtype),
                 training=False,
             )
             values.update(sums(self.model(adversarial, training=False), prefix="robust_"))
         self.eval_sums.add(examples=tf.size(labels), **values)
 
-    def evaluate(self, split: str = EVAL) -> dict:
-        """Main-branch accuracy with moving statistics over one pass of ``split``."""
+    @contextlib.contextmanager
+    def evaluation_statistics(self, precise: bool = True):
+        """The main branch's BatchNorm statistics as evaluated and exported, inside the context.
+
+        With ``precise_bn_batches`` N > 0 they are the population statistics
+        of N batches of training examples under the current weights
+        (``official/precise_bn.py``), computed once per global step; the
+        moving averages training keeps are put back on exit, so evaluating
+        never changes what training (or a resumed run) computes. The batches
+        are the training images with the *evaluation* preprocessing (the
+        ``TRAIN_EVAL`` split): the statistics describe the inputs the
+        evaluated network is given, without looking at the evaluation set.
+        Each replica's batch is the micro-batch training normalises over, so
+        the forward pass's batch statistics are those of training. Yields
+        what ``summary.json`` and ``eval.json`` record as ``bn_statistics``.
+        ``precise=False`` keeps the moving averages.
+        """
+        batches = self.config.precise_bn_batches if precise else 0
+        if batches <= 0:
+            yield {"kind": "moving_average", "momentum": self.config.bn_momentum}
+            return
+        step = self.global_step
+        if self._precise_cache is None or self._precise_cache[0] != step:
+            if not hasattr(self, "_precise_dataset"):
+                self._precise_dataset = self.source.distribute(
+                    self.strategy,
+                    TRAIN_EVAL,
+                    self.micro_batch * self.strategy.num_replicas_in_sync,
+                )
+            statistics = self.precise_bn.compute(self._precise_dataset, batches)
+            self._precise_cache = (step, statistics)
+            logging.info(
+                "Precise BatchNorm statistics at step %d: %d batches, %d training images",
+                step,
+                statistics.batches,
+                statistics.examples,
+            )
+        statistics = self._precise_cache[1]
+        with self.precise_bn.applied(statistics):
+            yield {
+                "kind": "precise",
+                "batches": statistics.batches,
+                "examples": statistics.examples,
+                "data": "training images, evaluation preprocessing",
+            }
+
+    def evaluate(self, split: str = EVAL, precise: bool = True) -> dict:
+        """Main-branch accuracy over one pass of ``split`` (``evaluation_statistics``)."""
         if not hasattr(self, "_eval_datasets"):
             self._eval_datasets = {}
             self._eval_loop = tf.function(self._eval_loop_fn)
@@ -614,10 +681,11 @@ class Trainer:
                 self.strategy, split, self.config.eval_batch_size
             )
         self.eval_sums.reset()
-        self._eval_loop(self._eval_datasets[split])
+        with self.evaluation_statistics(precise) as bn_statistics:
+            self._eval_loop(self._eval_datasets[split])
         totals = self.eval_sums.totals()
         n = max(totals["examples"], 1.0)
-        result = {"examples": totals["examples"]}
+        result = {"examples": totals["examples"], "bn_statistics": bn_statistics}
         keys = ["loss", "top1", "top5"]
         attack = self.config.eval_attack
         if attack is not None:
@@ -641,9 +709,10 @@ class Trainer:
         export_dir = (
             export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
         )
-        return export_lib.export_model(
-            self.model, export_dir, self.source.image_size, self.source.class_names
-        )
+        with self.evaluation_statistics():
+            return export_lib.export_model(
+                self.model, export_dir, self.source.image_size, self.source.class_names
+            )
 
     def predict(self, split: str = EVAL) -> list[list[int]]:
         """Top-k class ids (k = 5, or the class count) of every example of ``split``, in order.
@@ -654,8 +723,9 @@ class Trainer:
         k = min(5, self.source.num_classes)
         model_fn = tf.function(lambda x: tf.math.top_k(self.model(x, training=False), k).indices)
         ids = []
-        for images, _ in self.source.dataset(split, self.config.eval_batch_size):
-            ids.extend(model_fn(images).numpy().tolist())
+        with self.evaluation_statistics():
+            for images, _ in self.source.dataset(split, self.config.eval_batch_size):
+                ids.extend(model_fn(images).numpy().tolist())
         return ids
 
 

@@ -20,3 +20,19 @@ def define(fv):
         "The attack always uses each replica's own statistics.",
         flag_values=fv,
     )
+    absl_flags.DEFINE_float(
+        "bn_momentum",
+        0.9,
+        "BatchNorm moving statistics: moving = momentum*moving + (1 - momentum)*batch.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "precise_bn_batches",
+        200,
+        "Before every evaluation and export, replace the main branch's moving BatchNorm "
+        "statistics by the population statistics of this many batches of training images "
+        "(evaluation preprocessing) under the current weights (PreciseBN); one pass of the "
+        "training set at most. Training keeps its moving averages. 0: evaluate with the "
+        "moving averages.",
+        flag_values=fv,
+    )

@@ -136,6 +136,11 @@ def validate(values, num_replicas: int = 1):
     _require(0 <= v.label_smoothing < 1, f"--label_smoothing={v.label_smoothing} must be in [0, 1)")
     _require(v.lars_eta > 0, f"--lars_eta={v.lars_eta} must be > 0")
     _require(v.poly_power > 0, f"--poly_power={v.poly_power} must be > 0")
+    _require(0 <= v.bn_momentum < 1, f"--bn_momentum={v.bn_momentum} must be in [0, 1)")
+    _require(
+        v.precise_bn_batches >= 0,
+        f"--precise_bn_batches={v.precise_bn_batches} must be >= 0 (0 turns precise BatchNorm off)",
+    )
     if v.bn_group_size is not None:
         _require(
             v.bn_group_size >= 0,

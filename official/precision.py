@@ -44,6 +44,11 @@ def needs_loss_scaling(name: str) -> bool:
     return check_policy(name) == MIXED_FLOAT16
 
 
+def attack_loss_scale(dtype: tf.DType) -> float:
+    """The attack's loss scale for compute ``dtype``: training and robust evaluation share it."""
+    return ATTACK_LOSS_SCALE if tf.as_dtype(dtype) == tf.float16 else 1.0
+
+
 def round_within(x: tf.Tensor, lower: tf.Tensor, upper: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """Non-negative float32 ``x`` rounded to ``dtype``, kept inside [lower, upper].
 

@@ -1,0 +1,142 @@
+"""Precise BatchNorm statistics: population moments under the final weights.
+
+The moving statistics BatchNorm keeps while training are an exponential
+average over recent batches, each computed under the weights of its own step.
+Evaluation wants the statistics of the network as it is now. PreciseBN (Wu &
+Johnson, *Rethinking "Batch" in BatchNorm*, 2021) recomputes them: run N
+batches through the network in training mode (every BatchNorm normalises with
+its batch statistics, as in training, and updates nothing) and take, for
+every BatchNorm, the mean and biased variance of its inputs over all
+examples of all N batches — exact averages of per-batch sums, not an EMA.
+
+Sums are float32 and shifted, per layer, by the mean of its inputs in the
+first batch (one extra forward pass of one batch; every replica and worker
+uses the same shift, so the sums add up, and a mean far from zero does not
+cancel the variance, whatever the moving statistics hold); each batch's sums
+are added across replicas and workers with ``strategy.reduce``. Only the main
+branch is recomputed: it is the one evaluated and exported.
+
+The recomputed statistics replace the moving ones only inside
+``PreciseBatchNorm.applied``, so the training state (and what a resumed run
+computes) keeps its EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from official import split_batch_norm as bn_lib
+
+
+@dataclasses.dataclass
+class PreciseStatistics:
+    """The main branch's population statistics of every split BatchNorm."""
+
+    means: list[np.ndarray]
+    variances: list[np.ndarray]
+    #: Batches and examples the statistics were taken over (all replicas and workers).
+    batches: int
+    examples: int
+
+
+class PreciseBatchNorm:
+    """Computes and applies precise main-branch statistics for one model.
+
+    ``model`` is called as ``model(images, training=True, bn_branch="main",
+    update_stats=False)`` in replica context; every split BatchNorm in it
+    must be reached by that call.
+    """
+
+    def __init__(self, model, strategy: tf.distribute.Strategy):
+        self.model = model
+        self.strategy = strategy
+        self.layers = [
+            layer
+            for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, bn_lib.SplitBatchNormalization)
+        ]
+        if not self.layers:
+            raise ValueError(f"model {model.name!r} has no split BatchNorm layer")
+        self._accumulate = tf.function(self._accumulate_fn)
+
+    def _replica_sums(self, batch, shifts):
+        images = batch[0]
+        with bn_lib.collect_main_statistics(dict(zip(self.layers, shifts))) as collector:
+            self.model(images, training=True, bn_branch="main", update_stats=False)
+        missing = [layer.name for layer in self.layers if layer not in collector.sums]
+        if missing:
+            raise ValueError(
+                f"precise BatchNorm: the forward pass did not reach {', '.join(missing[:3])}"
+            )
+        sums = [collector.sums[layer] for layer in self.layers]
+        return sums, tf.cast(tf.shape(images)[0], tf.float32)
+
+    def _accumulate_fn(self, iterator, num_batches, shifts):
+        """Sums shifted by ``shifts`` over at most ``num_batches`` batches (fewer if the data
+        ends)."""
+        totals = [
+            (tf.zeros_like(layer.main_moving_mean), tf.zeros_like(layer.main_moving_mean), 0.0)
+            for layer in self.layers
+        ]
+        totals = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), totals)
+        batches, examples = tf.constant(0), tf.constant(0.0)
+        for _ in tf.range(num_batches):
+            optional = iterator.get_next_as_optional()
+            if not optional.has_value():
+                break
+            per_replica = self.strategy.run(self._replica_sums, args=(optional.get_value(), shifts))
+            sums, count = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            totals = tf.nest.map_structure(tf.add, totals, sums)
+            examples += count
+            batches += 1
+        return totals, batches, examples
+
+    def compute(self, dataset: tf.distribute.DistributedDataset, num_batches: int):
+        """Population statistics over the first ``num_batches`` batches of ``dataset``."""
+        if num_batches < 1:
+            raise ValueError(f"precise BatchNorm needs at least one batch, got {num_batches}")
+        # The first batch's means, as shifts for the sums over every batch.
+        shifts = [layer.main_moving_mean.numpy() for layer in self.layers]
+        first, batches, _ = self._accumulate(iter(dataset), tf.constant(1, tf.int32), shifts)
+        if int(batches) == 0:
+            raise ValueError("precise BatchNorm: the dataset gave no batch")
+        shifts, _ = self._moments(shifts, first)
+        totals, batches, examples = self._accumulate(
+            iter(dataset), tf.constant(num_batches, tf.int32), shifts
+        )
+        means, variances = self._moments(shifts, totals)
+        return PreciseStatistics(means, variances, int(batches), int(round(float(examples))))
+
+    @staticmethod
+    def _moments(shifts, totals):
+        """Per-layer (means, biased variances) from sums shifted by ``shifts``."""
+        means, variances = [], []
+        for shift, (centered, squares, count) in zip(shifts, totals):
+            count = max(float(count), 1.0)
+            offset = centered.numpy() / count
+            means.append((shift + offset).astype(np.float32))
+            variances.append(
+                np.maximum(squares.numpy() / count - offset**2, 0.0).astype(np.float32)
+            )
+        return means, variances
+
+    @contextlib.contextmanager
+    def applied(self, statistics: PreciseStatistics):
+        """The main branch's moving statistics are ``statistics`` inside the context."""
+        saved = [
+            (layer.main_moving_mean.numpy(), layer.main_moving_variance.numpy())
+            for layer in self.layers
+        ]
+        try:
+            for layer, mean, variance in zip(self.layers, statistics.means, statistics.variances):
+                layer.main_moving_mean.assign(mean)
+                layer.main_moving_variance.assign(variance)
+            yield statistics
+        finally:
+            for layer, (mean, variance) in zip(self.layers, saved):
+                layer.main_moving_mean.assign(mean)
+                layer.main_moving_variance.assign(variance)
