@@ -62,7 +62,8 @@ def define(fv):
     absl_flags.DEFINE_string(
         "tf_data_service",
         None,
-        "Offload preprocessing to this tf.data service dispatcher.",
+        "Offload training preprocessing to this tf.data service dispatcher (exactly one "
+        "worker).",
         flag_values=fv,
     )
     absl_flags.DEFINE_bool(

@@ -30,7 +30,7 @@ SHORT = (
 def reference_lr(
     step, total, steps_per_epoch, schedule="poly", peak=20.0, end=1e-4, warmup_epochs=2.0, power=2.0
 ):
-    """The documented formulas (official/schedules.py, DESIGN.md), in plain Python:
+    """The documented formulas (official/schedules.py, docs/design.md), in plain Python:
     linear warmup to the peak over min(warmup_epochs in steps, total), then
     end + (peak − end)·(1 − p)^power (poly) or end + (peak − end)·½(1 + cos πp)
     (cosine), p = (step − warmup)/(total − warmup) clipped to [0, 1]."""
