@@ -9,7 +9,7 @@ from conadv import attack as attack_lib
 from conadv import steps as steps_lib
 from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
-from official import optimizers, resnet
+from official import optimizers, precision, resnet
 from official.accumulation import GradientAccumulator
 
 IMAGE_SIZE = 16
@@ -35,13 +35,14 @@ def batch_iterator(images, labels, strategy=None):
     return iter(strategy.experimental_distribute_dataset(ds))
 
 
-def small_model(seed: int = 1, width: float = 0.5):
+def small_model(seed: int = 1, width: float = 0.5, dtype_policy: str = precision.FLOAT32):
     return resnet.resnet(
         "resnet20",
         num_classes=NUM_CLASSES,
         image_size=IMAGE_SIZE,
         width_multiplier=width,
         seed=seed,
+        dtype_policy=dtype_policy,
     )
 
 
@@ -57,14 +58,19 @@ def make_context(
     strategy=None,
     update_pass=steps_lib.CONCATENATED,
     accumulation_steps=1,
+    dtype_policy=precision.FLOAT32,
 ):
     """A step context like the trainer's, with its ring buffer if ``staleness``
-    (τ·N micro-batch slots under ``accumulation_steps`` N)."""
+    (τ·N micro-batch slots under ``accumulation_steps`` N); under
+    ``mixed_float16`` the optimizer scales the loss, as the trainer's does."""
     strategy = strategy or tf.distribute.get_strategy()
+    compute_dtype = precision.compute_dtype(dtype_policy)
     with strategy.scope():
         opt = optimizers.build_optimizer(
             optimizer, learning_rate=learning_rate, momentum=0.9, weight_decay=weight_decay
         )
+        if precision.needs_loss_scaling(dtype_policy):
+            opt = precision.LossScaleOptimizer(opt)
         opt.build(model.trainable_variables)
         sums = ReplicaSums(steps_lib.TRAIN_SUMS)
     accumulator = None
@@ -75,7 +81,9 @@ def make_context(
     ring = None
     if staleness:
         micro = batch_size // strategy.num_replicas_in_sync // accumulation_steps
-        ring = RingBuffer(strategy, staleness * accumulation_steps, micro, IMAGE_SIZE)
+        ring = RingBuffer(
+            strategy, staleness * accumulation_steps, micro, IMAGE_SIZE, dtype=compute_dtype
+        )
     return steps_lib.StepContext(
         model=model,
         optimizer=opt,
@@ -89,6 +97,7 @@ def make_context(
         update_pass=update_pass,
         accumulation_steps=accumulation_steps,
         accumulator=accumulator,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -119,6 +128,30 @@ def fill_ring(ctx, iterator, strategy=None):
 
 def snapshot(model):
     return [v.numpy().copy() for v in model.variables]
+
+
+def trainable_snapshot(model):
+    return [v.numpy().copy() for v in model.trainable_variables]
+
+
+def update_error(initial, got, want) -> float:
+    """‖Δgot − Δwant‖ / ‖Δwant‖ over all the variables together, Δ = after − initial.
+
+    About 0 when two runs took the same steps, 1 when ``got`` skipped them,
+    about 1 for a doubled step; infinite if ``want`` did not move while
+    ``got`` did. Deltas, not weights: a step is small next to the weights it
+    changes. One norm over all variables, not a maximum per variable: an
+    update below a weight's float32 resolution (γ = 1 plus 1e-9) rounds away
+    or not, and 16-bit rounding in a few tiny updates would dominate. Compare
+    trainable variables: BatchNorm's moving statistics move without any update.
+    """
+    error = np.sqrt(sum(np.sum(np.square(a - b, dtype=np.float64)) for a, b in zip(got, want)))
+    scale = np.sqrt(
+        sum(np.sum(np.square(b - start, dtype=np.float64)) for start, b in zip(initial, want))
+    )
+    if error == 0.0:
+        return 0.0
+    return float(error / scale) if scale > 0.0 else float("inf")
 
 
 def restore(model, values):

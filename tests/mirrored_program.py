@@ -16,12 +16,17 @@ tf.config.set_logical_device_configuration(
 
 import keras  # noqa: E402
 
+from conadv import attack as attack_lib  # noqa: E402
 from conadv import steps as steps_lib  # noqa: E402
 from official import optimizers, precision, resnet  # noqa: E402
 from official.split_batch_norm import SplitBatchNormalization  # noqa: E402
 from tests import method_testing as mt  # noqa: E402
+from tests import precise_bn_checks  # noqa: E402
 
 BATCH = 8
+REPLICAS = 2
+# What train() gives the step context (tests/method_testing.make_context).
+LR, WD, MOMENTUM, EPS, SEED = 0.1, 1e-4, 0.9, 8.0, 3
 
 
 def model_for(strategy, synchronized):
@@ -37,6 +42,7 @@ def model_for(strategy, synchronized):
 
 
 def train(strategy, method, images, labels, steps, synchronized=True, accumulation=1, frozen=False):
+    """The model and step context after ``steps`` steps, and the initial trainable weights."""
     model = model_for(strategy, synchronized)
     if frozen:  # BatchNorm on moving statistics (Keras' trainable=False)
         for layer in model._flatten_layers():
@@ -62,9 +68,71 @@ def train(strategy, method, images, labels, steps, synchronized=True, accumulati
     if method == "conadv":
         mt.fill_ring(ctx, iterator, strategy)
     run = mt.step_runner(ctx, method, strategy)
+    initial = mt.trainable_snapshot(model)
     for _ in range(steps):
         run(iterator)
-    return model, ctx
+    return model, ctx, initial
+
+
+# --------------------------------------------------------------------------
+# One-device reference for DisAdv and ConAdv on 2 replicas with BatchNorm over
+# the global batch, written from the method's equations (not from
+# conadv/steps.py): each replica attacks its own half with its own batch
+# statistics (seed [SEED, batch index · replicas + replica]); the update is
+# the gradient of ½·(Σ CE(clean, main) + Σ CE(adv, aux)) over all 8 rows,
+# divided by the global batch 8. A per-replica loss divided by the replica's
+# 4 rows would double every step.
+
+
+def reference_attack(model, x, y, key):
+    """One step of L∞ PGD (step ε) from a random start, on the aux branch's own statistics."""
+    x = tf.constant(x)
+    start_seed = tf.random.experimental.stateless_split(tf.constant(key, tf.int64), 2, "philox")[0]
+    x0 = tf.clip_by_value(x + attack_lib.stateless_uniform(x.shape, start_seed, -EPS, EPS), 0, 255)
+    with tf.GradientTape() as tape:
+        tape.watch(x0)
+        logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+    step = x0 + EPS * tf.sign(tape.gradient(loss, x0))
+    return tf.clip_by_value(step, tf.maximum(x - EPS, 0.0), tf.minimum(x + EPS, 255.0)).numpy()
+
+
+def reference_adversarial_training(method, images, labels, initial, steps):
+    """Trainable weights after ``steps`` DisAdv or ConAdv (τ = 1) steps on one device."""
+    model = model_for(tf.distribute.get_strategy(), synchronized=True)
+    for var, value in zip(model.trainable_variables, initial):
+        var.assign(value)
+    velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+    half = BATCH // REPLICAS
+
+    def attack(t):  # batch t, each replica's half on its own, with the current weights
+        rows = [slice(r * half, (r + 1) * half) for r in range(REPLICAS)]
+        return np.concatenate(
+            [
+                reference_attack(model, images[t][s], labels[t][s], [SEED, t * REPLICAS + r])
+                for r, s in enumerate(rows)
+            ]
+        )
+
+    adversarial = {0: attack(0)} if method == "conadv" else {}  # ConAdv's prologue
+    for t in range(steps):
+        if method == "conadv":
+            adversarial[t + 1] = attack(t + 1)  # with θ_t, used at step t + 1
+        else:
+            adversarial[t] = attack(t)
+        with tf.GradientTape() as tape:
+            clean = model(images[t], training=True, bn_branch="main", update_stats=True)
+            adv = model(adversarial[t], training=True, bn_branch="aux", update_stats=True)
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits
+            loss = 0.5 * (tf.reduce_sum(ce(labels[t], clean)) + tf.reduce_sum(ce(labels[t], adv)))
+            loss = loss / BATCH
+        grads = tape.gradient(loss, model.trainable_variables)
+        for i, (var, g) in enumerate(zip(model.trainable_variables, grads)):
+            w = var.numpy()
+            decay = WD * w if w.ndim > 1 else 0.0
+            velocity[i] = MOMENTUM * velocity[i] + LR * (g.numpy() + decay)
+            var.assign(w - velocity[i])
+    return mt.trainable_snapshot(model)
 
 
 def overflow_on_one_replica(strategy, optimizer_class):
@@ -103,13 +171,20 @@ def main():
     out = {"replicas": mirrored.num_replicas_in_sync, "methods": {}}
 
     for method in ("vanilla", "disadv", "conadv"):
-        model, ctx = train(mirrored, method, images, labels, steps=2)
+        model, ctx, initial = train(mirrored, method, images, labels, steps=2)
         finite = all(np.all(np.isfinite(v.numpy())) for v in model.variables)
         out["methods"][method] = {
             "steps": int(ctx.optimizer.iterations.numpy()),
             "finite": bool(finite),
             "examples": ctx.sums.totals()["examples"],
         }
+        if method != "vanilla":
+            want = reference_adversarial_training(method, images, labels, initial, steps=2)
+            got = mt.trainable_snapshot(model)
+            out["methods"][method]["update_error"] = mt.update_error(initial, got, want)
+            out["methods"][method]["reference_moved"] = max(
+                float(np.max(np.abs(w - w0))) for w, w0 in zip(want, initial)
+            )
         if method == "conadv":
             # Prologue took batch 0; steps 0 and 1 took batches 1 and 2, so the
             # ring now holds batch 2, split between the replicas in order.
@@ -130,9 +205,9 @@ def main():
                 )
             )
 
-    sync_model, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=True)
-    ref_model, _ = train(single, "vanilla", images, labels, steps=3, synchronized=False)
-    local_model, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=False)
+    sync_model, _, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=True)
+    ref_model, _, _ = train(single, "vanilla", images, labels, steps=3, synchronized=False)
+    local_model, _, _ = train(mirrored, "vanilla", images, labels, steps=3, synchronized=False)
 
     def max_rel_diff(a, b):
         worst = 0.0
@@ -141,6 +216,9 @@ def main():
             worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6)))
         return worst
 
+    # Precise BatchNorm: each replica's shard normalised by its own batch moments, the
+    # population sums added across the two replicas (tests/precise_bn_checks.py).
+    out["precise_bn"] = precise_bn_checks.check(mirrored, batches_in_data=4, batches_used=3)
     out["sync_vs_single_max_rel_diff"] = max_rel_diff(sync_model, ref_model)
     out["unsync_vs_single_max_rel_diff"] = max_rel_diff(local_model, ref_model)
     out["overflow"] = {
@@ -148,10 +226,12 @@ def main():
         "keras": overflow_on_one_replica(mirrored, keras.optimizers.LossScaleOptimizer),
     }
     # Gradient accumulation on 2 replicas: N = 2 micro-batches per step.
-    frozen_one, _ = train(mirrored, "vanilla", images, labels, steps=2, frozen=True)
-    frozen_two, _ = train(mirrored, "vanilla", images, labels, steps=2, frozen=True, accumulation=2)
+    frozen_one, _, _ = train(mirrored, "vanilla", images, labels, steps=2, frozen=True)
+    frozen_two, _, _ = train(
+        mirrored, "vanilla", images, labels, steps=2, frozen=True, accumulation=2
+    )
     out["accumulation_frozen_max_rel_diff"] = max_rel_diff(frozen_two, frozen_one)
-    model, ctx = train(mirrored, "conadv", images, labels, steps=2, accumulation=2)
+    model, ctx, _ = train(mirrored, "conadv", images, labels, steps=2, accumulation=2)
     quarter = BATCH // 4  # a replica's share of a micro-batch
     micro = images.reshape(-1, BATCH // 2, *images.shape[2:])
     out["accumulation_conadv"] = {

@@ -2,16 +2,21 @@
 
 import tensorflow as tf
 
+from tests import test_precise_bn
 from tests.child_process import run_for_result
 
 SYNC_TOLERANCE = 1e-4  # relative, after 3 steps: float32 summation order differs
+#: mt.update_error after 2 steps (float32 order; measured 2e-7). A loss divided
+#: by the replica's batch instead of the global one doubles each step (error ≈ 1).
+UPDATE_TOLERANCE = 1e-3
 
 
 class MirroredTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.result = run_for_result("-m", "tests.mirrored_program")
+        # The child took 556 s (173 s of CPU) on a shared, loaded 2-core machine.
+        cls.result = run_for_result("-m", "tests.mirrored_program", timeout=900)
 
     def test_all_methods_run_on_two_replicas(self):
         self.assertEqual(self.result["replicas"], 2)
@@ -21,6 +26,16 @@ class MirroredTest(tf.test.TestCase):
             self.assertTrue(info["finite"], method)
             self.assertEqual(info["examples"], 16, method)  # 2 steps × global batch 8
 
+    def test_adversarial_methods_update_like_one_device_over_the_global_batch(self):
+        """DisAdv and ConAdv on 2 replicas against one device that attacks each
+        replica's half with that half's statistics and steps on the loss summed
+        over both halves, divided by the global batch (mirrored_program.py)."""
+        for method in ("disadv", "conadv"):
+            info = self.result["methods"][method]
+            self.assertLess(info["update_error"], UPDATE_TOLERANCE, method)
+            # The reference did step (a skipped step would give an error of 1).
+            self.assertGreater(info["reference_moved"], 1e-3, method)
+
     def test_each_replica_ring_holds_its_own_shard(self):
         self.assertEqual(self.result["ring_replica_images_match"], [True, True])
         self.assertTrue(self.result["ring_replicas_differ"])
@@ -29,6 +44,17 @@ class MirroredTest(tf.test.TestCase):
         self.assertLess(self.result["sync_vs_single_max_rel_diff"], SYNC_TOLERANCE)
         # Without synchronisation the per-replica statistics differ: the check can fail.
         self.assertGreater(self.result["unsync_vs_single_max_rel_diff"], 10 * SYNC_TOLERANCE)
+
+    def test_precise_batch_norm_sums_both_replicas(self):
+        """Catches: population statistics of one replica's shards only (sums not reduced
+        across replicas), or of the global batch normalised as one (each replica's forward
+        pass normalises its shard with its own moments); the moving averages not restored."""
+        result = self.result["precise_bn"]
+        self.assertLess(result["max_rel_error"], test_precise_bn.TOLERANCE)
+        self.assertEqual(result["batches"], 3)
+        self.assertEqual(result["examples"], 3 * 16)  # both replicas' examples
+        self.assertTrue(result["aux_untouched"])
+        self.assertTrue(result["moving_restored"])
 
     def test_gradient_accumulation_on_two_replicas(self):
         # Frozen BatchNorm: two micro-batches per step update like one batch.
