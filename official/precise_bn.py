@@ -72,18 +72,18 @@ class PreciseBatchNorm:
             raise ValueError(
                 f"precise BatchNorm: the forward pass did not reach {', '.join(missing[:3])}"
             )
-        sums = [collector.sums[layer] for layer in self.layers]
-        return sums, tf.cast(tf.shape(images)[0], tf.float32)
+        # One rank-1 vector per layer, [Σ(x−K) (C), Σ(x−K)² (C), n]: a multi-worker
+        # reduce packs its tensors, which must then have one rank.
+        sums = [
+            tf.concat([s1, s2, n[None]], 0) for s1, s2, n in map(collector.sums.get, self.layers)
+        ]
+        return sums, tf.cast(tf.shape(images)[:1], tf.float32)
 
     def _accumulate_fn(self, iterator, num_batches, shifts):
         """Sums shifted by ``shifts`` over at most ``num_batches`` batches (fewer if the data
         ends)."""
-        totals = [
-            (tf.zeros_like(layer.main_moving_mean), tf.zeros_like(layer.main_moving_mean), 0.0)
-            for layer in self.layers
-        ]
-        totals = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), totals)
-        batches, examples = tf.constant(0), tf.constant(0.0)
+        totals = [tf.zeros([2 * layer.main_moving_mean.shape[0] + 1]) for layer in self.layers]
+        batches, examples = tf.constant(0), tf.zeros([1])
         for _ in tf.range(num_batches):
             optional = iterator.get_next_as_optional()
             if not optional.has_value():
@@ -109,19 +109,19 @@ class PreciseBatchNorm:
             iter(dataset), tf.constant(num_batches, tf.int32), shifts
         )
         means, variances = self._moments(shifts, totals)
-        return PreciseStatistics(means, variances, int(batches), int(round(float(examples))))
+        return PreciseStatistics(means, variances, int(batches), int(round(float(examples[0]))))
 
     @staticmethod
     def _moments(shifts, totals):
         """Per-layer (means, biased variances) from sums shifted by ``shifts``."""
         means, variances = [], []
-        for shift, (centered, squares, count) in zip(shifts, totals):
-            count = max(float(count), 1.0)
-            offset = centered.numpy() / count
+        for shift, row in zip(shifts, totals):
+            row = row.numpy()
+            channels = (row.shape[0] - 1) // 2
+            centered, squares, count = row[:channels], row[channels:-1], max(float(row[-1]), 1.0)
+            offset = centered / count
             means.append((shift + offset).astype(np.float32))
-            variances.append(
-                np.maximum(squares.numpy() / count - offset**2, 0.0).astype(np.float32)
-            )
+            variances.append(np.maximum(squares / count - offset**2, 0.0).astype(np.float32))
         return means, variances
 
     @contextlib.contextmanager
