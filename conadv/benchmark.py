@@ -3,6 +3,7 @@
     python -m conadv.benchmark --model resnet20 --image_size 32 --batch_size 256
     python -m conadv.benchmark --update_pass concatenated,separate --methods conadv
     python -m conadv.benchmark --precision mixed_bfloat16 --num_cpu_devices 2 --bn_group_size 1
+    python -m conadv.benchmark --methods conadv --staleness 1,8,32
 
 Each method runs the trainer's own compiled loop on synthetic in-device
 batches; after a warm-up loop, several loops are timed and the median is
@@ -17,8 +18,11 @@ room to run both halves at once.
 ``--update_pass`` times the adversarial update as one pass over 2B rows
 (concatenated) and as two passes of B rows (separate); ``--num_cpu_devices``
 splits the CPU to run the step under MirroredStrategy (with its BatchNorm
-group collectives). The ring buffer's bytes per replica are printed for the
-configuration (``ring_buffer_bytes_per_replica`` in ``--output_json``).
+group collectives). ``--staleness`` times ConAdv at each listed τ (its ring
+holds τ batches per replica; a step reads and writes one of them, so the
+speed should not depend on τ). The ring buffer's bytes per replica are
+printed for each τ (in ``--output_json``: ``ring_buffer_bytes_per_replica``
+for the largest, ``ring_buffer_bytes_per_replica_by_staleness`` for each).
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def _parse(argv):
         default="concatenated",
         help="comma-separated: concatenated (one pass of 2B) and/or separate (two of B)",
     )
-    parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument(
+        "--staleness", default="1", help="comma-separated τ values to time ConAdv at, e.g. 1,8,32"
+    )
     parser.add_argument(
         "--num_cpu_devices",
         type=int,
@@ -84,8 +90,9 @@ def _parse(argv):
             parser.error(
                 f"--update_pass: {name!r} is not one of {', '.join(steps_lib.UPDATE_PASSES)}"
             )
-    if args.num_cpu_devices < 1 or args.staleness < 1:
-        parser.error("--num_cpu_devices and --staleness must be at least 1")
+    if args.num_cpu_devices < 1:
+        parser.error("--num_cpu_devices must be at least 1")
+    args.staleness = _staleness_list(parser, args.staleness)
     if args.bn_group_size is not None and (
         args.bn_group_size < 0 or (args.bn_group_size and args.num_cpu_devices % args.bn_group_size)
     ):
@@ -107,6 +114,18 @@ def _parse(argv):
     return args
 
 
+def _staleness_list(parser, text: str) -> list[int]:
+    """``--staleness`` as distinct positive integers, in the order given."""
+    values = []
+    for name in text.split(","):
+        if not name.strip().isdigit() or int(name) < 1:
+            parser.error(f"--staleness: {name!r} is not a positive integer (e.g. 1,8,32)")
+        if int(name) in values:
+            parser.error(f"--staleness: {int(name)} is listed twice")
+        values.append(int(name))
+    return values
+
+
 def _device_name(device: str) -> str:
     if device in ("cpu", "gpu"):
         devices = tf.config.list_logical_devices(device.upper())
@@ -122,8 +141,11 @@ def bn_group_size(args, replicas: int) -> int:
     return bn_lib.default_group_size(args.batch_size // replicas, replicas)[0]
 
 
-def measure(method: str, args, strategy, update_pass: str) -> float:
-    """Median clean images per second of ``method`` over the timed loops."""
+def measure(method: str, args, strategy, update_pass: str, staleness: int = 1) -> float:
+    """Median clean images per second of ``method`` over the timed loops (ConAdv at τ).
+
+    ``staleness`` is τ, the number of batches ConAdv's ring holds per replica.
+    """
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = resnet.resnet(
@@ -144,7 +166,7 @@ def measure(method: str, args, strategy, update_pass: str) -> float:
     if method == steps_lib.CONADV:
         ring = RingBuffer(
             strategy,
-            args.staleness,
+            staleness,
             args.batch_size // replicas,
             args.image_size,
             dtype=compute_dtype,
@@ -182,7 +204,7 @@ def measure(method: str, args, strategy, update_pass: str) -> float:
         def fill(it, k):
             strategy.run(prologue, args=(next(it), k))
 
-        for k in range(args.staleness):
+        for k in range(staleness):
             fill(iterator, tf.constant(k, tf.int64))
     n = tf.constant(args.steps_per_loop)
     loop(iterator, n)  # warm-up: tracing and the first execution
@@ -196,14 +218,50 @@ def measure(method: str, args, strategy, update_pass: str) -> float:
     return statistics.median(rates)
 
 
-def ring_buffer_bytes_per_replica(args, replicas: int) -> int:
+def ring_buffer_bytes_per_replica(args, replicas: int, staleness: int) -> int:
     """What ConAdv's ring holds per replica in this configuration (τ slots)."""
     return ring_buffer.bytes_per_replica(
-        args.staleness,
+        staleness,
         args.batch_size // replicas,
         args.image_size,
         precision.compute_dtype(args.precision),
     )
+
+
+def rate_key(method: str, update_pass: str, staleness: int, passes, stalenesses) -> str:
+    """The name a timing is reported under: the method and what varies between its timings."""
+    key = method
+    if len(passes) > 1 and method != steps_lib.VANILLA:
+        key += f"/{update_pass}"
+    if len(stalenesses) > 1 and method == steps_lib.CONADV:
+        key += f"/tau={staleness}"
+    return key
+
+
+def ratios(rates: dict, passes, stalenesses) -> dict:
+    """Speed ratios between the timed methods, passes and (ConAdv's) staleness values."""
+    out = {}
+    taus = [f"/tau={s}" for s in stalenesses] if len(stalenesses) > 1 else [""]
+    for tau in taus:
+        conadv = f"conadv{tau}"
+        for other in ("disadv", "vanilla"):
+            if conadv in rates and other in rates:
+                out[f"{conadv}_over_{other}"] = rates[conadv] / rates[other]
+    for method, suffixes in ((steps_lib.DISADV, [""]), (steps_lib.CONADV, taus)):
+        for suffix in suffixes:
+            concat, separate = f"{method}/concatenated{suffix}", f"{method}/separate{suffix}"
+            if concat in rates and separate in rates:
+                out[f"{method}{suffix}_concatenated_over_separate"] = (
+                    rates[concat] / rates[separate]
+                )
+    first, *rest = stalenesses
+    for update_pass in passes if len(passes) > 1 else [None]:
+        prefix = "conadv" if update_pass is None else f"conadv/{update_pass}"
+        for staleness in rest:
+            slow, base = f"{prefix}/tau={staleness}", f"{prefix}/tau={first}"
+            if slow in rates and base in rates:
+                out[f"{slow}_over_tau={first}"] = rates[slow] / rates[base]
+    return out
 
 
 def main(argv=None):
@@ -219,12 +277,13 @@ def main(argv=None):
     rates = {}
     for method in methods:
         for update_pass in passes if method != steps_lib.VANILLA else passes[:1]:
-            key = (
-                method
-                if len(passes) == 1 or method == steps_lib.VANILLA
-                else (f"{method}/{update_pass}")
-            )
-            rates[key] = measure(method, args, strategy, update_pass)
+            for staleness in args.staleness if method == steps_lib.CONADV else [1]:
+                key = rate_key(method, update_pass, staleness, passes, args.staleness)
+                rates[key] = measure(method, args, strategy, update_pass, staleness)
+    ring_bytes = {
+        str(staleness): ring_buffer_bytes_per_replica(args, replicas, staleness)
+        for staleness in args.staleness
+    }
     result = {
         "config": {
             key: getattr(args, key)
@@ -245,21 +304,12 @@ def main(argv=None):
         },
         "replicas": replicas,
         "bn_group_size": bn_group_size(args, replicas),
-        "ring_buffer_bytes_per_replica": ring_buffer_bytes_per_replica(args, replicas),
+        "ring_buffer_bytes_per_replica": ring_bytes[str(max(args.staleness))],
+        "ring_buffer_bytes_per_replica_by_staleness": ring_bytes,
         "methods": {m: {"images_per_second": r} for m, r in rates.items()},
-        "ratios": {},
+        "ratios": ratios(rates, passes, args.staleness),
         "ideal_conadv_over_vanilla": IDEAL_CONADV_OVER_VANILLA,
     }
-    if "conadv" in rates and "disadv" in rates:
-        result["ratios"]["conadv_over_disadv"] = rates["conadv"] / rates["disadv"]
-    if "conadv" in rates and "vanilla" in rates:
-        result["ratios"]["conadv_over_vanilla"] = rates["conadv"] / rates["vanilla"]
-    for method in (steps_lib.DISADV, steps_lib.CONADV):
-        concat, separate = f"{method}/concatenated", f"{method}/separate"
-        if concat in rates and separate in rates:
-            result["ratios"][f"{method}_concatenated_over_separate"] = (
-                rates[concat] / rates[separate]
-            )
 
     where = args.device if replicas == 1 else f"{replicas} logical CPU replicas"
     print(
@@ -268,16 +318,18 @@ def main(argv=None):
         f"BatchNorm group {result['bn_group_size']}: median of {args.loops} loops "
         f"of {args.steps_per_loop} steps"
     )
-    print(f"{'method':<24}{'clean img/s':>14}")
+    width = max(24, *(len(key) + 2 for key in rates))
+    print(f"{'method':<{width}}{'clean img/s':>14}")
     for method, rate in rates.items():
-        print(f"{method:<24}{rate:>14.1f}")
+        print(f"{method:<{width}}{rate:>14.1f}")
     for name, ratio in result["ratios"].items():
         print(f"{name}: {ratio:.3f}")
     print(f"ideal conadv_over_vanilla from counted work: {IDEAL_CONADV_OVER_VANILLA:.3f}")
-    print(
-        f"ring buffer: {result['ring_buffer_bytes_per_replica']} bytes per replica "
-        f"(τ = {args.staleness}, {args.batch_size // replicas} images per replica)"
-    )
+    for staleness, size in ring_bytes.items():
+        print(
+            f"ring buffer: {size} bytes per replica "
+            f"(τ = {staleness}, {args.batch_size // replicas} images per replica)"
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

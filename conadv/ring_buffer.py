@@ -13,6 +13,24 @@ Mirrored, MultiWorkerMirrored and TPU strategies alike (on TPU through the
 replicated variable handle), so no replica id is ever needed — TPUStrategy
 traces one program for all replicas and has none at trace time.
 
+A read or a write touches one slot, never the other τ−1: both are the sparse
+resource ops (``ResourceGather``, ``ResourceScatterUpdate``) applied to
+``var.handle``, which in replica context is this replica's component. The
+obvious spellings each cost the whole ring per call, as measured:
+``var.assign(tf.tensor_scatter_nd_update(var, …))`` builds a new τ-slot
+tensor; a sliced assign (``var[slot].assign``) reads the variable densely and
+copies it; and ``tf.gather`` on an ON_READ variable in MirroredStrategy's
+replica context reads the whole variable densely, which once a sparse write
+has put the variable in copy-on-read mode copies all τ slots.
+``var.scatter_update`` is not implemented for ON_READ variables. A variable
+per slot picked with ``tf.switch_case`` was slower without XLA (its case op
+has τ branches) and under XLA its branches copy the untouched slots.
+
+Under XLA a write alone compiles to an in-place dynamic-update-slice. XLA on
+CPU still copies the ring when the same program reads a slot first and uses
+it elsewhere (the ConAdv step does), with this spelling or any other tried;
+that copy comes from the compiler's aliasing, not from the write.
+
 Images are stored in the compute dtype (bfloat16 halves the buffer on TPU).
 
 An ON_READ variable would be saved as a single aggregate, which cannot hold
@@ -29,6 +47,9 @@ import tensorflow as tf
 
 from official.per_replica import per_replica_variable
 
+#: The buffer's arrays, in the order ``read`` returns them and ``write`` takes them.
+FIELDS = ("images", "labels", "adversarial")
+
 
 def bytes_per_replica(staleness: int, per_replica_batch: int, image_size: int, dtype) -> int:
     """Memory one replica's slots take: clean and adversarial images, and labels."""
@@ -41,6 +62,21 @@ class _Untracked:
 
     def __init__(self, **variables):
         self.__dict__.update(variables)
+
+
+def _read_slot(var, slot):
+    """This replica's ``var[slot]``, copying that slot only."""
+    value = tf.raw_ops.ResourceGather(resource=var.handle, indices=slot, dtype=var.dtype)
+    value.set_shape(var.shape[1:])
+    return value
+
+
+def _write_slot(var, slot, value):
+    """Sets this replica's ``var[slot]`` in place (the other slots are not touched)."""
+    value = tf.cast(value, var.dtype)
+    return tf.raw_ops.ResourceScatterUpdate(
+        resource=var.handle, indices=tf.reshape(slot, [1]), updates=value[None]
+    )
 
 
 class RingBuffer:
@@ -78,7 +114,8 @@ class RingBuffer:
         self.num_local_replicas = len(strategy.experimental_local_results(self._vars.images))
         dtype_tag = "" if self.dtype == tf.float32 else f"_{self.dtype.name}"
         # "v2": per-replica components (a checkpoint of the earlier per-device
-        # module has other keys and must not mark this buffer filled).
+        # module has other keys and must not mark this buffer filled). Slot
+        # reads and writes changed since, the stored arrays did not.
         self.layout = (
             f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{image_size}"
             f"_t{self.staleness}{dtype_tag}"
@@ -99,24 +136,15 @@ class RingBuffer:
 
     def read(self, slot: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """This replica's (images, labels, adversarial images) in ``slot``."""
-        return (
-            tf.gather(self._vars.images, slot),
-            tf.gather(self._vars.labels, slot),
-            tf.gather(self._vars.adversarial, slot),
-        )
+        slot = tf.cast(slot, tf.int32)
+        return tuple(_read_slot(getattr(self._vars, name), slot) for name in FIELDS)
 
     def write(self, slot: tf.Tensor, images, labels, adversarial) -> tf.Operation:
         """Overwrites this replica's ``slot`` (images are cast to the buffer's dtype)."""
-        index = tf.reshape(tf.cast(slot, tf.int32), [1, 1])
-
-        def put(var, value):
-            value = tf.cast(value, var.dtype)
-            return var.assign(tf.tensor_scatter_nd_update(var, index, value[None]))
-
+        slot = tf.cast(slot, tf.int32)
+        values = (images, labels, adversarial)
         return tf.group(
-            put(self._vars.images, images),
-            put(self._vars.labels, labels),
-            put(self._vars.adversarial, adversarial),
+            *(_write_slot(getattr(self._vars, n), slot, v) for n, v in zip(FIELDS, values))
         )
 
     # ----------------------------------------------------------- on the host
@@ -128,7 +156,7 @@ class RingBuffer:
     def checkpoint_items(self) -> dict:
         """What a checkpoint saves for this worker: each replica's slots, and ``filled``."""
         items = {"filled": self.filled}
-        for name in ("images", "labels", "adversarial"):
+        for name in FIELDS:
             for index, component in enumerate(self.local_slots(name)):
                 items[f"{name}_{index}"] = component
         return items
