@@ -85,6 +85,7 @@ def run_main(values) -> dict | None:
         _finish(trainer, files, log_file)
         return result
     if run.mode == "export":
+        trainer.precise_statistics()  # every worker: its sums are all-reduced
         if not files.is_chief:
             _finish(trainer, files, log_file)
             return {}  # the chief exports
@@ -105,6 +106,7 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
+    trainer.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:
         _finish(trainer, files, log_file)
         return summary  # the export and summary.json are the chief's (no collectives)

@@ -625,6 +625,33 @@ class Trainer:
             values.update(sums(self.model(adversarial, training=False), prefix="robust_"))
         self.eval_sums.add(examples=tf.size(labels), **values)
 
+    def precise_statistics(self):
+        """The precise statistics at the current step (None if ``precise_bn_batches`` is 0).
+
+        Computed once per step, with collectives across every worker: under
+        several workers each must call this before only the chief exports.
+        """
+        batches = self.config.precise_bn_batches
+        if batches <= 0:
+            return None
+        step = self.global_step
+        if self._precise_cache is None or self._precise_cache[0] != step:
+            if not hasattr(self, "_precise_dataset"):
+                self._precise_dataset = self.source.distribute(
+                    self.strategy,
+                    TRAIN_EVAL,
+                    self.micro_batch * self.strategy.num_replicas_in_sync,
+                )
+            statistics = self.precise_bn.compute(self._precise_dataset, batches)
+            self._precise_cache = (step, statistics)
+            logging.info(
+                "Precise BatchNorm statistics at step %d: %d batches, %d training images",
+                step,
+                statistics.batches,
+                statistics.examples,
+            )
+        return self._precise_cache[1]
+
     @contextlib.contextmanager
     def evaluation_statistics(self, precise: bool = True):
         """The main branch's BatchNorm statistics as evaluated and exported, inside the context.
@@ -642,27 +669,10 @@ class Trainer:
         what ``summary.json`` and ``eval.json`` record as ``bn_statistics``.
         ``precise=False`` keeps the moving averages.
         """
-        batches = self.config.precise_bn_batches if precise else 0
-        if batches <= 0:
+        statistics = self.precise_statistics() if precise else None
+        if statistics is None:
             yield {"kind": "moving_average", "momentum": self.config.bn_momentum}
             return
-        step = self.global_step
-        if self._precise_cache is None or self._precise_cache[0] != step:
-            if not hasattr(self, "_precise_dataset"):
-                self._precise_dataset = self.source.distribute(
-                    self.strategy,
-                    TRAIN_EVAL,
-                    self.micro_batch * self.strategy.num_replicas_in_sync,
-                )
-            statistics = self.precise_bn.compute(self._precise_dataset, batches)
-            self._precise_cache = (step, statistics)
-            logging.info(
-                "Precise BatchNorm statistics at step %d: %d batches, %d training images",
-                step,
-                statistics.batches,
-                statistics.examples,
-            )
-        statistics = self._precise_cache[1]
         with self.precise_bn.applied(statistics):
             yield {
                 "kind": "precise",

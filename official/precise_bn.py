@@ -61,6 +61,7 @@ class PreciseBatchNorm:
         ]
         if not self.layers:
             raise ValueError(f"model {model.name!r} has no split BatchNorm layer")
+        self._row_sizes = [2 * layer.main_moving_mean.shape[0] + 1 for layer in self.layers]
         self._accumulate = tf.function(self._accumulate_fn)
 
     def _replica_sums(self, batch, shifts):
@@ -72,28 +73,26 @@ class PreciseBatchNorm:
             raise ValueError(
                 f"precise BatchNorm: the forward pass did not reach {', '.join(missing[:3])}"
             )
-        # One rank-1 vector per layer, [Σ(x−K) (C), Σ(x−K)² (C), n]: a multi-worker
-        # reduce packs its tensors, which must then have one rank.
-        sums = [
+        # One vector: per layer [Σ(x−K) (C), Σ(x−K)² (C), n], then the batch size (a
+        # multi-worker reduce packs the tensors it is given, which must share a shape).
+        rows = [
             tf.concat([s1, s2, n[None]], 0) for s1, s2, n in map(collector.sums.get, self.layers)
         ]
-        return sums, tf.cast(tf.shape(images)[:1], tf.float32)
+        return tf.concat([*rows, tf.cast(tf.shape(images)[:1], tf.float32)], 0)
 
     def _accumulate_fn(self, iterator, num_batches, shifts):
         """Sums shifted by ``shifts`` over at most ``num_batches`` batches (fewer if the data
         ends)."""
-        totals = [tf.zeros([2 * layer.main_moving_mean.shape[0] + 1]) for layer in self.layers]
-        batches, examples = tf.constant(0), tf.zeros([1])
+        totals = tf.zeros([sum(self._row_sizes) + 1])
+        batches = tf.constant(0)
         for _ in tf.range(num_batches):
             optional = iterator.get_next_as_optional()
             if not optional.has_value():
                 break
             per_replica = self.strategy.run(self._replica_sums, args=(optional.get_value(), shifts))
-            sums, count = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            totals = tf.nest.map_structure(tf.add, totals, sums)
-            examples += count
+            totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             batches += 1
-        return totals, batches, examples
+        return totals, batches
 
     def compute(self, dataset: tf.distribute.DistributedDataset, num_batches: int):
         """Population statistics over the first ``num_batches`` batches of ``dataset``."""
@@ -101,22 +100,22 @@ class PreciseBatchNorm:
             raise ValueError(f"precise BatchNorm needs at least one batch, got {num_batches}")
         # The first batch's means, as shifts for the sums over every batch.
         shifts = [layer.main_moving_mean.numpy() for layer in self.layers]
-        first, batches, _ = self._accumulate(iter(dataset), tf.constant(1, tf.int32), shifts)
+        first, batches = self._accumulate(iter(dataset), tf.constant(1, tf.int32), shifts)
         if int(batches) == 0:
             raise ValueError("precise BatchNorm: the dataset gave no batch")
         shifts, _ = self._moments(shifts, first)
-        totals, batches, examples = self._accumulate(
+        totals, batches = self._accumulate(
             iter(dataset), tf.constant(num_batches, tf.int32), shifts
         )
         means, variances = self._moments(shifts, totals)
-        return PreciseStatistics(means, variances, int(batches), int(round(float(examples[0]))))
+        examples = int(round(float(totals[-1])))
+        return PreciseStatistics(means, variances, int(batches), examples)
 
-    @staticmethod
-    def _moments(shifts, totals):
-        """Per-layer (means, biased variances) from sums shifted by ``shifts``."""
+    def _moments(self, shifts, totals):
+        """Per-layer (means, biased variances) from the sums shifted by ``shifts``."""
         means, variances = [], []
-        for shift, row in zip(shifts, totals):
-            row = row.numpy()
+        rows = np.split(totals.numpy()[:-1], np.cumsum(self._row_sizes)[:-1])
+        for shift, row in zip(shifts, rows):
             channels = (row.shape[0] - 1) // 2
             centered, squares, count = row[:channels], row[channels:-1], max(float(row[-1]), 1.0)
             offset = centered / count
