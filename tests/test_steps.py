@@ -79,7 +79,7 @@ class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
     EPS = 8.0  # mt.make_context's attack: one step of size ε
 
     def independent_attack(self, model, x, y, batch_index):
-        """DESIGN.md's attack, eagerly: x0 = clip(x + U(−ε, ε), 0, 255), one signed
+        """The attack of docs/design.md, eagerly: x0 = clip(x + U(−ε, ε), 0, 255), one signed
         step of the summed CE through the auxiliary branch's batch statistics,
         projected onto the ε-ball and [0, 255].
 
