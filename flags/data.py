@@ -62,8 +62,7 @@ def define(fv):
     absl_flags.DEFINE_string(
         "tf_data_service",
         None,
-        "Offload training preprocessing to this tf.data service dispatcher (exactly one "
-        "worker).",
+        "Offload training preprocessing to this tf.data service dispatcher (exactly one worker).",
         flag_values=fv,
     )
     absl_flags.DEFINE_bool(
