@@ -10,7 +10,8 @@ COMMON = [
     "absl-py>=1.0",
     "numpy>=1.23",
     "scikit-learn>=1.2",  # ships the embedded default dataset (handwritten digits)
-    "tensorboard>=2.16",  # tf.summary scalars
+    "tensorboard>=2.16",  # tf.summary scalars, the HParams dashboard of a sweep
+    "matplotlib>=3.7",  # the studies' and the benchmark's plots
 ]
 
 EXTRAS = {
@@ -42,7 +43,7 @@ setup(
         "in TensorFlow 2 / Keras 3"
     ),
     python_requires=">=3.10",
-    packages=["official", "conadv", "input_pipeline", "flags"],
+    packages=["official", "conadv", "conadv.studies", "input_pipeline", "flags"],
     py_modules=["main"],
     install_requires=COMMON,
     extras_require=EXTRAS,

@@ -62,6 +62,20 @@ def _trainable_count(model) -> int:
     return int(sum(math.prod(v.shape) for v in model.trainable_variables))
 
 
+def planned_length(run: RunConfig, train_examples: int) -> tuple[int, int, int]:
+    """(steps per epoch, training steps, warmup steps) the run's flags imply."""
+    train = run.train
+    steps_per_epoch = max(1, train_examples // train.global_batch_size)
+    total_steps = int(train.train_steps or max(1, round(train.train_epochs * steps_per_epoch)))
+    warmup_steps = min(round(train.warmup_epochs * steps_per_epoch), total_steps)
+    return steps_per_epoch, total_steps, warmup_steps
+
+
+def training_set_size(run: RunConfig) -> int:
+    """The training set's size, from the source's nominal sizes or its metadata."""
+    return _dataset_sizes(run)[2]
+
+
 def describe(run: RunConfig) -> dict:
     """Prints the run's configuration; returns it as a dict."""
     replicas, replicas_from = _replicas(run)
@@ -81,8 +95,7 @@ def describe(run: RunConfig) -> dict:
     else:
         group, group_reason = bn_lib.default_group_size(micro, replicas)
         group = group or replicas  # 0: all replicas
-    steps_per_epoch = max(1, train_examples // train.global_batch_size)
-    total_steps = int(train.train_steps or max(1, round(train.train_epochs * steps_per_epoch)))
+    steps_per_epoch, total_steps, warmup_steps = planned_length(run, train_examples)
     schedule = schedules.build_schedule(
         train.lr_schedule,
         peak_learning_rate=train.learning_rate,
@@ -92,7 +105,6 @@ def describe(run: RunConfig) -> dict:
         end_learning_rate=train.end_learning_rate,
         power=train.poly_power,
     )
-    warmup_steps = min(round(train.warmup_epochs * steps_per_epoch), total_steps)
     key_steps = sorted(
         {0, warmup_steps, total_steps // 4, total_steps // 2, 3 * total_steps // 4, total_steps - 1}
     )

@@ -515,6 +515,8 @@ class Trainer:
             "train_top1": None,
             "eval_top1": eval_result.get("top1"),
             "eval_top5": eval_result.get("top5"),
+            # Under --eval_attack_eps (None otherwise).
+            "eval_robust_top1": eval_result.get("robust_top1"),
             # How the evaluated (and exported) main branch got its BatchNorm statistics.
             "bn_statistics": eval_result.get("bn_statistics"),
             "images_per_second": (timed_images / timed_seconds) if timed_seconds else None,
@@ -530,6 +532,7 @@ class Trainer:
                 summary.update(
                     eval_top1=eval_result["top1"],
                     eval_top5=eval_result["top5"],
+                    eval_robust_top1=eval_result.get("robust_top1"),
                     bn_statistics=eval_result["bn_statistics"],
                 )
             summary["train_top1"] = self.evaluate(TRAIN_EVAL)["top1"]

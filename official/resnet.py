@@ -2,8 +2,10 @@
 
 ImageNet family (He et al. 2016, v1.5 as in the MLPerf reference): 7×7/2 stem
 convolution and 3×3/2 max-pool, then four stages; bottleneck blocks put the
-stride in the 3×3 convolution. Small-image family (resnet20 … resnet110):
-3×3 stem and three stages of widths 16/32/64. Shortcuts are 1×1 projections
+stride in the 3×3 convolution. Small-image family (resnet8, resnet20 … resnet110;
+6n + 2 layers): 3×3 stem and three stages of n blocks, widths 16/32/64.
+ResNet-8 (one block per stage) is the quickest network that still has
+every kind of block and shortcut; the tests use it. Shortcuts are 1×1 projections
 (convolution + BatchNorm) wherever the shape changes.
 
 Inputs are float pixels in [0, 255]; the first layer normalises them with
@@ -38,7 +40,7 @@ IMAGENET_FAMILY = {
     "resnet152": ("bottleneck", (3, 8, 36, 3)),
     "resnet200": ("bottleneck", (3, 24, 36, 3)),
 }
-SMALL_FAMILY = {f"resnet{6 * n + 2}": n for n in (3, 5, 7, 9, 18)}  # 20, 32, 44, 56, 110
+SMALL_FAMILY = {f"resnet{6 * n + 2}": n for n in (1, 3, 5, 7, 9, 18)}  # 8, 20, 32, 44, 56, 110
 MODEL_NAMES = tuple(IMAGENET_FAMILY) + tuple(SMALL_FAMILY)
 
 

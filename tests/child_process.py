@@ -13,6 +13,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _clipped(text: str, head: int = 2000, tail: int = 4000) -> str:
+    """A long stderr's first traceback lines (where the error began) and its end."""
+    start = max(text.find("Traceback (most recent call last)"), 0)
+    if len(text) - start <= head + tail:
+        return text[start:]
+    skipped = len(text) - start - head - tail
+    return f"{text[start : start + head]}\n[... {skipped} characters ...]\n{text[-tail:]}"
+
+
 def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) -> dict:
     """``python *python_args`` in the project root; the parsed last ``RESULT`` line.
 
@@ -28,12 +37,12 @@ def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) ->
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise AssertionError(f"child program failed:\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"child program failed:\n{_clipped(proc.stderr)}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 #: A ResNet small enough for end-to-end runs of main.py in tests.
-TINY_RESNET = ("--model=resnet20", "--width_multiplier=0.25")
+TINY_RESNET = ("--model=resnet8", "--width_multiplier=0.25")
 
 
 def run_main(*args: str, expect_ok: bool = True, env: dict | None = None):
@@ -50,5 +59,5 @@ def run_main(*args: str, expect_ok: bool = True, env: dict | None = None):
         env=None if env is None else {**os.environ, **env},
     )
     if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"main.py {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"main.py {' '.join(args)} failed:\n{_clipped(proc.stderr)}")
     return proc

@@ -31,9 +31,9 @@ def max_relative_difference(a, b) -> float:
 
 
 def tiny_model(bn_group_size: int = 1):
-    """ResNet-20 ×0.25 at 16 px with fixed initial weights (call inside a strategy's scope)."""
+    """ResNet-8 ×0.25 at 16 px with fixed initial weights (call inside a strategy's scope)."""
     return resnet.resnet(
-        "resnet20",
+        "resnet8",
         mt.NUM_CLASSES,
         image_size=mt.IMAGE_SIZE,
         width_multiplier=0.25,

@@ -37,7 +37,7 @@ def batch_iterator(images, labels, strategy=None):
 
 def small_model(seed: int = 1, width: float = 0.5, dtype_policy: str = precision.FLOAT32):
     return resnet.resnet(
-        "resnet20",
+        "resnet8",
         num_classes=NUM_CLASSES,
         image_size=IMAGE_SIZE,
         width_multiplier=width,
@@ -172,7 +172,7 @@ def attack_in_replica(ctx, images, labels, batch_index):
 
 
 def small_trainer(model_dir, strategy=None, num_classes=NUM_CLASSES, **overrides):
-    """A real ``Trainer`` on synthetic 16-px data with a tiny ResNet-20."""
+    """A real ``Trainer`` on synthetic 16-px data with a tiny ResNet-8."""
     from conadv.trainer import TrainConfig, Trainer
     from input_pipeline.base import PipelineOptions
     from input_pipeline.synthetic import SyntheticSource
@@ -186,7 +186,7 @@ def small_trainer(model_dir, strategy=None, num_classes=NUM_CLASSES, **overrides
     )
     settings = dict(
         model_dir=model_dir,
-        model="resnet20",
+        model="resnet8",
         width_multiplier=0.25,
         global_batch_size=8,
         eval_batch_size=16,

@@ -32,7 +32,7 @@ LR, WD, MOMENTUM, EPS, SEED = 0.1, 1e-4, 0.9, 8.0, 3
 def model_for(strategy, synchronized):
     with strategy.scope():
         return resnet.resnet(
-            "resnet20",
+            "resnet8",
             num_classes=mt.NUM_CLASSES,
             image_size=mt.IMAGE_SIZE,
             width_multiplier=0.5,

@@ -82,7 +82,7 @@ def trainer(model_dir, data_dir, strategy, train_steps):
         model_dir=model_dir,
         method="conadv",
         staleness=STALENESS,
-        model="resnet20",
+        model="resnet8",
         width_multiplier=0.25,
         global_batch_size=GLOBAL_BATCH,
         eval_batch_size=GLOBAL_BATCH,

@@ -114,7 +114,9 @@ class TrainAndResumeTest(tf.test.TestCase):
         a = tf.train.load_checkpoint(tf.train.latest_checkpoint(straight))
         b = tf.train.load_checkpoint(tf.train.latest_checkpoint(resumed))
         names = [n for n in a.get_variable_to_shape_map() if "model/" in n or "ring" in n]
-        self.assertGreater(len(names), 50)
+        # Every variable of ResNet-8 (both BatchNorm branches, moving statistics) and
+        # the ring: 47 tensors; a checkpoint missing a part has fewer.
+        self.assertGreaterEqual(len(names), 47)
         for name in names:
             self.assertAllClose(
                 a.get_tensor(name), b.get_tensor(name), rtol=1e-5, atol=1e-6, msg=name

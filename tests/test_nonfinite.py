@@ -43,7 +43,7 @@ class NonFiniteGuardTest(tf.test.TestCase):
         config = TrainConfig(
             model_dir=model_dir,
             method=method,
-            model="resnet20",
+            model="resnet8",
             width_multiplier=0.25,
             global_batch_size=BATCH,
             eval_batch_size=BATCH,

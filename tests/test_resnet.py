@@ -19,6 +19,9 @@ class ParameterCountTest(tf.test.TestCase):
             ("resnet50", 1000, 25_557_032),
             ("resnet18", 1000, 11_689_512),
             ("resnet20", 10, 272_474),
+            # 6n + 2 with n = 1, counted by hand: stem 464, blocks 4,672 + 14,528
+            # + 57,728 (the last two with 1×1 projections), classifier 650.
+            ("resnet8", 10, 78_042),
         ]:
             model = resnet.resnet(name, classes, image_size=32)
             self.assertEqual(count_parameters(model), expected, name)

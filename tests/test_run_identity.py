@@ -112,7 +112,7 @@ class RunIdentityTest(tf.test.TestCase):
         tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
         first = run_main(*SHORT, env={"TMPDIR": tmp})
         second = run_main(*SHORT, "--attack_eps=8", env={"TMPDIR": tmp})
-        directories = sorted(glob.glob(os.path.join(tmp, "conadv", "digits_resnet20_conadv_*")))
+        directories = sorted(glob.glob(os.path.join(tmp, "conadv", "digits_resnet8_conadv_*")))
         self.assertLen(directories, 2)
         # The second run trained from step 0, not "resumed" the first.
         self.assertEqual(progress_steps(first), ["step 1/2", "step 2/2"])

@@ -1,0 +1,117 @@
+"""The runs of a sweep: the cross product of methods, batch sizes, seeds, ε and τ.
+
+Learning-rate scaling (``--lr_scaling``), from ``--base_batch_size`` b₀ and
+main.py's ``--learning_rate`` η₀ and ``--warmup_epochs`` w₀ (given after the
+sweep's own flags, or their defaults): at global batch b the factor is
+k = b / b₀ (``linear``; Goyal et al. 2017), k = √(b / b₀) (``sqrt``; Krizhevsky
+2014, Hoffer et al. 2017) or k = 1 (``none``). The run gets peak learning rate
+η₀·k and warmup w₀·k epochs: a larger peak gets a longer ramp (with
+``linear`` the warmup then lasts the same number of steps at every batch).
+The training length is main.py's, in epochs unless ``--train_steps`` is
+given, so every batch size sees the same number of images by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+from conadv import steps as steps_lib
+
+LR_SCALING = ("linear", "sqrt", "none")
+
+#: main.py flags the sweep sets itself, per run.
+SWEEP_OWNED_FLAGS = ("method", "batch_size", "seed", "model_dir", "warmup_epochs")
+
+
+def scale_factor(rule: str, batch_size: int, base_batch_size: int) -> float:
+    ratio = batch_size / base_batch_size
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    if rule == "none":
+        return 1.0
+    raise ValueError(f"--lr_scaling={rule} is not one of {', '.join(LR_SCALING)}")
+
+
+def _number(value: float) -> str:
+    """A short, file-name-safe spelling of a number (4.0 → 4, 0.5 → 0.5)."""
+    return f"{value:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a sweep: its grid point and the flags it is trained with."""
+
+    method: str
+    batch_size: int
+    seed: int
+    attack_eps: float | None  # None: not swept (main.py's value), or vanilla
+    staleness: int | None  # None: not swept, or not ConAdv
+    learning_rate: float
+    warmup_epochs: float
+
+    @property
+    def name(self) -> str:
+        """The run's directory name under ``OUT/runs``."""
+        name = f"{self.method}_b{self.batch_size}"
+        if self.attack_eps is not None:
+            name += f"_eps{_number(self.attack_eps)}"
+        if self.staleness is not None:
+            name += f"_tau{self.staleness}"
+        return f"{name}_seed{self.seed}"
+
+    def flags(self) -> list[str]:
+        """main.py flags of this grid point (the model directory is added by the runner)."""
+        flags = [
+            f"--method={self.method}",
+            f"--batch_size={self.batch_size}",
+            f"--seed={self.seed}",
+            f"--learning_rate={self.learning_rate!r}",
+            f"--warmup_epochs={self.warmup_epochs!r}",
+        ]
+        if self.attack_eps is not None:
+            flags.append(f"--attack_eps={self.attack_eps!r}")
+        if self.staleness is not None:
+            flags.append(f"--staleness={self.staleness}")
+        return flags
+
+    def record(self) -> dict:
+        """What ``run.json`` keeps: the grid point and the learning rate it got."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def plan(
+    methods,
+    batch_sizes,
+    seeds,
+    attack_eps=None,
+    staleness=None,
+    *,
+    lr_scaling: str,
+    base_batch_size: int,
+    base_learning_rate: float,
+    base_warmup_epochs: float,
+) -> list[Run]:
+    """Every run of the sweep, in the order they are trained: seed-major, so a
+    partial sweep has every configuration at its first seeds."""
+    runs = []
+    for seed, batch_size, method in itertools.product(seeds, batch_sizes, methods):
+        k = scale_factor(lr_scaling, batch_size, base_batch_size)
+        adversarial = method != steps_lib.VANILLA
+        for eps in attack_eps if (attack_eps and adversarial) else [None]:
+            for tau in staleness if (staleness and method == steps_lib.CONADV) else [None]:
+                runs.append(
+                    Run(
+                        method=method,
+                        batch_size=int(batch_size),
+                        seed=int(seed),
+                        attack_eps=None if eps is None else float(eps),
+                        staleness=None if tau is None else int(tau),
+                        learning_rate=base_learning_rate * k,
+                        warmup_epochs=base_warmup_epochs * k,
+                    )
+                )
+    return runs

@@ -1,0 +1,155 @@
+"""Trains a sweep's runs with ``main.py``, one process each, N at a time.
+
+A run lives in ``OUT/runs/<name>``: ``run.json`` (its grid point, written
+before it starts), main.py's own files (checkpoints, ``run_config.json``,
+TensorBoard events, ``summary.json`` when it finished) and ``console.log``
+(its output, appended at every start). A run with a ``summary.json`` is
+finished and skipped; any other starts main.py on its directory, which
+resumes from the latest checkpoint. So a killed sweep, started again with the
+same command, redoes only what was lost.
+
+SIGTERM or Ctrl-C stops the sweep and passes SIGTERM to the running
+processes, which save a checkpoint at their current step and exit
+(main.py's preemption handling).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conadv.studies import hparams
+from conadv.studies.grid import Run
+
+MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "main.py")
+
+
+def run_dir(out: str, run: Run) -> str:
+    return os.path.join(out, "runs", run.name)
+
+
+def is_finished(out: str, run: Run) -> bool:
+    return os.path.exists(os.path.join(run_dir(out, run), "summary.json"))
+
+
+class RunFailedError(RuntimeError):
+    """A run's main.py exited with an error; the message is one line."""
+
+
+class Progress:
+    """One line per started or finished run: a bar over runs and an ETA from the
+    mean time of the runs this invocation trained."""
+
+    def __init__(self, total: int, done: int, parallel: int, stream=None):
+        self.total, self.done, self.parallel = total, done, parallel
+        self.start = time.time()
+        self.trained = 0
+        self.stream = stream or sys.stdout
+
+    def _bar(self, width: int = 24) -> str:
+        filled = round(width * self.done / max(self.total, 1))
+        return "[" + "#" * filled + "." * (width - filled) + "]"
+
+    def eta(self) -> str:
+        if not self.trained:
+            return "unknown"
+        per_run = (time.time() - self.start) / self.trained
+        remaining = (self.total - self.done) * per_run / self.parallel
+        return str(datetime.timedelta(seconds=round(remaining)))
+
+    def line(self, message: str):
+        print(
+            f"{self._bar()} {self.done}/{self.total} runs | ETA {self.eta()} | {message}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def finished(self, name: str, seconds: float, summary: dict):
+        self.done += 1
+        self.trained += 1
+        top1 = summary.get("eval_top1")
+        top1 = "n/a" if top1 is None else f"{top1:.4f}"
+        self.line(f"finished {name} in {seconds:.0f} s: eval top-1 {top1}")
+
+
+def _start(out: str, run: Run, main_flags: list[str]) -> subprocess.Popen:
+    directory = run_dir(out, run)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "run.json"), "w") as f:
+        json.dump(run.record(), f, indent=2)
+    command = [sys.executable, MAIN, *main_flags, *run.flags(), f"--model_dir={directory}"]
+    log = open(os.path.join(directory, "console.log"), "a")  # noqa: SIM115 (closed in wait)
+    log.write(f"+ {' '.join(command[1:])}\n")
+    log.flush()
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
+    proc.started = time.time()
+    return proc
+
+
+def _last_line(path: str) -> str:
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 1) -> dict:
+    """Trains every unfinished run; returns {name: summary} of all runs.
+
+    Raises ``RunFailedError`` naming the first run that failed, after the
+    others in flight have finished.
+    """
+    pending = [run for run in runs if not is_finished(out, run)]
+    progress = Progress(len(runs), len(runs) - len(pending), parallel)
+    skipped = len(runs) - len(pending)
+    if skipped:
+        progress.line(f"{skipped} finished run(s) skipped")
+    running: dict[Run, subprocess.Popen] = {}
+    failures = []
+
+    def stop(signum, _frame):
+        for proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in running.values():
+            proc.wait()
+        raise SystemExit(f"sweep stopped by signal {signum}; run the same command to resume")
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and not failures:
+                run = pending.pop(0)
+                resuming = os.path.isdir(run_dir(out, run))
+                running[run] = _start(out, run, main_flags)
+                progress.line(f"{'resumed' if resuming else 'started'} {run.name}")
+            if not running:
+                break
+            time.sleep(0.2)
+            for run, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                proc.log.close()
+                del running[run]
+                log = os.path.join(run_dir(out, run), "console.log")
+                if proc.returncode != 0 or not is_finished(out, run):
+                    failures.append(f"{run.name} failed: {_last_line(log)} (log: {log})")
+                    continue
+                summary = read_summary(out, run)
+                hparams.write_session(run_dir(out, run), run, summary)
+                progress.finished(run.name, time.time() - proc.started, summary)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failures:
+        raise RunFailedError(failures[0])
+    return {run.name: read_summary(out, run) for run in runs}
+
+
+def read_summary(out: str, run: Run) -> dict:
+    with open(os.path.join(run_dir(out, run), "summary.json")) as f:
+        return json.load(f)

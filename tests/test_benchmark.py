@@ -1,0 +1,119 @@
+"""The throughput benchmark: interleaved rounds, one entry per method and batch, the
+ratios as medians of per-round ratios, and a plot of exactly those numbers."""
+
+import json
+import os
+import statistics
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from conadv import benchmark
+
+METHODS = ("vanilla", "disadv", "conadv")
+BATCHES = (2, 4)
+
+
+class ThroughputSweepTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+        cls.json_path = os.path.join(cls.dir, "throughput.json")
+        cls.png_path = os.path.join(cls.dir, "throughput.png")
+        cls.result = benchmark.main(
+            [
+                "--model=resnet8",
+                "--width_multiplier=0.25",
+                "--image_size=16",
+                "--batch_sizes=2,4",
+                "--loops=3",
+                "--steps_per_loop=1",
+                f"--output_json={cls.json_path}",
+                f"--plot={cls.png_path}",
+            ]
+        )
+        with open(cls.json_path) as f:
+            cls.written = json.load(f)
+
+    def test_one_entry_per_method_and_batch(self):
+        rows = self.written["results"]
+        self.assertCountEqual(
+            [(r["method"], r["batch_per_replica"]) for r in rows],
+            [(m, b) for m in METHODS for b in BATCHES],
+        )
+        for row in rows:
+            self.assertLen(row["rounds"], 3)
+            # Catches: the mean (or the last round) reported instead of the median.
+            self.assertEqual(row["images_per_second"], statistics.median(row["rounds"]))
+            self.assertGreater(row["images_per_second"], 0)
+
+    def test_rounds_interleave_the_methods(self):
+        """Catches: each setting timed in its own block, one after another."""
+        keys = [r["key"] for r in self.written["results"]]
+        self.assertEqual(self.written["timing_order"], keys * 3)
+        # Within one batch, a round goes vanilla, DisAdv, ConAdv.
+        self.assertEqual(keys, [f"{m}/batch={b}" for b in BATCHES for m in METHODS])
+
+    def test_ratios_are_medians_of_per_round_ratios(self):
+        """Catches: the ratio of two medians, or the ratio inverted."""
+        rows = {r["key"]: r["rounds"] for r in self.written["results"]}
+        for batch in BATCHES:
+            conadv = rows[f"conadv/batch={batch}"]
+            for other in ("disadv", "vanilla"):
+                expected = float(
+                    np.median(np.array(conadv) / np.array(rows[f"{other}/batch={batch}"]))
+                )
+                name = f"conadv/batch={batch}_over_{other}/batch={batch}"
+                self.assertAllClose(self.written["ratios"][name], expected, rtol=1e-12)
+                [row] = [
+                    r
+                    for r in self.written["ratio_rows"]
+                    if r["series"] == f"conadv / {other}" and r["batch_per_replica"] == batch
+                ]
+                self.assertAllClose(row["ratio"], expected, rtol=1e-12)
+
+    def test_plot_draws_exactly_the_written_numbers(self):
+        with Image.open(self.png_path) as image:
+            image.verify()
+            self.assertEqual(image.format, "PNG")
+        again = os.path.join(self.dir, "again.png")
+        figure = benchmark.plot(self.written, again)
+        with open(self.png_path, "rb") as a, open(again, "rb") as b:
+            self.assertEqual(a.read(), b.read())  # the figure checked is the one written
+        speed_axes, ratio_axes = figure.axes
+        drawn = {line.get_label(): line for line in speed_axes.lines}
+        self.assertCountEqual(drawn, METHODS)
+        for row in self.written["results"]:
+            line = drawn[row["method"]]
+            # Catches: the global batch (or an index) on the x axis instead of the
+            # per-replica batch, or another setting's speeds.
+            index = list(line.get_xdata()).index(row["batch_per_replica"])
+            self.assertEqual(line.get_ydata()[index], row["images_per_second"])
+        ratios = {line.get_label(): line for line in ratio_axes.lines if line.get_label()[0] != "_"}
+        self.assertCountEqual(ratios, ["conadv / disadv", "conadv / vanilla"])
+        for row in self.written["ratio_rows"]:
+            line = ratios[row["series"]]
+            index = list(line.get_xdata()).index(row["batch_per_replica"])
+            self.assertEqual(line.get_ydata()[index], row["ratio"])
+        self.assertEqual(speed_axes.get_xscale(), "log")
+
+
+class BenchmarkFlagsTest(tf.test.TestCase):
+    def test_bad_values_end_with_one_line_naming_the_flag(self):
+        for argv, flag in [
+            (["--batch_sizes=0,4"], "--batch_sizes"),
+            (["--staleness=1,1"], "--staleness"),
+            (["--methods=vanilla,advprop"], "--methods"),
+            (["--update_pass=both"], "--update_pass"),
+            (["--model=resnet9"], "--model"),
+            (["--loops=0"], "--loops"),
+            (["--no_such_flag=1"], "no_such_flag"),
+        ]:
+            with self.assertRaises(SystemExit) as raised:
+                benchmark.main(argv)
+            message = str(raised.exception.code)
+            self.assertIn(flag, message, argv)
+            self.assertNotIn("\n", message, argv)

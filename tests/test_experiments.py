@@ -1,0 +1,417 @@
+"""Studies: the report's arithmetic against known summaries, its plots, and a real
+sweep that is killed, restarted, and recorded for TensorBoard's HParams dashboard."""
+
+import glob
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import tensorflow as tf
+from PIL import Image
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conadv import experiments
+from conadv.studies import grid, statistics
+from conadv.studies import report as report_lib
+from tests.child_process import ROOT, TINY_RESNET
+
+# Student's t, 0.975 quantile, 2 and 3 degrees of freedom (published tables).
+T975 = {2: 4.302652729911275, 3: 3.182446305284263}
+
+
+def plain_mean(xs):
+    return sum(xs) / len(xs)
+
+
+def plain_std(xs):
+    m = plain_mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def write_run(out, run, summary):
+    directory = os.path.join(out, "runs", run.name)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "run.json"), "w") as f:
+        json.dump(run.record(), f)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return directory
+
+
+def make_run(method, batch, seed, eps=None):
+    return grid.Run(method, batch, seed, eps, None, 0.1, 1.0)
+
+
+class StatisticsTest(tf.test.TestCase):
+    def test_t_quantiles_match_published_tables(self):
+        """Catches: a normal quantile (1.96) instead of Student's t, or the wrong dof."""
+        for dof, expected in T975.items():
+            self.assertAllClose(statistics.t_quantile(0.975, dof), expected, atol=1e-7)
+
+
+class ReportArithmeticTest(tf.test.TestCase):
+    """Known summaries in, every cell checked against plain arithmetic written here."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.out = tempfile.mkdtemp()
+        cls.values = {}  # (method, batch, eps, seed) -> (test, train, images/s, robust)
+        for b_index, batch in enumerate((64, 256)):
+            for seed in (0, 1, 2):
+                for method, eps_values in (
+                    ("vanilla", [None]),
+                    ("disadv", [4.0]),
+                    ("conadv", [2.0, 4.0]),
+                ):
+                    for e_index, eps in enumerate(eps_values):
+                        m_index = ("vanilla", "disadv", "conadv").index(method)
+                        # Distinct, irregular numbers: no two cells alike.
+                        test = 0.80 + 0.031 * m_index - 0.05 * b_index + 0.007 * seed**2
+                        test += 0.013 * e_index * (1 if batch == 64 else -1)
+                        train = test + 0.02 + 0.01 * b_index + 0.003 * seed
+                        speed = 100.0 * (1 + m_index) + 10 * seed + batch / 64
+                        robust = 0.3 + 0.01 * seed if method == "conadv" else None
+                        cls.values[(method, batch, eps, seed)] = (test, train, speed, robust)
+                        write_run(
+                            cls.out,
+                            make_run(method, batch, seed, eps),
+                            {
+                                "eval_top1": test,
+                                "train_top1": train,
+                                "images_per_second": speed,
+                                "eval_robust_top1": robust,
+                                "eval_top1_moving_average": test - 0.01,
+                                "train_steps": 10,
+                                "epochs": 2.0,
+                                "wall_time_s": 5.0,
+                            },
+                        )
+        # An unfinished run (no summary.json) is left out of everything.
+        os.makedirs(os.path.join(cls.out, "runs", "vanilla_b1024_seed0"))
+        cls.report = report_lib.write(cls.out)
+
+    def seeds_of(self, method, batch, eps, index):
+        return [self.values[(method, batch, eps, s)][index] for s in (0, 1, 2)]
+
+    def best_eps(self, method, batch):
+        candidates = {"vanilla": [None], "disadv": [4.0], "conadv": [2.0, 4.0]}[method]
+        return max(candidates, key=lambda e: plain_mean(self.seeds_of(method, batch, e, 0)))
+
+    def test_csv_has_every_finished_run_and_its_numbers(self):
+        import csv
+
+        with open(os.path.join(self.out, "results.csv")) as f:
+            rows = list(csv.DictReader(f))
+        self.assertLen(rows, 2 * 3 * 4)
+        for row in rows:
+            eps = float(row["attack_eps"]) if row["attack_eps"] else None
+            test, train, speed, _ = self.values[
+                (row["method"], int(row["batch_size"]), eps, int(row["seed"]))
+            ]
+            self.assertAllClose(float(row["eval_top1"]), test, atol=1e-12)
+            # Catches: the gap as test − train.
+            self.assertAllClose(float(row["generalization_gap"]), train - test, atol=1e-12)
+
+    def test_top1_cells_are_mean_std_and_n_of_the_best_eps(self):
+        """Catches: the population std (n), the last ε instead of the best, a mean over ε."""
+        self.assertEqual(self.best_eps("conadv", 64), 4.0)  # the data makes them differ
+        self.assertEqual(self.best_eps("conadv", 256), 2.0)
+        for method in ("vanilla", "disadv", "conadv"):
+            for batch in (64, 256):
+                eps = self.best_eps(method, batch)
+                xs = self.seeds_of(method, batch, eps, 0)
+                text = f"{plain_mean(xs):.4f} ± {plain_std(xs):.4f} (n=3"
+                if eps is not None:
+                    text += f", ε={eps:g}"
+                self.assertIn(text + ")", self.report.markdown, (method, batch))
+                cell = self.report.top1[(method, batch)]
+                self.assertAllClose(cell.mean, plain_mean(xs), atol=1e-12)
+                self.assertAllClose(cell.std, plain_std(xs), atol=1e-12)
+
+    def test_paired_differences_and_intervals(self):
+        """Catches: unpaired (difference of means with pooled spread), n instead of n − 1,
+        or a normal quantile."""
+        for batch in (64, 256):
+            conadv = self.seeds_of("conadv", batch, self.best_eps("conadv", batch), 0)
+            for other in ("vanilla", "disadv"):
+                base = self.seeds_of(other, batch, self.best_eps(other, batch), 0)
+                d = [a - b for a, b in zip(conadv, base)]
+                half = T975[2] * plain_std(d) / math.sqrt(3)
+                got = self.report.differences[(batch, f"conadv - {other}")]
+                self.assertAllClose(
+                    [got.mean, got.low, got.high],
+                    [plain_mean(d), plain_mean(d) - half, plain_mean(d) + half],
+                    atol=1e-9,
+                )
+                expected = (
+                    f"{plain_mean(d):+.4f} [{plain_mean(d) - half:+.4f}, "
+                    f"{plain_mean(d) + half:+.4f}] (n=3)"
+                )
+                self.assertIn(expected, self.report.markdown)
+
+    def test_gap_is_train_minus_test(self):
+        for method in ("vanilla", "disadv", "conadv"):
+            for batch in (64, 256):
+                eps = self.best_eps(method, batch)
+                gaps = [
+                    tr - te
+                    for te, tr in zip(
+                        self.seeds_of(method, batch, eps, 0), self.seeds_of(method, batch, eps, 1)
+                    )
+                ]
+                self.assertAllClose(self.report.gap[(method, batch)].mean, plain_mean(gaps))
+                text = f"{plain_mean(gaps):.4f} ± {plain_std(gaps):.4f}"
+                self.assertIn(text, self.report.markdown)
+
+    def test_eps_table_throughput_ratios_and_robust(self):
+        for batch in (64, 256):
+            for eps in (2.0, 4.0):
+                xs = self.seeds_of("conadv", batch, eps, 0)
+                cell = self.report.eps_cells[("conadv", batch, (("ε", eps),))]
+                self.assertAllClose(cell.mean, plain_mean(xs))
+            speeds = {
+                m: plain_mean(self.seeds_of(m, batch, self.best_eps(m, batch), 2))
+                for m in ("vanilla", "disadv", "conadv")
+            }
+            self.assertAllClose(
+                self.report.throughput_ratios[(batch, "conadv / disadv")],
+                speeds["conadv"] / speeds["disadv"],
+            )
+            self.assertAllClose(
+                self.report.throughput_ratios[(batch, "conadv / vanilla")],
+                speeds["conadv"] / speeds["vanilla"],
+            )
+            robust = self.seeds_of("conadv", batch, self.best_eps("conadv", batch), 3)
+            self.assertAllClose(self.report.robust[("conadv", batch)].mean, plain_mean(robust))
+            self.assertNotIn(("vanilla", batch), self.report.robust)
+
+    def test_plots_are_pngs_of_the_table_numbers(self):
+        for name in self.report.figures:
+            with Image.open(os.path.join(self.out, name)) as image:
+                image.verify()
+                self.assertEqual(image.format, "PNG")
+        axes = self.report.figures["accuracy_vs_batch.png"].axes[0]
+        self.assertEqual(axes.get_xscale(), "log")
+        drawn = {c.get_label(): c for c in axes.containers}
+        self.assertCountEqual(drawn, ["vanilla", "disadv", "conadv"])
+        for method, container in drawn.items():
+            line, _, (bars,) = container
+            self.assertEqual(list(line.get_xdata()), [64, 256])
+            for i, batch in enumerate((64, 256)):
+                xs = self.seeds_of(method, batch, self.best_eps(method, batch), 0)
+                self.assertAllClose(line.get_ydata()[i], plain_mean(xs))
+                low, high = bars.get_segments()[i][:, 1]
+                self.assertAllClose((high - low) / 2, plain_std(xs))
+        gap_axes = self.report.figures["gap_vs_batch.png"].axes[0]
+        for container in gap_axes.containers:
+            line = container[0]
+            method = container.get_label()
+            for i, batch in enumerate((64, 256)):
+                eps = self.best_eps(method, batch)
+                gaps = [
+                    tr - te
+                    for te, tr in zip(
+                        self.seeds_of(method, batch, eps, 0), self.seeds_of(method, batch, eps, 1)
+                    )
+                ]
+                self.assertAllClose(line.get_ydata()[i], plain_mean(gaps))
+        eps_axes = self.report.figures["accuracy_vs_eps.png"].axes[0]
+        for container in eps_axes.containers:
+            batch = int(container.get_label().split()[1])
+            line = container[0]
+            self.assertEqual(list(line.get_xdata()), [2.0, 4.0])
+            for i, eps in enumerate((2.0, 4.0)):
+                xs = self.seeds_of("conadv", batch, eps, 0)
+                self.assertAllClose(line.get_ydata()[i], plain_mean(xs))
+
+
+class TrainingCurvesTest(tf.test.TestCase):
+    def test_curves_are_seed_means_of_the_logged_scalars_per_epoch(self):
+        """Catches: the last seed's curve instead of the mean, or steps as epochs."""
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        logged = {}
+        for seed in (0, 1):
+            directory = write_run(
+                out,
+                make_run("vanilla", 64, seed),
+                {"eval_top1": 0.5, "train_top1": 0.6, "train_steps": 8, "epochs": 2.0},
+            )
+            for subdir, tag in (("train", "loss/clean"), ("eval", "top1/eval")):
+                writer = tf.summary.create_file_writer(os.path.join(directory, subdir))
+                with writer.as_default():
+                    for step in (4, 8):
+                        value = 0.1 * step + seed + (0.5 if subdir == "eval" else 0.0)
+                        tf.summary.scalar(tag, value, step=step)
+                        logged[(subdir, seed, step)] = value
+                writer.close()
+        report = report_lib.write(out)
+        loss = report.figures["training_curves.png"].axes[0].lines
+        top1 = report.figures["training_curves.png"].axes[1].lines
+        for lines, subdir in ((loss, "train"), (top1, "eval")):
+            [line] = lines
+            self.assertEqual(list(line.get_xdata()), [1.0, 2.0])  # 4 steps per epoch
+            expected = [plain_mean([logged[(subdir, s, step)] for s in (0, 1)]) for step in (4, 8)]
+            self.assertAllClose(line.get_ydata(), expected)
+
+
+class SweepFlagsTest(tf.test.TestCase):
+    def test_bad_input_ends_with_one_line_naming_it(self):
+        out = self.get_temp_dir()
+        for argv, expected in [
+            (["sweeep", f"--out={out}"], "sweep, report"),
+            (["sweep"], "--out"),
+            (["sweep", f"--out={out}", "--methods=advprop"], "--methods"),
+            (["sweep", f"--out={out}", "--batch_sizes=0"], "--batch_sizes"),
+            (["sweep", f"--out={out}", "--batch_size=64"], "--batch_sizes"),
+            (["sweep", f"--out={out}", "--seed=3"], "--seed"),
+            (["sweep", f"--out={out}", "--no_such_flag=1"], "no_such_flag"),
+            (["sweep", f"--out={out}", "--lr_scaling=cubic"], "lr_scaling"),
+            (["report", f"--out={out}"], "no finished run"),
+        ]:
+            with self.assertRaises(SystemExit) as raised:
+                experiments.main(argv)
+            message = str(raised.exception.code)
+            self.assertIn(expected, message, argv)
+            self.assertNotIn("\n", message, argv)
+
+    def test_scaling_rules(self):
+        """Catches: sqrt and linear swapped, or the warmup left unscaled."""
+        runs = grid.plan(
+            ["vanilla"],
+            [64, 1024],
+            [0],
+            lr_scaling="sqrt",
+            base_batch_size=256,
+            base_learning_rate=2.0,
+            base_warmup_epochs=4.0,
+        )
+        self.assertAllClose([r.learning_rate for r in runs], [1.0, 4.0])
+        self.assertAllClose([r.warmup_epochs for r in runs], [2.0, 8.0])
+        linear = grid.plan(
+            ["vanilla"],
+            [1024],
+            [0],
+            lr_scaling="linear",
+            base_batch_size=256,
+            base_learning_rate=2.0,
+            base_warmup_epochs=4.0,
+        )
+        self.assertAllClose([linear[0].learning_rate, linear[0].warmup_epochs], [8.0, 16.0])
+
+
+def hparams_sessions(out):
+    """run name -> (hyperparameters, final eval top-1), read from the event files."""
+    sessions = {}
+    for path in glob.glob(os.path.join(out, "runs", "*", "hparams", "events.out.tfevents.*")):
+        params, top1 = None, None
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    if data.HasField("session_start_info"):
+                        info = data.session_start_info
+                        params = {
+                            k: v.string_value or v.number_value for k, v in info.hparams.items()
+                        }
+                if value.tag == "final/eval_top1":
+                    top1 = float(tf.make_ndarray(value.tensor))
+        sessions.setdefault(path.split(os.sep)[-3], []).append((params, top1))
+    return sessions
+
+
+class SweepKilledAndResumedTest(tf.test.TestCase):
+    """2 batch sizes × 2 methods × 2 seeds of tiny main.py runs, killed with SIGKILL after
+    the first run finished and while the second had a checkpoint, then restarted."""
+
+    def test_sweep_skips_finished_and_resumes_interrupted_runs(self):
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        argv = [
+            sys.executable,
+            "-m",
+            "conadv.experiments",
+            "sweep",
+            f"--out={out}",
+            "--methods=vanilla,conadv",
+            "--batch_sizes=16,32",
+            "--seeds=0,1",
+            "--base_batch_size=16",
+            *TINY_RESNET,
+            "--image_size=16",
+            "--eval_batch_size=64",
+            "--train_steps=12",
+            "--steps_per_loop=2",
+            "--checkpoint_steps=2",
+            "--epochs_between_evals=1000",
+            "--precise_bn_batches=1",
+            "--learning_rate=0.5",
+        ]
+        runs = ["vanilla_b16_seed0", "conadv_b16_seed0"]
+        first, second = (os.path.join(out, "runs", name) for name in runs)
+        log_path = os.path.join(out, "sweep.log")
+        os.makedirs(out, exist_ok=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if os.path.exists(os.path.join(first, "summary.json")) and glob.glob(
+                    os.path.join(second, "ckpt-*.index")
+                ):
+                    break
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its main.py
+        finally:
+            proc.wait()
+        with open(log_path) as f:
+            self.assertEqual(proc.returncode, -signal.SIGKILL, f.read()[-3000:])
+        self.assertFalse(os.path.exists(os.path.join(second, "summary.json")))
+        first_finished = os.path.getmtime(os.path.join(first, "summary.json"))
+
+        restarted = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        self.assertEqual(restarted.returncode, 0, restarted.stderr[-3000:])
+        self.assertIn("1 finished run(s) skipped", restarted.stdout)
+        self.assertIn("resumed conadv_b16_seed0", restarted.stdout)
+        self.assertRegex(restarted.stdout, r"ETA \d+:\d\d:\d\d")
+
+        # The finished run was not trained again.
+        self.assertEqual(os.path.getmtime(os.path.join(first, "summary.json")), first_finished)
+        with open(os.path.join(first, "console.log")) as f:
+            self.assertEqual(f.read().count("\n+ "), 0)  # one start, at the top
+        # The interrupted one resumed from its checkpoint, not from step 0.
+        with open(os.path.join(second, "console.log")) as f:
+            starts = f.read().split("\n+ ")
+        self.assertLen(starts, 2)
+        resumed = re.search(r"Restored \S+ at step (\d+)", starts[1])
+        self.assertIsNotNone(resumed, starts[1][-2000:])
+        self.assertGreaterEqual(int(resumed.group(1)), 2)
+
+        names = sorted(os.listdir(os.path.join(out, "runs")))
+        self.assertLen(names, 8)
+        sessions = hparams_sessions(out)
+        self.assertCountEqual(sessions, names)
+        for name in names:
+            with open(os.path.join(out, "runs", name, "summary.json")) as f:
+                summary = json.load(f)
+            self.assertEqual(summary["train_steps"], 12)
+            [(params, top1)] = sessions[name]  # one session per run, even across restarts
+            method, batch, seed = re.fullmatch(r"(\w+?)_b(\d+)_seed(\d)", name).groups()
+            self.assertEqual(params["method"], method)
+            self.assertEqual(params["batch_size"], int(batch))
+            self.assertEqual(params["seed"], int(seed))
+            # Linear scaling from 0.5 at batch 16.
+            self.assertAllClose(params["learning_rate"], 0.5 * int(batch) / 16)
+            self.assertAllClose(top1, summary["eval_top1"])
+        with open(os.path.join(out, "runs", "conadv_b32_seed1", "run_config.json")) as f:
+            flags = json.load(f)["flags"]
+        self.assertEqual((flags["batch_size"], flags["learning_rate"]), (32, 1.0))
