@@ -96,15 +96,7 @@ def describe(run: RunConfig) -> dict:
         group, group_reason = bn_lib.default_group_size(micro, replicas)
         group = group or replicas  # 0: all replicas
     steps_per_epoch, total_steps, warmup_steps = planned_length(run, train_examples)
-    schedule = schedules.build_schedule(
-        train.lr_schedule,
-        peak_learning_rate=train.learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        train_steps=total_steps,
-        warmup_epochs=train.warmup_epochs,
-        end_learning_rate=train.end_learning_rate,
-        power=train.poly_power,
-    )
+    schedule = schedules.from_config(train, steps_per_epoch, total_steps)
     key_steps = sorted(
         {0, warmup_steps, total_steps // 4, total_steps // 2, 3 * total_steps // 4, total_steps - 1}
     )

@@ -251,12 +251,4 @@ def _schedule(train, steps_per_epoch: int, train_steps: int):
     """The trainer's learning-rate schedule for ``train`` (a TrainConfig) over train_steps."""
     from official import schedules
 
-    return schedules.build_schedule(
-        train.lr_schedule,
-        peak_learning_rate=train.learning_rate,
-        steps_per_epoch=steps_per_epoch,
-        train_steps=train_steps,
-        warmup_epochs=train.warmup_epochs,
-        end_learning_rate=train.end_learning_rate,
-        power=train.poly_power,
-    )
+    return schedules.from_config(train, steps_per_epoch, train_steps)

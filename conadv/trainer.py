@@ -131,15 +131,7 @@ class Trainer:
                 seed=config.seed,
                 dtype_policy=config.precision,
             )
-            schedule = schedules.build_schedule(
-                config.lr_schedule,
-                peak_learning_rate=config.learning_rate,
-                steps_per_epoch=self.steps_per_epoch,
-                train_steps=self.train_steps,
-                warmup_epochs=config.warmup_epochs,
-                end_learning_rate=config.end_learning_rate,
-                power=config.poly_power,
-            )
+            schedule = schedules.from_config(config, self.steps_per_epoch, self.train_steps)
             self.optimizer = optimizers.build_optimizer(
                 config.optimizer,
                 learning_rate=schedule,

@@ -131,3 +131,18 @@ def build_schedule(
         boundaries = [int(round(e * steps_per_epoch)) for e in step_boundaries_epochs]
         return WarmupStepDecay(peak_learning_rate, warmup_steps, boundaries, decay_rate)
     raise ValueError(f"unknown lr_schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def from_config(config, steps_per_epoch: int, train_steps: int):
+    """``build_schedule`` from a training configuration's attributes (``lr_schedule``,
+    ``learning_rate``, ``warmup_epochs``, ``end_learning_rate``, ``poly_power``): the one
+    place that maps them, for the trainer, the dry run and the resume check alike."""
+    return build_schedule(
+        config.lr_schedule,
+        peak_learning_rate=config.learning_rate,
+        steps_per_epoch=steps_per_epoch,
+        train_steps=train_steps,
+        warmup_epochs=config.warmup_epochs,
+        end_learning_rate=config.end_learning_rate,
+        power=config.poly_power,
+    )

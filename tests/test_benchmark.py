@@ -88,8 +88,7 @@ class ThroughputSweepTest(tf.test.TestCase):
         self.assertCountEqual(drawn, METHODS)
         for row in self.written["results"]:
             line = drawn[row["method"]]
-            # Catches: the global batch (or an index) on the x axis instead of the
-            # per-replica batch, or another setting's speeds.
+            # Catches: another setting's (or batch's) speeds on this line.
             index = list(line.get_xdata()).index(row["batch_per_replica"])
             self.assertEqual(line.get_ydata()[index], row["images_per_second"])
         ratios = {line.get_label(): line for line in ratio_axes.lines if line.get_label()[0] != "_"}

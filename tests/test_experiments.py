@@ -75,6 +75,9 @@ class ReportArithmeticTest(tf.test.TestCase):
                         # Distinct, irregular numbers: no two cells alike.
                         test = 0.80 + 0.031 * m_index - 0.05 * b_index + 0.007 * seed**2
                         test += 0.013 * e_index * (1 if batch == 64 else -1)
+                        # Seed × method interaction: per-seed differences vary, so a
+                        # wrong interval width shows.
+                        test += 0.005 * ((seed * (m_index + 2) + b_index) % 3)
                         train = test + 0.02 + 0.01 * b_index + 0.003 * seed
                         speed = 100.0 * (1 + m_index) + 10 * seed + batch / 64
                         robust = 0.3 + 0.01 * seed if method == "conadv" else None

@@ -240,13 +240,13 @@ def build(rows: list[dict]) -> Report:
     return report
 
 
-def _method_by_batch(report: Report, cells: dict) -> list[str]:
+def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
     batches = _batches(report.rows)
     body = []
     for method in _methods(report.rows):
         body.append(
             [METHOD_NAMES.get(method, method)]
-            + [cells[(method, b)].text() if (method, b) in cells else "—" for b in batches]
+            + [cells[(method, b)].text(digits) if (method, b) in cells else "—" for b in batches]
         )
     return _table(["method"] + [f"batch {b}" for b in batches], body)
 
@@ -321,7 +321,7 @@ def markdown(report: Report) -> str:
         "Measured inside the training runs, one after another: for a controlled "
         "comparison use `python -m conadv.benchmark`, which interleaves the methods.",
         "",
-        *_method_by_batch(report, report.throughput),
+        *_method_by_batch(report, report.throughput, digits=1),
         "",
     ]
     ratio_names = ("conadv / disadv", "conadv / vanilla")
@@ -379,7 +379,8 @@ def read_scalars(directory: str, tag: str) -> dict[int, float]:
 
     values = {}
     for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.tag == tag:
                     values[event.step] = float(tf.make_ndarray(value.tensor))
@@ -440,8 +441,10 @@ def plot_all(report: Report, out: str) -> dict:
         (loss_axes, "train", "loss/clean", "training loss (clean)"),
         (top1_axes, "eval", "top1/eval", "eval top-1"),
     ):
+        styles = dict(zip(_batches(report.rows), ("-", "--", ":", "-.") * 4))
         for name, (xs, ys) in curve_series(report, subdir, tag).items():
-            axes.plot(xs, ys, label=name, color=plots.colour(name.split(",")[0]))
+            method, batch = name.split(", batch ")
+            axes.plot(xs, ys, label=name, color=plots.colour(method), linestyle=styles[int(batch)])
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(True, alpha=0.3)
