@@ -105,6 +105,9 @@ def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 
     others in flight have finished.
     """
     pending = [run for run in runs if not is_finished(out, run)]
+    for run in runs:
+        if run not in pending:  # finished earlier: its session, if a kill came first
+            hparams.write_session(run_dir(out, run), run, read_summary(out, run))
     progress = Progress(len(runs), len(runs) - len(pending), parallel)
     skipped = len(runs) - len(pending)
     if skipped:
