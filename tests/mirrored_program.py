@@ -13,6 +13,9 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
 )
+# Grappler's graph rewrites of these many-replica graphs take longer than running
+# them; what this program checks is the numbers, which do not depend on them.
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 import keras  # noqa: E402
 
