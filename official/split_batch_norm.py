@@ -80,6 +80,48 @@ def collect_main_statistics(shifts: dict | None = None):
         stack.pop()
 
 
+#: Per thread: the stack of ``batch_norm_mode`` choices active while a model is traced.
+_modes = threading.local()
+
+
+class BatchNormMode:
+    """What a split BatchNorm called without ``bn_branch``, ``update_stats`` or
+    ``group_statistics`` uses for them (see ``batch_norm_mode``)."""
+
+    def __init__(self, bn_branch: str = "main", update_stats: bool = True, group_statistics=True):
+        self.bn_branch = check_branch(bn_branch)
+        self.update_stats = bool(update_stats)
+        self.group_statistics = bool(group_statistics)
+
+
+@contextlib.contextmanager
+def batch_norm_mode(bn_branch: str = "main", update_stats: bool = True, group_statistics=True):
+    """Chooses, while a model is called or traced, the branch and the update rule of every
+    split BatchNorm it calls without its own ``bn_branch`` / ``update_stats`` /
+    ``group_statistics`` arguments.
+
+    A functional Keras model calls its layers with the arguments recorded when
+    it was built, so these choices cannot travel through its call; the layers
+    read them from this context instead (explicit arguments still win). It is
+    per thread, as MirroredStrategy traces each replica in a thread of its own:
+    enter it inside the replica function.
+    """
+    stack = getattr(_modes, "stack", None)
+    if stack is None:
+        stack = _modes.stack = []
+    stack.append(BatchNormMode(bn_branch, update_stats, group_statistics))
+    try:
+        yield stack[-1]
+    finally:
+        stack.pop()
+
+
+def current_mode() -> BatchNormMode:
+    """The innermost ``batch_norm_mode`` of this thread (main branch, updating, grouped)."""
+    stack = getattr(_modes, "stack", None)
+    return stack[-1] if stack else BatchNormMode()
+
+
 def _active_collector() -> MainStatisticsCollector | None:
     stack = getattr(_collecting, "stack", None)
     return stack[-1] if stack else None
@@ -292,7 +334,9 @@ class SplitBatchNormalization(keras.layers.Layer):
     ``update_stats`` (whether a training call may update the moving
     statistics: ``moving ← momentum·moving + (1 − momentum)·batch``, with the
     biased batch variance as Keras does) and ``group_statistics`` (False: the
-    replica's own batch, whatever ``group_size``; the attack uses this).
+    replica's own batch, whatever ``group_size``; the attack uses this). Left
+    out (None), the last three come from the enclosing ``batch_norm_mode``;
+    ``mask`` is accepted (a functional model passes it) and ignored.
     """
 
     def __init__(
@@ -360,9 +404,21 @@ class SplitBatchNormalization(keras.layers.Layer):
         }
 
     def call(
-        self, inputs, training=False, bn_branch="main", update_stats=True, group_statistics=True
+        self,
+        inputs,
+        training=None,
+        mask=None,
+        bn_branch=None,
+        update_stats=None,
+        group_statistics=None,
     ):
-        check_branch(bn_branch)
+        # None: the enclosing batch_norm_mode's choice (a functional model replays
+        # the arguments recorded when it was built, so they cannot carry it).
+        mode = current_mode()
+        bn_branch = mode.bn_branch if bn_branch is None else check_branch(bn_branch)
+        update_stats = mode.update_stats if update_stats is None else update_stats
+        if group_statistics is None:
+            group_statistics = mode.group_statistics
         # As keras.layers.BatchNormalization: a frozen layer (trainable=False)
         # normalises with its moving statistics and never updates them.
         if not self.trainable:
