@@ -71,6 +71,19 @@ class RunFiles:
         except (tf.errors.OpError, OSError) as error:
             logging.warning("Could not remove this worker's directory %s: %s", path, error)
 
+    def remove_interrupted_writes(self):
+        """Removes what a killed run left half-written: TensorFlow writes the
+        ``checkpoint`` state file as ``checkpoint.tmp<id>`` and renames it, so a
+        process killed in between leaves the temporary (the state file itself is
+        still the last complete one). The chief's, at the start of a run."""
+        if not self.is_chief:
+            return
+        for path in tf.io.gfile.glob(os.path.join(self.model_dir, "checkpoint.tmp*")):
+            try:
+                tf.io.gfile.remove(path)
+            except (tf.errors.OpError, OSError) as error:
+                logging.warning("Could not remove %s left by an interrupted run: %s", path, error)
+
     # ---------------------------------------------------------- agreements
 
     def _gather(self, value: int) -> list[int]:

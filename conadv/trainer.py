@@ -292,6 +292,7 @@ class Trainer:
         any worker has no ring for it, every worker refills its ring
         (``conadv/run_files.py``).
         """
+        self.files.remove_interrupted_writes()
         step = self._resume_step()
         if step >= 0:
             path = os.path.join(self.config.model_dir, f"ckpt-{step}")

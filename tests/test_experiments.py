@@ -14,7 +14,9 @@ import time
 
 import tensorflow as tf
 from PIL import Image
+from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
 
 from conadv import experiments
 from conadv.studies import grid, statistics
@@ -310,11 +312,12 @@ class SweepFlagsTest(tf.test.TestCase):
 
 
 def hparams_sessions(out):
-    """run name -> (hyperparameters, final eval top-1), read from the event files."""
+    """run name -> (hyperparameters, final eval top-1), read with TensorBoard's own
+    event-file loader (as its HParams plugin reads them)."""
     sessions = {}
     for path in glob.glob(os.path.join(out, "runs", "*", "hparams", "events.out.tfevents.*")):
         params, top1 = None, None
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for event in event_file_loader.EventFileLoader(path).Load():
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "hparams":
                     data = plugin_data_pb2.HParamsPluginData.FromString(
@@ -326,7 +329,7 @@ def hparams_sessions(out):
                             k: v.string_value or v.number_value for k, v in info.hparams.items()
                         }
                 if value.tag == "final/eval_top1":
-                    top1 = float(tf.make_ndarray(value.tensor))
+                    top1 = float(tensor_util.make_ndarray(value.tensor))
         sessions.setdefault(path.split(os.sep)[-3], []).append((params, top1))
     return sessions
 

@@ -138,3 +138,16 @@ class SigkillTest(tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class InterruptedWriteTest(tf.test.TestCase):
+    def test_a_restart_removes_the_temporary_state_file_of_a_killed_save(self):
+        """Catches: the temporary left behind, or the complete state file removed with it."""
+        from conadv.run_files import RunFiles
+
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        for name in ("checkpoint", "checkpoint.tmp9e620d35", "ckpt-3.index"):
+            with open(os.path.join(model_dir, name), "w") as f:
+                f.write("x")
+        RunFiles(model_dir, tf.distribute.get_strategy()).remove_interrupted_writes()
+        self.assertEqual(sorted(os.listdir(model_dir)), ["checkpoint", "ckpt-3.index"])
