@@ -350,7 +350,7 @@ def _series(report: Report, cells: dict) -> dict:
     for method in _methods(report.rows):
         points = [(b, cells[(method, b)]) for b in _batches(report.rows) if (method, b) in cells]
         if points:
-            out[METHOD_NAMES.get(method, method).lower() if method in METHOD_NAMES else method] = (
+            out[method] = (
                 [b for b, _ in points],
                 [c.mean for _, c in points],
                 [c.std or 0.0 for _, c in points],
@@ -406,7 +406,7 @@ def curve_series(report: Report, subdir: str, tag: str) -> dict:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             per_epoch = runs[0]["train_steps"] / runs[0]["epochs"] if runs[0]["epochs"] else 1
-            out[f"{METHOD_NAMES.get(method, method).lower()}, batch {batch}"] = (
+            out[f"{method}, batch {batch}"] = (
                 [s / per_epoch for s in steps],
                 [stats.mean([c[s] for c in curves]) for s in steps],
             )
