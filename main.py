@@ -16,20 +16,20 @@ import time
 START_MS = int(time.time() * 1000)
 
 # TensorFlow's C++ INFO lines, unless the environment asks for them (see
-# conadv/run_logging.py); must be set before TensorFlow is imported.
+# conadv/run/run_logging.py); must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, logging  # noqa: E402
 from absl import flags as absl_flags  # noqa: E402
 
-from conadv import run_identity, run_logging  # noqa: E402
+from conadv.run import run_identity, run_logging  # noqa: E402
 
 run_logging.import_tensorflow_quietly()
 
 import flags as conadv_flags  # noqa: E402
-from conadv.nonfinite import NonFiniteError  # noqa: E402
-from conadv.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
-from conadv.preemption import PreemptedError  # noqa: E402
+from conadv.run.nonfinite import NonFiniteError  # noqa: E402
+from conadv.run.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
+from conadv.run.preemption import PreemptedError  # noqa: E402
 from conadv.trainer import CheckpointMismatchError  # noqa: E402
 from flags.validation import FlagError  # noqa: E402
 from input_pipeline.base import DataError, data_error_from  # noqa: E402
@@ -53,8 +53,9 @@ def run_main(values) -> dict | None:
 
     import tensorflow as tf
 
-    from conadv import run_files
-    from conadv.trainer import Trainer, write_json
+    from conadv.run import run_files
+    from conadv.run.run_files import write_json
+    from conadv.trainer import Trainer
 
     files = run_files.RunFiles(run.model_dir, strategy)
     tf.io.gfile.makedirs(run.model_dir)
@@ -100,7 +101,7 @@ def run_main(values) -> dict | None:
 
     mlperf = None
     if run.mlperf_log:
-        from conadv import mlperf_log
+        from conadv.run import mlperf_log
 
         mlperf = mlperf_log.MLPerfLog(
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief

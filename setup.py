@@ -43,7 +43,7 @@ setup(
         "in TensorFlow 2 / Keras 3"
     ),
     python_requires=">=3.10",
-    packages=["official", "conadv", "conadv.studies", "input_pipeline", "flags"],
+    packages=["official", "conadv", "conadv.run", "conadv.studies", "input_pipeline", "flags"],
     py_modules=["main"],
     install_requires=COMMON,
     extras_require=EXTRAS,

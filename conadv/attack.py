@@ -16,6 +16,7 @@ import dataclasses
 import tensorflow as tf
 
 from official import losses
+from official.split_batch_norm import call_model
 
 #: Named, not auto-selected: XLA (hence TPU) and the default CPU/GPU kernels
 #: would otherwise pick different generators and draw different random starts.
@@ -35,8 +36,15 @@ class AttackConfig:
     random_init: bool = True
     bn_branch: str = "aux"
     target: str = UNTARGETED
+    #: The range of a valid input (pixels: [0, 255]); adversarial images are clipped to it.
+    input_min: float = 0.0
+    input_max: float = 255.0
 
     def __post_init__(self):
+        if not self.input_min < self.input_max:
+            raise ValueError(
+                f"attack input range must have min < max, got ({self.input_min}, {self.input_max})"
+            )
         if self.eps < 0:
             raise ValueError(f"attack eps must be >= 0, got {self.eps}")
         if self.num_steps < 1:
@@ -91,7 +99,8 @@ def pgd_attack(
     loss_scale: float = 1.0,
     training: bool = True,
 ) -> tf.Tensor:
-    """Adversarial images within ``eps`` of ``images`` (L∞), clipped to [0, 255].
+    """Adversarial images within ``eps`` of ``images`` (L∞), clipped to the input range
+    (``config.input_min``, ``config.input_max``: [0, 255] for pixels).
 
     ``seed`` (shape [2], int) makes the random start and the random target
     reproducible: the same images, weights and seed give the same result,
@@ -103,8 +112,8 @@ def pgd_attack(
     """
     images = tf.convert_to_tensor(images, tf.float32)
     eps = tf.constant(config.eps, tf.float32)
-    lower = tf.maximum(images - eps, 0.0)
-    upper = tf.minimum(images + eps, 255.0)
+    lower = tf.maximum(images - eps, config.input_min)
+    upper = tf.minimum(images + eps, config.input_max)
     seed = tf.cast(seed, tf.int64)
     start_seed, target_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2, alg=RNG_ALGORITHM)
@@ -113,7 +122,7 @@ def pgd_attack(
     x = images
     if config.random_init and config.eps > 0:
         noise = stateless_uniform(tf.shape(images), start_seed, -config.eps, config.eps)
-        x = tf.clip_by_value(images + noise, 0.0, 255.0)
+        x = tf.clip_by_value(images + noise, config.input_min, config.input_max)
 
     targeted = config.target == RANDOM_TARGET
     if targeted:
@@ -128,12 +137,8 @@ def pgd_attack(
     for _ in range(config.num_steps):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
-            logits = model(
-                x,
-                training=training,
-                bn_branch=config.bn_branch,
-                update_stats=False,
-                group_statistics=False,
+            logits = call_model(
+                model, x, training, config.bn_branch, update_stats=False, group_statistics=False
             )
             # A sum, not a mean: only the sign is used, and a mean over a large
             # batch could underflow in low precision.

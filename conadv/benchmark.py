@@ -49,8 +49,8 @@ from absl import flags as absl_flags
 from conadv import attack as attack_lib
 from conadv import ring_buffer
 from conadv import steps as steps_lib
-from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
+from conadv.run.metrics import ReplicaSums
 from flags import benchmark as benchmark_flags
 from flags.validation import FlagError
 from official import distribute, optimizers, precision, resnet

@@ -12,6 +12,7 @@ its metadata (``counts.json``, TFDS info) — never from its images.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -62,6 +63,23 @@ def _trainable_count(model) -> int:
     return int(sum(math.prod(v.shape) for v in model.trainable_variables))
 
 
+@functools.cache
+def _parameter_counts(name: str, num_classes: int, width_multiplier: float, image_size: int):
+    model = resnet.resnet(
+        name, num_classes=num_classes, image_size=image_size, width_multiplier=width_multiplier
+    )
+    return _trainable_count(model), _trainable_count(resnet.plain_inference_model(model))
+
+
+def parameter_counts(name: str, num_classes: int, width_multiplier: float, image_size: int):
+    """(trainable parameters with both BatchNorm branches, those of the exported model).
+
+    Building a ResNet-50 takes seconds, and a sweep's dry runs ask for the
+    same few models again and again, so each count is computed once.
+    """
+    return _parameter_counts(name, int(num_classes), float(width_multiplier), int(image_size))
+
+
 def planned_length(run: RunConfig, train_examples: int) -> tuple[int, int, int]:
     """(steps per epoch, training steps, warmup steps) the run's flags imply."""
     train = run.train
@@ -109,15 +127,9 @@ def describe(run: RunConfig) -> dict:
             image_size,
             precision.compute_dtype(train.precision),
         )
-    model = resnet.resnet(
-        train.model,
-        num_classes=num_classes,
-        image_size=image_size,
-        width_multiplier=train.width_multiplier,
-        seed=train.seed,
+    parameters, inference_parameters = parameter_counts(
+        train.model, num_classes, train.width_multiplier, image_size
     )
-    parameters = _trainable_count(model)
-    inference_parameters = _trainable_count(resnet.plain_inference_model(model))
 
     result = {
         "replicas": replicas,

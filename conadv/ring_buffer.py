@@ -51,9 +51,19 @@ from official.per_replica import per_replica_variable
 FIELDS = ("images", "labels", "adversarial")
 
 
-def bytes_per_replica(staleness: int, per_replica_batch: int, image_size: int, dtype) -> int:
+def example_shape(image_size) -> tuple[int, ...]:
+    """One image's shape: ``image_size`` (square RGB) or an (H, W, C) tuple as it is."""
+    if isinstance(image_size, int):
+        return (image_size, image_size, 3)
+    return tuple(int(d) for d in image_size)
+
+
+def bytes_per_replica(staleness: int, per_replica_batch: int, image_size, dtype) -> int:
     """Memory one replica's slots take: clean and adversarial images, and labels."""
-    pixels = staleness * per_replica_batch * image_size * image_size * 3
+    values = 1
+    for d in example_shape(image_size):
+        values *= d
+    pixels = staleness * per_replica_batch * values
     return 2 * pixels * tf.as_dtype(dtype).size + staleness * per_replica_batch * tf.int32.size
 
 
@@ -83,7 +93,8 @@ class RingBuffer:
     """Slots per replica of (images, labels, adversarial images).
 
     ``staleness`` is the number of slots: τ, or τ·N micro-batches of
-    ``per_replica_batch`` examples under gradient accumulation of N.
+    ``per_replica_batch`` examples under gradient accumulation of N;
+    ``image_size`` is a square RGB image's side or any image's (H, W, C).
     """
 
     def __init__(
@@ -91,7 +102,7 @@ class RingBuffer:
         strategy: tf.distribute.Strategy,
         staleness: int,
         per_replica_batch: int,
-        image_size: int,
+        image_size,
         dtype: tf.DType = tf.float32,
     ):
         if staleness < 1:
@@ -100,8 +111,9 @@ class RingBuffer:
         self.staleness = int(staleness)
         self.dtype = tf.as_dtype(dtype)
         self.per_replica_batch = int(per_replica_batch)
-        self.image_size = int(image_size)
-        self.image_shape = [self.staleness, per_replica_batch, image_size, image_size, 3]
+        self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
+        shape = example_shape(image_size)
+        self.image_shape = [self.staleness, per_replica_batch, *shape]
         label_shape = [self.staleness, per_replica_batch]
         with strategy.scope():
             self._vars = _Untracked(
@@ -113,11 +125,12 @@ class RingBuffer:
         self.filled = tf.Variable(False, trainable=False, name="ring_filled")
         self.num_local_replicas = len(strategy.experimental_local_results(self._vars.images))
         dtype_tag = "" if self.dtype == tf.float32 else f"_{self.dtype.name}"
+        size_tag = image_size if isinstance(image_size, int) else "x".join(map(str, shape))
         # "v2": per-replica components (a checkpoint of the earlier per-device
         # module has other keys and must not mark this buffer filled). Slot
         # reads and writes changed since, the stored arrays did not.
         self.layout = (
-            f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{image_size}"
+            f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{size_tag}"
             f"_t{self.staleness}{dtype_tag}"
         )
 

@@ -8,7 +8,7 @@ the values by who uses them: ``DataConfig`` builds the data source,
 divisibility, BatchNorm groups, ``auto`` choices) is settled by
 ``for_strategy`` once the strategy exists. ``run_config.json`` in the
 model_dir is this object (``to_dict``/``from_dict`` round-trip it), and the
-run identity (``conadv/run_identity.py``) compares its defining flags.
+run identity (``conadv/run/run_identity.py``) compares its defining flags.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 import types
 from typing import Any
 
-from conadv import run_identity
 from conadv.attack import AttackConfig
+from conadv.run import run_identity
 from conadv.trainer import TrainConfig
 from flags import validation
 from input_pipeline.base import DataSource, PipelineOptions
@@ -250,7 +250,7 @@ class RunConfig:
 
     def write(self, path: str):
         """Writes atomically (a reader never sees half a file); local or gs:// paths."""
-        from conadv.trainer import write_json
+        from conadv.run.run_files import write_json
 
         write_json(path, self.to_dict())
 

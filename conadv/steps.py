@@ -31,15 +31,17 @@ Under float16 the losses are scaled (``official.precision``).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import tensorflow as tf
 
 from conadv import attack as attack_lib
-from conadv.metrics import ReplicaSums
-from conadv.nonfinite import NonFiniteGuard
 from conadv.ring_buffer import RingBuffer
+from conadv.run.metrics import ReplicaSums
+from conadv.run.nonfinite import NonFiniteGuard
 from official import losses, precision
 from official.accumulation import GradientAccumulator
+from official.split_batch_norm import call_model
 
 VANILLA = "vanilla"
 DISADV = "disadv"
@@ -82,6 +84,25 @@ class StepContext:
             )
 
 
+class StepGradients(NamedTuple):
+    """What a method's step computes on one (micro-)batch, before the update.
+
+    ``labels``, ``clean_logits`` and the per-example losses are those of the
+    batch trained on (for ConAdv, the ring's, not the incoming one), for
+    metrics such as ``conadv.keras.ConAdvModel``'s; ``wait_for`` are the
+    tensors that must read θ_t before the update overwrites it.
+    """
+
+    grads: list
+    clean_sum: tf.Tensor
+    adv_sum: tf.Tensor | None
+    wait_for: list
+    labels: tf.Tensor
+    clean_logits: tf.Tensor
+    clean_losses: tf.Tensor
+    adv_losses: tf.Tensor | None
+
+
 def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
     """The attack's random seed for one batch on this replica.
 
@@ -114,8 +135,8 @@ def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
     )
     if ctx.compute_dtype == tf.float32:
         return adversarial
-    lower = tf.maximum(images - ctx.attack.eps, 0.0)
-    upper = tf.minimum(images + ctx.attack.eps, 255.0)
+    lower = tf.maximum(images - ctx.attack.eps, ctx.attack.input_min)
+    upper = tf.minimum(images + ctx.attack.eps, ctx.attack.input_max)
     return precision.round_within(adversarial, lower, upper, ctx.compute_dtype)
 
 
@@ -162,16 +183,17 @@ def _clean_statistics(labels, logits, per_example_loss):
 
 
 def clean_gradients(ctx: StepContext, images, labels):
-    """Gradients of the clean loss through the main branch (one micro-batch)."""
+    """Gradients of the clean loss through the main branch (one micro-batch), the
+    logits and the per-example losses."""
     with tf.GradientTape() as tape:
-        logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
+        logits = call_model(ctx.model, images, True, "main")
         per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
         loss = tf.reduce_sum(per_example) / ctx.global_batch_size
         scaled_loss = ctx.optimizer.scale_loss(loss)
     grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:
         ctx.sums.add(**_clean_statistics(labels, logits, per_example))
-    return grads, tf.reduce_sum(per_example), tf.constant(0.0)
+    return grads, logits, per_example
 
 
 def adversarial_loss(ctx: StepContext, images, labels, adversarial):
@@ -185,11 +207,11 @@ def adversarial_loss(ctx: StepContext, images, labels, adversarial):
     adversarial = tf.cast(adversarial, tf.float32)
     if ctx.update_pass == CONCATENATED:
         both = tf.concat([images, adversarial], axis=0)
-        logits = ctx.model(both, training=True, bn_branch="mixed", update_stats=True)
+        logits = call_model(ctx.model, both, True, "mixed")
         clean_logits, adv_logits = tf.split(logits, 2, axis=0)
     else:
-        clean_logits = ctx.model(images, training=True, bn_branch="main", update_stats=True)
-        adv_logits = ctx.model(adversarial, training=True, bn_branch="aux", update_stats=True)
+        clean_logits = call_model(ctx.model, images, True, "main")
+        adv_logits = call_model(ctx.model, adversarial, True, "aux")
     clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
     adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
     loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
@@ -197,7 +219,8 @@ def adversarial_loss(ctx: StepContext, images, labels, adversarial):
 
 
 def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
-    """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch)."""
+    """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch),
+    the clean logits and the per-example clean and adversarial losses."""
     with tf.GradientTape() as tape:
         loss, clean_logits, clean, adv = adversarial_loss(ctx, images, labels, adversarial)
         scaled_loss = ctx.optimizer.scale_loss(loss)
@@ -212,21 +235,23 @@ def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
             adv_loss=tf.reduce_sum(adv),
             adv_linf=tf.reduce_sum(distance),
         )
-    return grads, tf.reduce_sum(clean), tf.reduce_sum(adv)
+    return grads, clean_logits, clean, adv
 
 
 def vanilla_gradients(ctx: StepContext, images, labels, index):
     """Vanilla on one (micro-)batch: the clean loss through the main branch."""
-    grads, clean_sum, _ = clean_gradients(ctx, as_stored(ctx, images), labels)
-    return grads, clean_sum, None, []
+    grads, logits, clean = clean_gradients(ctx, as_stored(ctx, images), labels)
+    return StepGradients(grads, tf.reduce_sum(clean), None, [], labels, logits, clean, None)
 
 
 def disadv_gradients(ctx: StepContext, images, labels, index):
     """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss."""
     images = as_stored(ctx, images)
     adversarial = run_attack(ctx, images, labels, batch_index=index)
-    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
-    return grads, clean_sum, adv_sum, []
+    grads, logits, clean, adv = adversarial_gradients(ctx, images, labels, adversarial)
+    return StepGradients(
+        grads, tf.reduce_sum(clean), tf.reduce_sum(adv), [], labels, logits, clean, adv
+    )
 
 
 def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
@@ -242,11 +267,20 @@ def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
     slot = tf.cast(index % ring_size, tf.int32)
     images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
     next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ring_size)
-    grads, clean_sum, adv_sum = adversarial_gradients(ctx, images, labels, adversarial)
+    grads, logits, clean, adv = adversarial_gradients(ctx, images, labels, adversarial)
     with tf.control_dependencies(grads):
         ctx.ring.write(slot, next_images, next_labels, next_adversarial)
     # The update may only overwrite θ_t once the attack has read it.
-    return grads, clean_sum, adv_sum, [next_adversarial]
+    return StepGradients(
+        grads,
+        tf.reduce_sum(clean),
+        tf.reduce_sum(adv),
+        [next_adversarial],
+        labels,
+        logits,
+        clean,
+        adv,
+    )
 
 
 _GRADIENTS = {VANILLA: vanilla_gradients, DISADV: disadv_gradients, CONADV: conadv_gradients}
@@ -261,14 +295,19 @@ def _gradients_fn(method: str, ctx: StepContext):
 
 
 def build_step(method: str, ctx: StepContext):
-    """The replica step of one batch: its gradients, then the optimizer step (step t)."""
+    """The replica step of one batch: its gradients, then the optimizer step (step t).
+
+    The step returns its ``StepGradients`` (the loop of ``main.py`` ignores them;
+    ``ConAdvModel`` updates its metrics from them).
+    """
     gradients = _gradients_fn(method, ctx)
 
     def step(batch):
         images, labels = batch
         index = tf.cast(ctx.optimizer.iterations, tf.int64)
-        grads, clean_sum, adv_sum, wait_for = gradients(ctx, images, labels, index)
-        _apply(ctx, grads, clean_sum, adv_sum, wait_for)
+        result = gradients(ctx, images, labels, index)
+        _apply(ctx, result.grads, result.clean_sum, result.adv_sum, result.wait_for)
+        return result._replace(grads=[], wait_for=[])
 
     return step
 
@@ -285,11 +324,11 @@ def build_micro_step(method: str, ctx: StepContext):
     def micro_step(batch, i):
         images, labels = batch
         index = tf.cast(ctx.optimizer.iterations, tf.int64) * ctx.accumulation_steps + i
-        grads, clean_sum, adv_sum, _ = gradients(ctx, images, labels, index)
-        sums = {"clean": clean_sum}
-        if adv_sum is not None:
-            sums["adversarial"] = adv_sum
-        ctx.accumulator.add(grads, **sums)
+        result = gradients(ctx, images, labels, index)
+        sums = {"clean": result.clean_sum}
+        if result.adv_sum is not None:
+            sums["adversarial"] = result.adv_sum
+        ctx.accumulator.add(result.grads, **sums)
 
     return micro_step
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -24,14 +23,14 @@ import tensorflow as tf
 from absl import logging
 
 from conadv import attack as attack_lib
-from conadv import export as export_lib
-from conadv import nonfinite
 from conadv import steps as steps_lib
-from conadv.metrics import ReplicaSums
-from conadv.nonfinite import NonFiniteError, NonFiniteGuard
-from conadv.preemption import PreemptedError, PreemptionWatcher
 from conadv.ring_buffer import RingBuffer
-from conadv.run_files import RunFiles
+from conadv.run import export as export_lib
+from conadv.run import nonfinite
+from conadv.run.metrics import ReplicaSums
+from conadv.run.nonfinite import NonFiniteError, NonFiniteGuard
+from conadv.run.preemption import PreemptedError, PreemptionWatcher
+from conadv.run.run_files import RunFiles
 from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource
 from official import losses, optimizers, precision, resnet, schedules
 from official import split_batch_norm as bn_lib
@@ -186,7 +185,7 @@ class Trainer:
         self.iterator = None  # opened by train(), at the step it starts from
         self._last_saved = -1  # the step of the latest complete checkpoint (-1: none)
         self._checkpoint, self._manager, self._ring_manager = self._make_checkpoint()
-        # Only the chief's summaries are the run's (conadv/run_files.py).
+        # Only the chief's summaries are the run's (conadv/run/run_files.py).
         self._writers = {
             name: tf.summary.create_file_writer(os.path.join(self.files.private_dir(), name))
             for name in ("train", "eval")
@@ -219,7 +218,7 @@ class Trainer:
         Every worker reads weights and optimizer state from the chief's
         checkpoints in model_dir; the chief writes them. A non-chief worker's
         ring slots go to its own checkpoints in ``worker_<i>``
-        (``conadv/run_files.py``). Ring state is keyed by worker and layout: a
+        (``conadv/run/run_files.py``). Ring state is keyed by worker and layout: a
         checkpoint from another replica count, batch or worker leaves it
         unrestored, and the ring is then refilled from the restored weights.
         """
@@ -290,7 +289,7 @@ class Trainer:
         Every worker restores weights and optimizer state from the chief's
         checkpoint at ``_resume_step`` and its own ring from the same step; if
         any worker has no ring for it, every worker refills its ring
-        (``conadv/run_files.py``).
+        (``conadv/run/run_files.py``).
         """
         self.files.remove_interrupted_writes()
         step = self._resume_step()
@@ -419,7 +418,7 @@ class Trainer:
     def train(self, evaluate: bool = True, events=None) -> dict:
         """Trains to ``train_steps`` (resuming if possible); returns the run summary.
 
-        ``events`` (optional, e.g. ``conadv.mlperf_log.MLPerfLog``) is told
+        ``events`` (optional, e.g. ``conadv.run.mlperf_log.MLPerfLog``) is told
         where training starts, where each host loop starts, each epoch boundary
         (host loops then also end there), each evaluation and the end.
         """
@@ -598,7 +597,7 @@ class Trainer:
                 f"{prefix}top5": tf.reduce_sum(losses.top_k_correct(labels, logits, k)),
             }
 
-        logits = self.model(images, training=False, bn_branch="main")
+        logits = bn_lib.call_model(self.model, images, False, "main")
         values = sums(logits)
         if self.config.eval_attack is not None:
             # The attack sees the model as evaluated; a fixed seed per replica
@@ -711,7 +710,8 @@ class Trainer:
     # --------------------------------------------------------------- export
 
     def export(self, export_dir: str | None = None) -> dict:
-        """The main branch as ``model.keras`` and a serving SavedModel (``conadv/export.py``)."""
+        """The main branch as ``model.keras`` and a serving SavedModel
+        (``conadv/run/export.py``)."""
         export_dir = (
             export_dir or self.config.export_dir or os.path.join(self.config.model_dir, "export")
         )
@@ -733,14 +733,6 @@ class Trainer:
             for images, _ in self.source.dataset(split, self.config.eval_batch_size):
                 ids.extend(model_fn(images).numpy().tolist())
         return ids
-
-
-def write_json(path: str, values: dict):
-    """Writes atomically: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def format_duration(seconds: float) -> str:

@@ -46,8 +46,8 @@ class PreciseStatistics:
 class PreciseBatchNorm:
     """Computes and applies precise main-branch statistics for one model.
 
-    ``model`` is called as ``model(images, training=True, bn_branch="main",
-    update_stats=False)`` in replica context; every split BatchNorm in it
+    ``model`` is called in training mode inside ``batch_norm_mode("main",
+    update_stats=False)``, in replica context; every split BatchNorm in it
     must be reached by that call.
     """
 
@@ -67,7 +67,7 @@ class PreciseBatchNorm:
     def _replica_sums(self, batch, shifts):
         images = batch[0]
         with bn_lib.collect_main_statistics(dict(zip(self.layers, shifts))) as collector:
-            self.model(images, training=True, bn_branch="main", update_stats=False)
+            bn_lib.call_model(self.model, images, True, "main", update_stats=False)
         missing = [layer.name for layer in self.layers if layer not in collector.sums]
         if missing:
             raise ValueError(

@@ -26,7 +26,12 @@ import numpy as np
 from keras import ops
 
 from official import precision
-from official.split_batch_norm import SplitBatchNormalization, check_branch
+from official.split_batch_norm import (
+    SplitBatchNormalization,
+    batch_norm_mode,
+    check_branch,
+    current_mode,
+)
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -131,16 +136,11 @@ class _Block(keras.layers.Layer):
             shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
         return ops.relu(ops.add(self.residual(x, apply), shortcut))
 
-    def call(self, x, training=False, bn_branch="main", update_stats=True, group_statistics=True):
+    def call(self, x, training=False):
+        # Every split BatchNorm reads its branch from the enclosing batch_norm_mode.
         def apply(layer, tensor):
             if isinstance(layer, SplitBatchNormalization):
-                return layer(
-                    tensor,
-                    training=training,
-                    bn_branch=bn_branch,
-                    update_stats=update_stats,
-                    group_statistics=group_statistics,
-                )
+                return layer(tensor, training=training)
             return layer(tensor)
 
         return self.forward(x, apply)
@@ -189,7 +189,10 @@ class SplitBNResNet(keras.Model):
     """A ResNet whose every BatchNorm has a main and an auxiliary branch.
 
     ``model(images, training=False, bn_branch="main", update_stats=True,
-    group_statistics=True)``: ``training=False`` normalises with the
+    group_statistics=True)``, or ``model(images, training)`` inside
+    ``batch_norm_mode(...)`` (given arguments set that mode for the call;
+    left out, the enclosing mode, by default the same values, holds):
+    ``training=False`` normalises with the
     branch's moving statistics; ``training=True`` with batch statistics (of
     the replica's BatchNorm group, or of its own batch if not
     ``group_statistics``), updating that branch's moving statistics only if
@@ -272,22 +275,23 @@ class SplitBNResNet(keras.Model):
         return ops.cast(apply(self.classifier, apply(self.pool, x)), "float32")
 
     def call(
-        self, images, training=False, bn_branch="main", update_stats=True, group_statistics=True
+        self, images, training=False, bn_branch=None, update_stats=None, group_statistics=None
     ):
-        check_branch(bn_branch)
-        kwargs = dict(
-            training=bool(training),
-            bn_branch=bn_branch,
-            update_stats=update_stats,
-            group_statistics=group_statistics,
-        )
+        # The arguments, where given, set the batch_norm_mode every split BatchNorm reads
+        # (the one mechanism a functional model needs too); left out, the enclosing one holds.
+        mode = current_mode()
+        with batch_norm_mode(
+            mode.bn_branch if bn_branch is None else check_branch(bn_branch),
+            mode.update_stats if update_stats is None else update_stats,
+            mode.group_statistics if group_statistics is None else group_statistics,
+        ):
 
-        def apply(layer, tensor):
-            if isinstance(layer, (SplitBatchNormalization, _Block)):
-                return layer(tensor, **kwargs)
-            return layer(tensor)
+            def apply(layer, tensor):
+                if isinstance(layer, (SplitBatchNormalization, _Block)):
+                    return layer(tensor, training=bool(training))
+                return layer(tensor)
 
-        return self.forward(ops.cast(images, "float32"), apply)
+            return self.forward(ops.cast(images, "float32"), apply)
 
     def split_batch_norm_layers(self) -> list[SplitBatchNormalization]:
         return [

@@ -116,6 +116,16 @@ def batch_norm_mode(bn_branch: str = "main", update_stats: bool = True, group_st
         stack.pop()
 
 
+def call_model(
+    model, inputs, training, bn_branch: str = "main", update_stats=True, group_statistics=True
+):
+    """``model(inputs, training=training)`` inside ``batch_norm_mode(bn_branch, update_stats,
+    group_statistics)``: how the steps, the attack and precise BatchNorm call any model, a
+    ResNet of ``official/resnet.py`` or a converted functional one alike."""
+    with batch_norm_mode(bn_branch, update_stats, group_statistics):
+        return model(inputs, training=training)
+
+
 def current_mode() -> BatchNormMode:
     """The innermost ``batch_norm_mode`` of this thread (main branch, updating, grouped)."""
     stack = getattr(_modes, "stack", None)

@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from conadv import attack as attack_lib
 from conadv import steps as steps_lib
-from conadv.metrics import ReplicaSums
 from conadv.ring_buffer import RingBuffer
+from conadv.run.metrics import ReplicaSums
 from official import optimizers, precision, resnet
 from official.accumulation import GradientAccumulator
 

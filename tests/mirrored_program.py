@@ -167,6 +167,82 @@ def overflow_on_one_replica(strategy, optimizer_class):
     }
 
 
+def keras_fit(mirrored):
+    """ConAdvModel.fit (τ = 2, steps_per_execution 2) on 2 replicas against one device.
+
+    BatchNorm frozen (moving statistics) and no random start, so the replica
+    split changes nothing and the two runs must agree; after 4 steps slot 0
+    holds batch 2 and slot 1 batch 3, each replica its own half of the rows.
+    """
+    from conadv.keras import ConAdvModel
+    from tests import test_keras_model as km
+
+    images, labels = km.make_batches(count=4, seed=7)
+    out = {}
+    for name, strategy, per_call in (
+        ("mirrored", mirrored, 2),
+        ("single", tf.distribute.get_strategy(), 1),
+    ):
+        with strategy.scope():
+            net = km.small_net()
+            net.get_layer("bn").trainable = False
+            model = ConAdvModel(
+                net,
+                staleness=2,
+                attack_eps=km.EPS,
+                input_range=km.INPUT_RANGE,
+                attack_random_init=False,
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(km.LR),
+                metrics=["accuracy"],
+                steps_per_execution=per_call,
+            )
+        initial = [w.copy() for w in model.network.get_weights()]
+        last_batch = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs, key=f"{name}_batch_logs": out.update(
+                {key: {k: float(v) for k, v in logs.items()}}
+            )
+        )
+        history = model.fit(
+            km.dataset_of(images, labels), epochs=1, verbose=0, callbacks=[last_batch]
+        )
+        out[name] = {
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "weights": model.network.get_weights(),
+            "moved": max(
+                float(np.abs(a - b).max()) for a, b in zip(model.network.get_weights(), initial)
+            ),
+            "history": {k: v[0] for k, v in history.history.items()},
+        }
+        if name == "mirrored":
+            half = km.BATCH // 2
+            out["ring_rows_match"] = [
+                bool(
+                    np.array_equal(
+                        model._ring.local_slots("labels")[r][slot].numpy(),
+                        labels[batch][r * half : (r + 1) * half],
+                    )
+                    and np.array_equal(
+                        model._ring.local_slots("images")[r][slot].numpy(),
+                        images[batch][r * half : (r + 1) * half],
+                    )
+                )
+                for r in range(2)
+                for slot, batch in ((0, 2), (1, 3))
+            ]
+    a, b = out.pop("mirrored"), out.pop("single")
+    out["iterations"] = [a["iterations"], b["iterations"]]
+    out["max_weight_diff"] = max(
+        float(np.abs(x - y).max()) for x, y in zip(a["weights"], b["weights"])
+    )
+    out["single_moved"] = b["moved"]
+    out["history"] = [a["history"], b["history"]]
+    # What callbacks see after the last call (the epoch's logs are recomputed by Keras).
+    out["batch_logs"] = [out.pop("mirrored_batch_logs"), out.pop("single_batch_logs")]
+    return out
+
+
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -254,6 +330,7 @@ def main():
             for i in range(2)
         ],
     }
+    out["keras_fit"] = keras_fit(mirrored)
     print("RESULT " + json.dumps(out))
 
 

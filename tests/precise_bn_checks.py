@@ -25,9 +25,9 @@ class TwoBatchNorms(keras.Model):
         self.project = keras.layers.Dense(4, use_bias=False)
         self.bn2 = SplitBatchNormalization(epsilon=EPSILON)
 
-    def call(self, x, training=False, bn_branch="main", update_stats=True):
-        options = dict(training=training, bn_branch=bn_branch, update_stats=update_stats)
-        return self.bn2(self.project(self.bn1(x, **options)), **options)
+    def call(self, x, training=False):
+        # Both layers read their branch and update rule from the caller's batch_norm_mode.
+        return self.bn2(self.project(self.bn1(x, training=training)), training=training)
 
 
 def make_data(batches: int, global_batch: int, seed: int = 0) -> np.ndarray:

@@ -335,8 +335,9 @@ def hparams_sessions(out):
 
 
 class SweepKilledAndResumedTest(tf.test.TestCase):
-    """2 batch sizes × 2 methods × 2 seeds of tiny main.py runs, killed with SIGKILL after
-    the first run finished and while the second had a checkpoint, then restarted."""
+    """2 batch sizes × 2 methods of tiny main.py runs (seed 7, so a seed that is not
+    passed on shows), killed with SIGKILL after the first run finished and while the
+    second had a checkpoint, then restarted."""
 
     def test_sweep_skips_finished_and_resumes_interrupted_runs(self):
         out = tempfile.mkdtemp(dir=self.get_temp_dir())
@@ -348,7 +349,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
             f"--out={out}",
             "--methods=vanilla,conadv",
             "--batch_sizes=16,32",
-            "--seeds=0,1",
+            "--seeds=7",
             "--base_batch_size=16",
             *TINY_RESNET,
             "--image_size=16",
@@ -360,7 +361,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
             "--precise_bn_batches=1",
             "--learning_rate=0.5",
         ]
-        runs = ["vanilla_b16_seed0", "conadv_b16_seed0"]
+        runs = ["vanilla_b16_seed7", "conadv_b16_seed7"]
         first, second = (os.path.join(out, "runs", name) for name in runs)
         log_path = os.path.join(out, "sweep.log")
         os.makedirs(out, exist_ok=True)
@@ -387,7 +388,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         restarted = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
         self.assertEqual(restarted.returncode, 0, restarted.stderr[-3000:])
         self.assertIn("1 finished run(s) skipped", restarted.stdout)
-        self.assertIn("resumed conadv_b16_seed0", restarted.stdout)
+        self.assertIn("resumed conadv_b16_seed7", restarted.stdout)
         self.assertRegex(restarted.stdout, r"ETA \d+:\d\d:\d\d")
 
         # The finished run was not trained again.
@@ -403,7 +404,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         self.assertGreaterEqual(int(resumed.group(1)), 2)
 
         names = sorted(os.listdir(os.path.join(out, "runs")))
-        self.assertLen(names, 8)
+        self.assertLen(names, 4)
         sessions = hparams_sessions(out)
         self.assertCountEqual(sessions, names)
         for name in names:
@@ -418,6 +419,6 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
             # Linear scaling from 0.5 at batch 16.
             self.assertAllClose(params["learning_rate"], 0.5 * int(batch) / 16)
             self.assertAllClose(top1, summary["eval_top1"])
-        with open(os.path.join(out, "runs", "conadv_b32_seed1", "run_config.json")) as f:
+        with open(os.path.join(out, "runs", "conadv_b32_seed7", "run_config.json")) as f:
             flags = json.load(f)["flags"]
         self.assertEqual((flags["batch_size"], flags["learning_rate"]), (32, 1.0))

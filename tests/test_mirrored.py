@@ -67,6 +67,27 @@ class MirroredTest(tf.test.TestCase):
         self.assertEqual(info["ring_slots"], 2)  # τ·N
         self.assertEqual(info["ring_holds_step_2"], [True] * 4)
 
+    def test_keras_fit_on_two_replicas_matches_one_device(self):
+        """ConAdvModel.fit under MirroredStrategy with steps_per_execution 2 (frozen
+        BatchNorm, no random start) against one device on the same global batch.
+
+        Catches: a loss divided by the replica's batch, metrics read from one
+        replica, a ring shared by the replicas or written to the wrong slot, a
+        steps_per_execution loop that drops or repeats steps."""
+        info = self.result["keras_fit"]
+        self.assertEqual(info["iterations"], [4, 4])
+        self.assertGreater(info["single_moved"], 1e-3)
+        self.assertLess(info["max_weight_diff"], 1e-5)
+        mirrored, single = info["history"]
+        self.assertEqual(set(mirrored), {"loss", "clean_loss", "adv_loss", "accuracy"})
+        for key in single:
+            self.assertAllClose(mirrored[key], single[key], rtol=1e-5, msg=key)
+        mirrored, single = info["batch_logs"]
+        self.assertEqual(set(mirrored), set(single))
+        for key in single:
+            self.assertAllClose(mirrored[key], single[key], rtol=1e-5, msg=key)
+        self.assertEqual(info["ring_rows_match"], [True] * 4)
+
     def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
         ours = self.result["overflow"]["ours"]
         self.assertTrue(ours["unchanged"])  # the step was skipped everywhere

@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from conadv.nonfinite import NonFiniteError, NonFiniteGuard
+from conadv.run.nonfinite import NonFiniteError, NonFiniteGuard
 from conadv.trainer import TrainConfig, Trainer
 from input_pipeline.base import DataSource
 from tests import method_testing as mt

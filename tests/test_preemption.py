@@ -12,7 +12,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from conadv.preemption import EXIT_CODE
+from conadv.run.preemption import EXIT_CODE
 from tests.child_process import ROOT, TINY_RESNET, run_main
 
 MAIN = os.path.join(ROOT, "main.py")
@@ -143,7 +143,7 @@ if __name__ == "__main__":
 class InterruptedWriteTest(tf.test.TestCase):
     def test_a_restart_removes_the_temporary_state_file_of_a_killed_save(self):
         """Catches: the temporary left behind, or the complete state file removed with it."""
-        from conadv.run_files import RunFiles
+        from conadv.run.run_files import RunFiles
 
         model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
         for name in ("checkpoint", "checkpoint.tmp9e620d35", "ckpt-3.index"):

@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 import flags as conadv_flags
-from conadv import run_identity
+from conadv.run import run_identity
 from conadv.run_config import RunConfig
 from tests.child_process import TINY_RESNET, run_main
 

@@ -7,7 +7,7 @@ import tempfile
 
 import tensorflow as tf
 
-from conadv.run_logging import LOG_FILE
+from conadv.run.run_logging import LOG_FILE
 from tests.child_process import ROOT, TINY_RESNET, run_main
 
 # absl's and TensorFlow C++'s line format: I<mmdd> <time> <thread> <file>:<line>] ...

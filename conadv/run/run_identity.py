@@ -184,7 +184,7 @@ def check_schedule(run, steps_per_epoch: int, train_steps: int) -> dict | None:
     """
     import tensorflow as tf  # not at import: main.py imports this before TensorFlow
 
-    from conadv.trainer import write_json
+    from conadv.run.run_files import write_json  # imports TensorFlow
 
     path = os.path.join(run.model_dir, RUN_CONFIG)
     with tf.io.gfile.GFile(path) as f:

@@ -19,6 +19,7 @@ not, and on whether one of them was asked to stop (SIGTERM).
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -104,3 +105,11 @@ class RunFiles:
     def any_asks(self, local: bool) -> bool:
         """True if ``local`` is true on some worker."""
         return max(self._gather(int(local))) == 1
+
+
+def write_json(path: str, values: dict):
+    """Writes atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import math
 
-from conadv.steps import CONADV
-
 
 class MLPerfLog:
     """Writes the events of one training run; the trainer calls its hooks
@@ -39,7 +37,7 @@ class MLPerfLog:
         from mlperf_logging.mllog.mllog import MLLogger
 
         self.c = constants
-        python_logger = logging.getLogger("conadv.mlperf_log")
+        python_logger = logging.getLogger("conadv.run.mlperf_log")
         python_logger.propagate = False  # the file only, not the console
         python_logger.setLevel(logging.INFO)
         for handler in list(python_logger.handlers):
@@ -79,7 +77,7 @@ class MLPerfLog:
         if train.method != "vanilla":
             log.event("conadv_attack_eps", train.attack.eps)
             log.event("conadv_attack_steps", train.attack.num_steps)
-        if train.method == CONADV:
+        if train.method == "conadv":
             log.event("conadv_staleness", train.staleness)
         log.end(c.INIT_STOP)
 

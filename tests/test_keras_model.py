@@ -1,0 +1,461 @@
+"""conadv.keras.ConAdvModel: fit against an eager reference and main.py's step functions,
+export, models without BatchNorm, refusals and BackupAndRestore.
+
+The reference is written here from the paper, not from conadv/steps.py: its own
+convolution, BatchNorm with two branches, label-smoothed cross-entropy and
+one-step PGD, and a history of weights from which it attacks stream position
+p with θ_{p−τ}. Only the random start's noise comes from the project's
+generator (``attack.stateless_uniform``), drawn with the seed the paper's
+implementation gives position p.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import conadv.keras as conadv_keras
+from conadv import attack as attack_lib
+from conadv import steps as steps_lib
+from conadv.ring_buffer import RingBuffer
+from official.split_batch_norm import SplitBatchNormalization, call_model
+
+SHAPE = (6, 6, 3)
+CLASSES = 3
+BATCH = 8
+STEPS = 3
+LR = 0.5
+EPS = 0.2  # in input units: the inputs are in [0, 1]
+INPUT_RANGE = (0.0, 1.0)
+SMOOTHING = 0.1
+MOMENTUM, BN_EPSILON = 0.8, 1e-3
+TOLERANCE = 1e-5
+
+
+def small_net(with_bn=True, seed=0, name="small"):
+    """Conv → BatchNorm → ReLU → average pool → dense, with non-trivial BatchNorm values."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    if with_bn:
+        x = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=BN_EPSILON, name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    net = keras.Model(inputs, keras.layers.Dense(CLASSES, name="dense")(x), name=name)
+    if with_bn:
+        bn = net.get_layer("bn")
+        rng = np.random.default_rng(seed + 1)
+        bn.gamma.assign(rng.uniform(0.5, 1.5, 4).astype("float32"))
+        bn.beta.assign(rng.normal(0, 0.3, 4).astype("float32"))
+        bn.moving_mean.assign(rng.normal(0, 0.3, 4).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 1.5, 4).astype("float32"))
+    return net
+
+
+def make_batches(count=STEPS, seed=5):
+    """Pixels in [0, 1] with many near the ends, so clipping to the input range matters."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-0.3, 1.3, (count, BATCH, *SHAPE)).clip(0, 1).astype("float32")
+    labels = rng.integers(0, CLASSES, (count, BATCH)).astype("int32")
+    return images, labels
+
+
+def dataset_of(images, labels):
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+def conadv_model(net, method="conadv", staleness=1, jit_compile=False, **kwargs):
+    model = conadv_keras.ConAdvModel(
+        net,
+        method=method,
+        staleness=staleness,
+        attack_eps=EPS,
+        input_range=INPUT_RANGE,
+        label_smoothing=SMOOTHING,
+        **kwargs,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(LR), metrics=["accuracy"], jit_compile=jit_compile)
+    return model
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def initial_parameters(net, with_bn=True) -> dict:
+    """The reference's parameters, from the original (unconverted) model."""
+    params = {
+        "kernel": net.get_layer("conv").kernel.numpy(),
+        "bias": net.get_layer("conv").bias.numpy(),
+        "dense_kernel": net.get_layer("dense").kernel.numpy(),
+        "dense_bias": net.get_layer("dense").bias.numpy(),
+    }
+    if with_bn:
+        bn = net.get_layer("bn")
+        for branch in ("main", "aux"):
+            params[f"{branch}_gamma"] = bn.gamma.numpy()
+            params[f"{branch}_beta"] = bn.beta.numpy()
+    return {k: tf.constant(v) for k, v in params.items()}
+
+
+def initial_statistics(net) -> dict:
+    bn = net.get_layer("bn")
+    return {
+        branch: [bn.moving_mean.numpy().astype("float64"), bn.moving_variance.numpy()]
+        for branch in ("main", "aux")
+    }
+
+
+def forward(params, x, branch, statistics=None):
+    """Training-mode logits through ``branch``; its moving statistics, if given, are updated."""
+    h = tf.nn.conv2d(x, params["kernel"], 1, "SAME") + params["bias"]
+    if f"{branch}_gamma" in params:
+        mean = tf.reduce_mean(h, [0, 1, 2])
+        variance = tf.reduce_mean(tf.square(h - mean), [0, 1, 2])
+        if statistics is not None:
+            moving = statistics[branch]
+            moving[0] = MOMENTUM * moving[0] + (1 - MOMENTUM) * mean.numpy()
+            moving[1] = MOMENTUM * moving[1] + (1 - MOMENTUM) * variance.numpy()
+        h = (h - mean) / tf.sqrt(variance + BN_EPSILON)
+        h = h * params[f"{branch}_gamma"] + params[f"{branch}_beta"]
+    h = tf.reduce_mean(tf.nn.relu(h), [1, 2])
+    return h @ params["dense_kernel"] + params["dense_bias"]
+
+
+def cross_entropy(labels, logits, smoothing):
+    targets = tf.one_hot(labels, CLASSES) * (1 - smoothing) + smoothing / CLASSES
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=1)
+
+
+def attack(params, images, labels, position):
+    """One PGD step from a random start, through the auxiliary branch's batch statistics."""
+    seed = tf.constant([0, position], tf.int64)  # [seed, position · replicas + replica]
+    start = tf.random.experimental.stateless_split(seed, 2, alg="philox")[0]
+    noise = attack_lib.stateless_uniform(images.shape, start, -EPS, EPS)
+    x0 = tf.clip_by_value(images + noise, *INPUT_RANGE)
+    with tf.GradientTape() as tape:
+        tape.watch(x0)
+        loss = tf.reduce_sum(cross_entropy(labels, forward(params, x0, "aux"), 0.0))
+    step = x0 + EPS * tf.sign(tape.gradient(loss, x0))
+    lower = tf.maximum(images - EPS, INPUT_RANGE[0])
+    upper = tf.minimum(images + EPS, INPUT_RANGE[1])
+    return tf.clip_by_value(step, lower, upper)
+
+
+def update(params, statistics, images, labels, adversarial):
+    """θ − lr·∇ of ½·(Σ CE_clean(main) + Σ CE_adv(aux)) / B, or of Σ CE_clean / B."""
+    names = sorted(params)
+    with tf.GradientTape() as tape:
+        tape.watch([params[n] for n in names])
+        loss = tf.reduce_sum(
+            cross_entropy(labels, forward(params, images, "main", statistics), SMOOTHING)
+        )
+        if adversarial is not None:
+            adv_logits = forward(params, adversarial, "aux", statistics)
+            loss = 0.5 * (loss + tf.reduce_sum(cross_entropy(labels, adv_logits, SMOOTHING)))
+        loss = loss / BATCH
+    grads = tape.gradient(loss, [params[n] for n in names])
+    return {n: params[n] - LR * (0.0 if g is None else g) for n, g in zip(names, grads)}
+
+
+def reference_run(net, method, staleness, images, labels, with_bn=True):
+    """(parameters, moving statistics) after STEPS steps of ``method``, eagerly.
+
+    ConAdv's stream is the ring's fill (the first τ batches) followed by the
+    epoch's batches; step t trains on position t, attacked with θ_{t−τ} (θ_0
+    for the fill), and attacks position t + τ with θ_t.
+    """
+    history = [initial_parameters(net, with_bn)]
+    statistics = initial_statistics(net) if with_bn else None
+    stream_images = [tf.constant(x) for x in images]
+    stream_labels = [tf.constant(y) for y in labels]
+    if method == "conadv":
+        stream_images = stream_images[:staleness] + stream_images
+        stream_labels = stream_labels[:staleness] + stream_labels
+    for t in range(STEPS):
+        x, y = stream_images[t], stream_labels[t]
+        adversarial = None
+        if method == "conadv":
+            attacked_with = history[max(t - staleness, 0)]
+            adversarial = attack(attacked_with, x, y, position=t)
+        elif method == "disadv":
+            adversarial = attack(history[t], x, y, position=t)
+        history.append(update(history[t], statistics, x, y, adversarial))
+    return history[-1], statistics
+
+
+def network_parameters(model: conadv_keras.ConAdvModel, with_bn=True) -> dict:
+    net = model.network
+    params = {
+        "kernel": net.get_layer("conv").kernel.numpy(),
+        "bias": net.get_layer("conv").bias.numpy(),
+        "dense_kernel": net.get_layer("dense").kernel.numpy(),
+        "dense_bias": net.get_layer("dense").bias.numpy(),
+    }
+    if with_bn:
+        bn = net.get_layer("bn")
+        for branch in ("main", "aux"):
+            values = bn.branch_variables(branch)
+            params[f"{branch}_gamma"] = values["gamma"].numpy()
+            params[f"{branch}_beta"] = values["beta"].numpy()
+            params[f"{branch}_moving"] = [
+                values["moving_mean"].numpy(),
+                values["moving_variance"].numpy(),
+            ]
+    return params
+
+
+class ReferenceTest(tf.test.TestCase):
+    """Three steps of ``fit`` against the eager reference.
+
+    Catches: ConAdv attacking with the weights after the update (θ_{t+1}), a ring
+    slot off by one (τ = 2), the ring filled from other batches or attacked with
+    another seed position, the input range not applied to the attack, the label
+    smoothing or the ½ lost, a branch's statistics updated from the other branch's
+    images, DisAdv attacking with stale weights, vanilla training the auxiliary
+    branch.
+    """
+
+    def check(self, method, staleness, with_bn=True, jit_compile=False, tolerance=TOLERANCE):
+        images, labels = make_batches()
+        net = small_net(with_bn)
+        want, statistics = reference_run(net, method, staleness, images, labels, with_bn)
+        model = conadv_model(net, method, staleness, jit_compile=jit_compile)
+        history = model.fit(dataset_of(images, labels), epochs=1, verbose=0)
+        self.assertEqual(int(model.optimizer.iterations), STEPS)
+        got = network_parameters(model, with_bn)
+        for name, value in want.items():
+            self.assertAllClose(got[name], value, atol=tolerance, rtol=tolerance, msg=name)
+        if with_bn:
+            for branch in ("main", "aux"):
+                self.assertAllClose(
+                    got[f"{branch}_moving"], statistics[branch], atol=tolerance, msg=branch
+                )
+        return model, history
+
+    def test_conadv_staleness_1(self):
+        model, history = self.check("conadv", 1)
+        self.assertEqual(set(history.history), {"loss", "clean_loss", "adv_loss", "accuracy"})
+        clean, adv = history.history["clean_loss"][0], history.history["adv_loss"][0]
+        self.assertAllClose(history.history["loss"][0], 0.5 * (clean + adv), rtol=1e-6)
+
+    def test_conadv_staleness_2(self):
+        self.check("conadv", 2)
+
+    def test_conadv_compiled_by_xla(self):
+        """The TPU path: every replica step and the ring's fill as one XLA program
+        (XLA reorders float32 work, hence 1e-4)."""
+        model, _ = self.check("conadv", 2, jit_compile=True, tolerance=1e-4)
+        self.assertTrue(model.jit_compile)
+
+    def test_disadv_and_vanilla(self):
+        self.check("disadv", 1)
+        _, history = self.check("vanilla", 1)
+        self.assertNotIn("adv_loss", history.history)
+
+    def test_a_model_without_batch_norm_trains_its_shared_weights_with_a_warning(self):
+        with self.assertWarnsRegex(UserWarning, "no BatchNormalization"):
+            self.check("conadv", 1, with_bn=False)
+
+    def test_fit_runs_main_py_s_step_functions(self):
+        """fit against the prologue and step of conadv/steps.py, driven by hand as
+        main.py's loop drives them, on the same model and stream (τ = 2)."""
+        images, labels = make_batches()
+        tau = 2
+        model = conadv_model(small_net(), "conadv", tau)
+        model.fit(dataset_of(images, labels), epochs=1, verbose=0)
+
+        net = conadv_keras.split_batch_norm(small_net())
+        optimizer = keras.optimizers.SGD(LR)
+        optimizer.build(net.trainable_variables)
+        ctx = steps_lib.StepContext(
+            model=net,
+            optimizer=optimizer,
+            global_batch_size=BATCH,
+            num_classes=CLASSES,
+            label_smoothing=SMOOTHING,
+            attack=attack_lib.AttackConfig(eps=EPS, input_min=0.0, input_max=1.0),
+            ring=RingBuffer(tf.distribute.get_strategy(), tau, BATCH, SHAPE),
+        )
+        prologue = tf.function(steps_lib.build_conadv_prologue(ctx))
+        step = tf.function(steps_lib.build_step("conadv", ctx))
+        for i in range(tau):
+            prologue((images[i], labels[i]), tf.constant(i, tf.int64))
+        for t in range(STEPS):
+            step((images[t], labels[t]))  # the epoch's batch t is stream position t + τ
+        for got, want in zip(model.network.weights, net.weights):
+            self.assertAllClose(got, want, atol=1e-6, rtol=1e-6, msg=got.path)
+
+    def test_steps_per_execution_gives_the_same_steps(self):
+        """Catches a loop that runs one step per call whatever steps_per_execution says
+        (or one too many)."""
+        images, labels = make_batches(count=4)
+        runs = []
+        for per_call in (1, 2):
+            model = conadv_keras.ConAdvModel(
+                small_net(), staleness=1, attack_eps=EPS, input_range=INPUT_RANGE
+            )
+            model.compile(optimizer=keras.optimizers.SGD(LR), steps_per_execution=per_call)
+            model.fit(dataset_of(images, labels), epochs=1, verbose=0)
+            self.assertEqual(int(model.optimizer.iterations), 4)
+            runs.append(model.network.get_weights())
+        for a, b in zip(*runs):
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-6)
+
+
+class EvaluateAndExportTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        images, labels = make_batches(count=4, seed=9)
+        cls.x, cls.y = images.reshape(-1, *SHAPE), labels.reshape(-1)
+        cls.model = conadv_model(small_net(), "conadv", 1)
+        cls.model.fit(cls.x, cls.y, batch_size=BATCH, epochs=2, verbose=0)
+
+    def test_export_loads_with_plain_keras_and_predicts_the_main_branch(self):
+        """Catches: the auxiliary branch exported, the split layer left in the file (it
+        would need custom objects), weights not copied into the plain model."""
+        plain = self.model.export_model()
+        path = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()), "model.keras")
+        plain.save(path)
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        modules = set()
+
+        def collect(node):
+            if isinstance(node, dict):
+                if "module" in node and "class_name" in node:
+                    modules.add(node["module"])
+                for value in node.values():
+                    collect(value)
+            elif isinstance(node, list):
+                for value in node:
+                    collect(value)
+
+        collect(config)
+        self.assertTrue(all(m.startswith("keras") for m in modules), modules)
+        loaded = keras.models.load_model(path)
+        self.assertEmpty(
+            [x for x in loaded._flatten_layers() if isinstance(x, SplitBatchNormalization)]
+        )
+        predicted = self.model.predict(self.x, verbose=0)
+        self.assertAllClose(loaded.predict(self.x, verbose=0), predicted, atol=1e-5, rtol=1e-5)
+        aux = call_model(self.model.network, self.x, False, "aux").numpy()
+        self.assertGreater(np.abs(aux - predicted).max(), 1e-3)  # the branches differ
+
+    def test_evaluate_uses_the_main_branch_and_reports_no_training_losses(self):
+        logs = self.model.evaluate(self.x, self.y, verbose=0, return_dict=True)
+        self.assertEqual(set(logs), {"loss", "accuracy"})
+        logits = call_model(self.model.network, self.x, False, "main")
+        want = cross_entropy(self.y, logits, SMOOTHING).numpy().mean()
+        self.assertAllClose(logs["loss"], want, rtol=1e-5)
+        accuracy = np.mean(np.argmax(logits, 1) == self.y)
+        self.assertAllClose(logs["accuracy"], accuracy)
+
+
+class PreciseBatchNormTest(tf.test.TestCase):
+    def test_precise_bn_sets_the_main_branch_to_the_population_statistics(self):
+        """The BatchNorm's inputs are the convolution's outputs: their mean and biased
+        variance over every example of the batches used. Catches: the auxiliary branch
+        set, statistics of the last batch only, a batch too many, nothing applied."""
+        images, labels = make_batches(count=3, seed=11)
+        model = conadv_keras.ConAdvModel(small_net())
+        bn = model.network.get_layer("bn")
+        aux_before = [v.numpy() for v in bn.branch_variables("aux").values()]
+        statistics = model.precise_bn(dataset_of(images, labels), batches=2)
+        self.assertEqual((statistics.batches, statistics.examples), (2, 2 * BATCH))
+        conv = model.network.get_layer("conv")
+        inputs = conv(images[:2].reshape(-1, *SHAPE)).numpy().astype("float64")
+        main = bn.branch_variables("main")
+        self.assertAllClose(main["moving_mean"], inputs.mean((0, 1, 2)), atol=1e-5, rtol=1e-5)
+        self.assertAllClose(main["moving_variance"], inputs.var((0, 1, 2)), atol=1e-5, rtol=1e-4)
+        for before, after in zip(aux_before, bn.branch_variables("aux").values()):
+            self.assertAllEqual(before, after)
+
+
+class RefusalTest(tf.test.TestCase):
+    def assertOneLine(self, error):
+        self.assertNotIn("\n", str(error))
+
+    def test_a_subclassed_model_with_batch_norm_is_refused(self):
+        class Subclassed(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.bn = keras.layers.BatchNormalization()
+                self.dense = keras.layers.Dense(CLASSES)
+
+            def call(self, x, training=False):
+                return self.dense(keras.ops.mean(self.bn(x, training=training), [1, 2]))
+
+        model = Subclassed()
+        model(np.zeros((1, *SHAPE), "float32"))
+        with self.assertRaisesRegex(conadv_keras.ConversionError, "functional") as caught:
+            conadv_keras.ConAdvModel(model)
+        self.assertOneLine(caught.exception)
+
+    def test_a_softmax_output_is_refused(self):
+        inputs = keras.Input(SHAPE)
+        x = keras.layers.GlobalAveragePooling2D()(inputs)
+        net = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
+        with self.assertRaisesRegex(conadv_keras.ConversionError, "classifier_activation=None"):
+            conadv_keras.ConAdvModel(net)
+
+    def test_batches_of_unknown_size_and_a_compiled_loss_are_refused(self):
+        model = conadv_keras.ConAdvModel(small_net())
+        with self.assertRaisesRegex(ValueError, "without loss"):
+            model.compile(optimizer="sgd", loss="mse")
+        model.compile(optimizer="sgd")
+        images, labels = make_batches()
+        with self.assertRaisesRegex(ValueError, "drop_remainder=True") as caught:
+            model.fit(dataset_of(images[0], labels[0]).batch(3), verbose=0)
+        self.assertOneLine(caught.exception)
+
+
+class BackupAndRestoreTest(tf.test.TestCase):
+    """What ``keras.callbacks.BackupAndRestore`` gives back: weights and optimizer, not the
+    ring, which is refilled from the restored weights.
+
+    Catches a ring filled before the callback restores (with the initial weights)
+    or kept from before a ``load_weights``.
+    """
+
+    def test_a_resumed_fit_refills_the_ring_from_the_restored_weights(self):
+        images, labels = make_batches(count=2)
+        data = dataset_of(images, labels)
+        backup = tempfile.mkdtemp(dir=self.get_temp_dir())
+        saved = os.path.join(tempfile.mkdtemp(dir=self.get_temp_dir()), "epoch1.weights.h5")
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 1:
+                    shutil.copy(os.path.join(backup, "latest.weights.h5"), saved)
+                    raise RuntimeError("interrupted")
+
+        first = conadv_model(small_net(), "conadv", 1)
+        with self.assertRaisesRegex(RuntimeError, "interrupted"):
+            first.fit(
+                data,
+                epochs=2,
+                verbose=0,
+                callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()],
+            )
+        resumed = conadv_model(small_net(), "conadv", 1)
+        resumed.fit(data, epochs=2, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+        self.assertEqual(int(resumed.optimizer.iterations), 4)
+
+        # By hand: the weights and optimizer of epoch 1, a fresh ring, one epoch.
+        by_hand = conadv_model(small_net(), "conadv", 1)
+        by_hand.optimizer.build(by_hand.trainable_variables)
+        by_hand.load_weights(saved)
+        self.assertEqual(int(by_hand.optimizer.iterations), 2)
+        by_hand.fit(data, epochs=1, verbose=0)
+        for got, want in zip(resumed.network.weights, by_hand.network.weights):
+            self.assertAllClose(got, want, atol=1e-6, rtol=1e-6, msg=got.path)
+
+        # A load_weights on a model that has trained marks its ring for refilling.
+        by_hand.load_weights(saved)
+        self.assertFalse(by_hand._ring_ready)
