@@ -30,7 +30,7 @@ from absl import flags as absl_flags
 
 import flags as main_flags
 from conadv.studies import grid
-from flags.validation import FlagError
+from flags.validation import FlagError, distinct_numbers
 
 COMMANDS = ("sweep", "report")
 
@@ -81,19 +81,6 @@ def _require(condition: bool, message: str):
         raise FlagError(message)
 
 
-def _numbers(flag: str, values, kind, positive: bool = True) -> list:
-    out = []
-    for text in values:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise FlagError(f"--{flag}: {text!r} is not a {kind.__name__}") from None
-        _require(not positive or value > 0, f"--{flag}: {text} must be positive")
-        _require(value not in out, f"--{flag}: {text} is listed twice")
-        out.append(value)
-    return out
-
-
 def parse(argv: list[str]):
     """(command, the sweep's flags, main.py's flags for the rest, the rest as given)."""
     if not argv or argv[0] not in COMMANDS:
@@ -115,12 +102,12 @@ def parse(argv: list[str]):
         return command, fv, None, []
     for name in fv.methods:
         _require(name in ("vanilla", "disadv", "conadv"), f"--methods: {name!r} is unknown")
-    _numbers("batch_sizes", fv.batch_sizes, int)
-    _numbers("seeds", fv.seeds, int, positive=False)
+    distinct_numbers("batch_sizes", fv.batch_sizes, int)
+    distinct_numbers("seeds", fv.seeds, int, positive=False)
     if fv.attack_eps:
-        _numbers("attack_eps", fv.attack_eps, float, positive=False)
+        distinct_numbers("attack_eps", fv.attack_eps, float, positive=False)
     if fv.staleness:
-        _numbers("staleness", fv.staleness, int)
+        distinct_numbers("staleness", fv.staleness, int)
     _require(fv.base_batch_size > 0, "--base_batch_size must be positive")
     _require(fv.parallel >= 1, "--parallel must be at least 1")
     main_fv = absl_flags.FlagValues()

@@ -48,6 +48,8 @@ def _batch_norms(model, kind) -> list:
 
 def _ends_in_softmax(model) -> bool:
     last = model.layers[-1] if getattr(model, "layers", None) else None
+    if isinstance(last, keras.layers.Softmax):
+        return True
     activation = getattr(last, "activation", None)
     return activation is keras.activations.softmax or getattr(activation, "__name__", "") == (
         "softmax"
@@ -79,9 +81,10 @@ class ConAdvModel(keras.Model):
         attack_eps: float = 4.0,
         attack_steps: int = 1,
         attack_step_size: float | None = None,
-        attack_random_init: bool = True,
         input_range: tuple[float, float] = (0.0, 255.0),
         label_smoothing: float = 0.1,
+        *,
+        attack_random_init: bool = True,
         seed: int = 0,
         update_pass: str = steps_lib.CONCATENATED,
         name: str | None = None,

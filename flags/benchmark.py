@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags as absl_flags
 
-from flags.validation import FlagError
+from flags.validation import FlagError, distinct_numbers
 
 
 def define(fv: absl_flags.FlagValues):
@@ -72,19 +72,6 @@ def _require(condition: bool, message: str):
         raise FlagError(message)
 
 
-def positive_integers(flag: str, values, example: str) -> list[int]:
-    """A list flag as distinct positive integers, in the order given."""
-    out = []
-    for text in values:
-        _require(
-            text.strip().isdigit() and int(text) > 0,
-            f"--{flag}: {text!r} is not a positive integer (e.g. {example})",
-        )
-        _require(int(text) not in out, f"--{flag}: {int(text)} is listed twice")
-        out.append(int(text))
-    return out
-
-
 def validate(fv: absl_flags.FlagValues):
     """Checks the parsed flags; raises ``FlagError`` with one line naming the flag."""
     from conadv import steps as steps_lib
@@ -108,8 +95,8 @@ def validate(fv: absl_flags.FlagValues):
             name in steps_lib.UPDATE_PASSES,
             f"--update_pass: {name!r} is not one of {', '.join(steps_lib.UPDATE_PASSES)}",
         )
-    positive_integers("staleness", fv.staleness, "1,8,32")
-    positive_integers("batch_sizes", fv.batch_sizes, "16,32,64")
+    distinct_numbers("staleness", fv.staleness)
+    distinct_numbers("batch_sizes", fv.batch_sizes)
     _require(fv.num_cpu_devices >= 1, "--num_cpu_devices must be at least 1")
     _require(
         fv.steps_per_loop >= 1 and fv.loops >= 1, "--steps_per_loop and --loops must be positive"

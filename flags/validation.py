@@ -20,6 +20,21 @@ def _require(condition: bool, message: str):
         raise FlagError(message)
 
 
+def distinct_numbers(flag: str, values, kind=int, positive: bool = True) -> list:
+    """A list flag's values as numbers of ``kind``, each listed once (and positive
+    unless ``positive`` is False), in the order given."""
+    out = []
+    for text in values:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise FlagError(f"--{flag}: {text!r} is not a number of type {kind.__name__}") from None
+        _require(not positive or value > 0, f"--{flag}: {text} must be positive")
+        _require(value not in out, f"--{flag}: {text} is listed twice")
+        out.append(value)
+    return out
+
+
 def validate_image_size(model: str, image_size: int):
     from official import resnet
 

@@ -86,14 +86,19 @@ def conadv_model(net, method="conadv", staleness=1, jit_compile=False, **kwargs)
 # ------------------------------------------------------------------ the reference
 
 
-def initial_parameters(net, with_bn=True) -> dict:
-    """The reference's parameters, from the original (unconverted) model."""
-    params = {
+def shared_weights(net) -> dict:
+    """The convolution's and the dense layer's weights, by the reference's names."""
+    return {
         "kernel": net.get_layer("conv").kernel.numpy(),
         "bias": net.get_layer("conv").bias.numpy(),
         "dense_kernel": net.get_layer("dense").kernel.numpy(),
         "dense_bias": net.get_layer("dense").bias.numpy(),
     }
+
+
+def initial_parameters(net, with_bn=True) -> dict:
+    """The reference's parameters, from the original (unconverted) model."""
+    params = shared_weights(net)
     if with_bn:
         bn = net.get_layer("bn")
         for branch in ("main", "aux"):
@@ -190,12 +195,7 @@ def reference_run(net, method, staleness, images, labels, with_bn=True):
 
 def network_parameters(model: conadv_keras.ConAdvModel, with_bn=True) -> dict:
     net = model.network
-    params = {
-        "kernel": net.get_layer("conv").kernel.numpy(),
-        "bias": net.get_layer("conv").bias.numpy(),
-        "dense_kernel": net.get_layer("dense").kernel.numpy(),
-        "dense_bias": net.get_layer("dense").bias.numpy(),
-    }
+    params = shared_weights(net)
     if with_bn:
         bn = net.get_layer("bn")
         for branch in ("main", "aux"):
@@ -400,9 +400,11 @@ class RefusalTest(tf.test.TestCase):
     def test_a_softmax_output_is_refused(self):
         inputs = keras.Input(SHAPE)
         x = keras.layers.GlobalAveragePooling2D()(inputs)
-        net = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
-        with self.assertRaisesRegex(conadv_keras.ConversionError, "classifier_activation=None"):
-            conadv_keras.ConAdvModel(net)
+        dense_softmax = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
+        softmax_layer = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(CLASSES)(x)))
+        for net in (dense_softmax, softmax_layer):
+            with self.assertRaisesRegex(conadv_keras.ConversionError, "classifier_activation=None"):
+                conadv_keras.ConAdvModel(net)
 
     def test_batches_of_unknown_size_and_a_compiled_loss_are_refused(self):
         model = conadv_keras.ConAdvModel(small_net())
