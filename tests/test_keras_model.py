@@ -9,6 +9,7 @@ generator (``attack.stateless_uniform``), drawn with the seed the paper's
 implementation gives position p.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import zipfile
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.util import tensor_util
 
 import conadv.keras as conadv_keras
 from conadv import attack as attack_lib
@@ -220,12 +223,16 @@ class ReferenceTest(tf.test.TestCase):
     branch.
     """
 
-    def check(self, method, staleness, with_bn=True, jit_compile=False, tolerance=TOLERANCE):
+    def check(
+        self, method, staleness, with_bn=True, jit_compile=False, tolerance=TOLERANCE, callbacks=()
+    ):
         images, labels = make_batches()
         net = small_net(with_bn)
         want, statistics = reference_run(net, method, staleness, images, labels, with_bn)
         model = conadv_model(net, method, staleness, jit_compile=jit_compile)
-        history = model.fit(dataset_of(images, labels), epochs=1, verbose=0)
+        history = model.fit(
+            dataset_of(images, labels), epochs=1, verbose=0, callbacks=list(callbacks)
+        )
         self.assertEqual(int(model.optimizer.iterations), STEPS)
         got = network_parameters(model, with_bn)
         for name, value in want.items():
@@ -238,10 +245,21 @@ class ReferenceTest(tf.test.TestCase):
         return model, history
 
     def test_conadv_staleness_1(self):
-        model, history = self.check("conadv", 1)
+        """Also what History and TensorBoard receive: the objective and its two parts."""
+        logs = tempfile.mkdtemp(dir=self.get_temp_dir())
+        tensorboard = keras.callbacks.TensorBoard(logs, update_freq=1)
+        model, history = self.check("conadv", 1, callbacks=[tensorboard])
         self.assertEqual(set(history.history), {"loss", "clean_loss", "adv_loss", "accuracy"})
         clean, adv = history.history["clean_loss"][0], history.history["adv_loss"][0]
         self.assertAllClose(history.history["loss"][0], 0.5 * (clean + adv), rtol=1e-6)
+        written = {}
+        for path in glob.glob(os.path.join(logs, "train", "events.out.tfevents.*")):
+            for event in event_file_loader.EventFileLoader(path).Load():
+                for value in event.summary.value:
+                    written[value.tag] = float(tensor_util.make_ndarray(value.tensor))
+        for key, values in history.history.items():
+            self.assertAllClose(written[f"epoch_{key}"], values[0], rtol=1e-6, msg=key)
+        self.assertIn("batch_adv_loss", written)
 
     def test_conadv_staleness_2(self):
         self.check("conadv", 2)
