@@ -205,6 +205,10 @@ class ConAdvModel(keras.Model):
                 raise ValueError("fit(dataset): give y and batch_size in the dataset, not here")
             dataset = x
         else:
+            if y is None:
+                raise ValueError(
+                    "fit(images, labels, batch_size=...): the labels (class ids) are missing"
+                )
             dataset = tf.data.Dataset.from_tensor_slices((x, y))
             if shuffle:
                 dataset = dataset.shuffle(len(y), seed=self.seed, reshuffle_each_iteration=True)

@@ -433,6 +433,8 @@ class RefusalTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "drop_remainder=True") as caught:
             model.fit(dataset_of(images[0], labels[0]).batch(3), verbose=0)
         self.assertOneLine(caught.exception)
+        with self.assertRaisesRegex(ValueError, "labels"):
+            model.fit(images[0], batch_size=4, verbose=0)
 
 
 class BackupAndRestoreTest(tf.test.TestCase):
