@@ -129,6 +129,8 @@ class ConAdvModel(keras.Model):
             self.adv_loss_tracker = keras.metrics.Mean(name="adv_loss")
         self._evaluating = False
         self._ring: RingBuffer | None = None
+        # A host-side flag, not ring.is_filled(): reading that variable before every
+        # call of the train function would make the host wait for the device.
         self._ring_ready = False
         self._context: steps_lib.StepContext | None = None
         self._replica_step = None
@@ -238,7 +240,7 @@ class ConAdvModel(keras.Model):
         example_shape = tuple(int(d) for d in spec.shape[1:])
         self._fill_dataset = dataset
         if self._context is not None and self._context.global_batch_size == global_batch:
-            if self._ring is None or self._ring.image_size == example_shape:
+            if self._ring is None or self._ring.example_shape == example_shape:
                 return
         with strategy.scope():
             if not self.optimizer.built:

@@ -43,6 +43,8 @@ is not restored into the wrong slots (the trainer refills the buffer).
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from official.per_replica import per_replica_variable
@@ -60,10 +62,7 @@ def example_shape(image_size) -> tuple[int, ...]:
 
 def bytes_per_replica(staleness: int, per_replica_batch: int, image_size, dtype) -> int:
     """Memory one replica's slots take: clean and adversarial images, and labels."""
-    values = 1
-    for d in example_shape(image_size):
-        values *= d
-    pixels = staleness * per_replica_batch * values
+    pixels = staleness * per_replica_batch * math.prod(example_shape(image_size))
     return 2 * pixels * tf.as_dtype(dtype).size + staleness * per_replica_batch * tf.int32.size
 
 
@@ -112,7 +111,7 @@ class RingBuffer:
         self.dtype = tf.as_dtype(dtype)
         self.per_replica_batch = int(per_replica_batch)
         self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
-        shape = example_shape(image_size)
+        self.example_shape = shape = example_shape(image_size)
         self.image_shape = [self.staleness, per_replica_batch, *shape]
         label_shape = [self.staleness, per_replica_batch]
         with strategy.scope():

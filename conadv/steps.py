@@ -94,13 +94,19 @@ class StepGradients(NamedTuple):
     """
 
     grads: list
-    clean_sum: tf.Tensor
-    adv_sum: tf.Tensor | None
     wait_for: list
     labels: tf.Tensor
     clean_logits: tf.Tensor
     clean_losses: tf.Tensor
     adv_losses: tf.Tensor | None
+
+    @property
+    def clean_sum(self) -> tf.Tensor:
+        return tf.reduce_sum(self.clean_losses)
+
+    @property
+    def adv_sum(self) -> tf.Tensor | None:
+        return None if self.adv_losses is None else tf.reduce_sum(self.adv_losses)
 
 
 def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
@@ -241,7 +247,7 @@ def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
 def vanilla_gradients(ctx: StepContext, images, labels, index):
     """Vanilla on one (micro-)batch: the clean loss through the main branch."""
     grads, logits, clean = clean_gradients(ctx, as_stored(ctx, images), labels)
-    return StepGradients(grads, tf.reduce_sum(clean), None, [], labels, logits, clean, None)
+    return StepGradients(grads, [], labels, logits, clean, None)
 
 
 def disadv_gradients(ctx: StepContext, images, labels, index):
@@ -249,9 +255,7 @@ def disadv_gradients(ctx: StepContext, images, labels, index):
     images = as_stored(ctx, images)
     adversarial = run_attack(ctx, images, labels, batch_index=index)
     grads, logits, clean, adv = adversarial_gradients(ctx, images, labels, adversarial)
-    return StepGradients(
-        grads, tf.reduce_sum(clean), tf.reduce_sum(adv), [], labels, logits, clean, adv
-    )
+    return StepGradients(grads, [], labels, logits, clean, adv)
 
 
 def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
@@ -271,16 +275,7 @@ def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
     with tf.control_dependencies(grads):
         ctx.ring.write(slot, next_images, next_labels, next_adversarial)
     # The update may only overwrite θ_t once the attack has read it.
-    return StepGradients(
-        grads,
-        tf.reduce_sum(clean),
-        tf.reduce_sum(adv),
-        [next_adversarial],
-        labels,
-        logits,
-        clean,
-        adv,
-    )
+    return StepGradients(grads, [next_adversarial], labels, logits, clean, adv)
 
 
 _GRADIENTS = {VANILLA: vanilla_gradients, DISADV: disadv_gradients, CONADV: conadv_gradients}

@@ -38,9 +38,27 @@ ALL_REPLICAS = 0
 MIN_EXAMPLES_PER_STATISTIC = 64
 
 
-#: Per thread (MirroredStrategy runs each replica in a thread of its own): the
-#: collectors of ``collect_main_statistics`` active while a forward pass is traced.
-_collecting = threading.local()
+class _ThreadStack(threading.local):
+    """A stack per thread (MirroredStrategy traces each replica in a thread of its own)
+    of what the contexts below make active while a forward pass is traced."""
+
+    def __init__(self):
+        self.items = []
+
+    @contextlib.contextmanager
+    def pushed(self, item):
+        self.items.append(item)
+        try:
+            yield item
+        finally:
+            self.items.pop()
+
+    def top(self, default=None):
+        return self.items[-1] if self.items else default
+
+
+#: The collectors of ``collect_main_statistics``.
+_collecting = _ThreadStack()
 
 
 class MainStatisticsCollector:
@@ -69,19 +87,12 @@ def collect_main_statistics(shifts: dict | None = None):
     context is a trace-time one, so the model's call signature, and every
     layer between, stays unchanged.
     """
-    stack = getattr(_collecting, "stack", None)
-    if stack is None:
-        stack = _collecting.stack = []
-    collector = MainStatisticsCollector(shifts)
-    stack.append(collector)
-    try:
+    with _collecting.pushed(MainStatisticsCollector(shifts)) as collector:
         yield collector
-    finally:
-        stack.pop()
 
 
-#: Per thread: the stack of ``batch_norm_mode`` choices active while a model is traced.
-_modes = threading.local()
+#: The choices of ``batch_norm_mode``.
+_modes = _ThreadStack()
 
 
 class BatchNormMode:
@@ -106,14 +117,8 @@ def batch_norm_mode(bn_branch: str = "main", update_stats: bool = True, group_st
     per thread, as MirroredStrategy traces each replica in a thread of its own:
     enter it inside the replica function.
     """
-    stack = getattr(_modes, "stack", None)
-    if stack is None:
-        stack = _modes.stack = []
-    stack.append(BatchNormMode(bn_branch, update_stats, group_statistics))
-    try:
-        yield stack[-1]
-    finally:
-        stack.pop()
+    with _modes.pushed(BatchNormMode(bn_branch, update_stats, group_statistics)) as mode:
+        yield mode
 
 
 def call_model(
@@ -128,13 +133,12 @@ def call_model(
 
 def current_mode() -> BatchNormMode:
     """The innermost ``batch_norm_mode`` of this thread (main branch, updating, grouped)."""
-    stack = getattr(_modes, "stack", None)
-    return stack[-1] if stack else BatchNormMode()
+    mode = _modes.top()
+    return BatchNormMode() if mode is None else mode
 
 
 def _active_collector() -> MainStatisticsCollector | None:
-    stack = getattr(_collecting, "stack", None)
-    return stack[-1] if stack else None
+    return _collecting.top()
 
 
 def shifted_sums(x: tf.Tensor, shift: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -53,23 +53,18 @@ def serving_functions(model, image_size: int, class_names=None, top_k: int = 5):
             outputs["top_k_names"] = tf.gather(names, ids)
         return outputs
 
-    def from_encoded(images):
-        pixels = tf.map_fn(
-            lambda data: preprocessing.eval_from_bytes(data, image_size),
-            images,
-            fn_output_signature=pixel_spec,
-        )
-        return predict(pixels)
+    def serving(preprocess):
+        def serve(images):
+            pixels = tf.map_fn(
+                lambda image: preprocess(image, image_size),
+                images,
+                fn_output_signature=pixel_spec,
+            )
+            return predict(pixels)
 
-    def from_pixels(images):
-        pixels = tf.map_fn(
-            lambda image: preprocessing.eval_from_pixels(image, image_size),
-            images,
-            fn_output_signature=pixel_spec,
-        )
-        return predict(pixels)
+        return serve
 
-    return from_encoded, from_pixels
+    return serving(preprocessing.eval_from_bytes), serving(preprocessing.eval_from_pixels)
 
 
 def write_saved_model(model, path: str, image_size: int, class_names=None, top_k: int = 5):
