@@ -128,6 +128,8 @@ def pgd_attack(
     if targeted:
         if num_classes is None:
             num_classes = int(model.output_shape[-1])
+        if labels.shape.rank == 2:  # target distributions: their most probable class
+            labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
         attack_labels = random_wrong_labels(labels, num_classes, target_seed)
     else:
         attack_labels = labels

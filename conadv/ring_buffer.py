@@ -60,10 +60,19 @@ def example_shape(image_size) -> tuple[int, ...]:
     return tuple(int(d) for d in image_size)
 
 
-def bytes_per_replica(staleness: int, per_replica_batch: int, image_size, dtype) -> int:
+def bytes_per_replica(
+    staleness: int,
+    per_replica_batch: int,
+    image_size,
+    dtype,
+    label_shape: tuple[int, ...] = (),
+    label_dtype=tf.int32,
+) -> int:
     """Memory one replica's slots take: clean and adversarial images, and labels."""
-    pixels = staleness * per_replica_batch * math.prod(example_shape(image_size))
-    return 2 * pixels * tf.as_dtype(dtype).size + staleness * per_replica_batch * tf.int32.size
+    examples = staleness * per_replica_batch
+    pixels = examples * math.prod(example_shape(image_size))
+    label_bytes = examples * math.prod(label_shape) * tf.as_dtype(label_dtype).size
+    return 2 * pixels * tf.as_dtype(dtype).size + label_bytes
 
 
 class _Untracked:
@@ -94,6 +103,8 @@ class RingBuffer:
     ``staleness`` is the number of slots: τ, or τ·N micro-batches of
     ``per_replica_batch`` examples under gradient accumulation of N;
     ``image_size`` is a square RGB image's side or any image's (H, W, C).
+    A label is a class id (``label_shape=()``, int32) or, for
+    ``conadv.keras``, a target distribution (``label_shape=(C,)``, float32).
     """
 
     def __init__(
@@ -103,6 +114,8 @@ class RingBuffer:
         per_replica_batch: int,
         image_size,
         dtype: tf.DType = tf.float32,
+        label_shape: tuple[int, ...] = (),
+        label_dtype: tf.DType = tf.int32,
     ):
         if staleness < 1:
             raise ValueError(f"staleness must be >= 1, got {staleness}")
@@ -113,11 +126,13 @@ class RingBuffer:
         self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
         self.example_shape = shape = example_shape(image_size)
         self.image_shape = [self.staleness, per_replica_batch, *shape]
-        label_shape = [self.staleness, per_replica_batch]
+        self.label_shape = tuple(int(d) for d in label_shape)
+        self.label_dtype = tf.as_dtype(label_dtype)
+        labels_shape = [self.staleness, per_replica_batch, *self.label_shape]
         with strategy.scope():
             self._vars = _Untracked(
                 images=self._variable(self.image_shape, self.dtype, "ring_images"),
-                labels=self._variable(label_shape, tf.int32, "ring_labels"),
+                labels=self._variable(labels_shape, self.label_dtype, "ring_labels"),
                 adversarial=self._variable(self.image_shape, self.dtype, "ring_adversarial"),
             )
         # Set once the prologue (or a restored checkpoint) has filled every slot.
@@ -128,9 +143,10 @@ class RingBuffer:
         # "v2": per-replica components (a checkpoint of the earlier per-device
         # module has other keys and must not mark this buffer filled). Slot
         # reads and writes changed since, the stored arrays did not.
+        label_tag = f"_l{'x'.join(map(str, self.label_shape))}" if self.label_shape else ""
         self.layout = (
             f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{size_tag}"
-            f"_t{self.staleness}{dtype_tag}"
+            f"_t{self.staleness}{dtype_tag}{label_tag}"
         )
 
     @staticmethod
@@ -141,7 +157,12 @@ class RingBuffer:
     def bytes_per_replica(self) -> int:
         """Memory one replica's slots take (images, labels, adversarial images)."""
         return bytes_per_replica(
-            self.staleness, self.per_replica_batch, self.image_size, self.dtype
+            self.staleness,
+            self.per_replica_batch,
+            self.image_size,
+            self.dtype,
+            self.label_shape,
+            self.label_dtype,
         )
 
     # ------------------------------------------------- inside strategy.run

@@ -41,6 +41,7 @@ from conadv.run.metrics import ReplicaSums
 from conadv.run.nonfinite import NonFiniteGuard
 from official import losses, precision
 from official.accumulation import GradientAccumulator
+from official.model_losses import additional_loss
 from official.split_batch_norm import call_model
 
 VANILLA = "vanilla"
@@ -89,7 +90,9 @@ class StepGradients(NamedTuple):
 
     ``labels``, ``clean_logits`` and the per-example losses are those of the
     batch trained on (for ConAdv, the ring's, not the incoming one), for
-    metrics such as ``conadv.keras.ConAdvModel``'s; ``wait_for`` are the
+    metrics such as ``conadv.keras.ConAdvModel``'s; ``extra_loss`` is what
+    the model's regularizers added to the objective (``model.losses``, see
+    ``official/model_losses.py``; None without any); ``wait_for`` are the
     tensors that must read θ_t before the update overwrites it.
     """
 
@@ -99,6 +102,7 @@ class StepGradients(NamedTuple):
     clean_logits: tf.Tensor
     clean_losses: tf.Tensor
     adv_losses: tf.Tensor | None
+    extra_loss: tf.Tensor | None = None
 
     @property
     def clean_sum(self) -> tf.Tensor:
@@ -182,53 +186,80 @@ def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()
 
 def _clean_statistics(labels, logits, per_example_loss):
     return dict(
-        examples=tf.size(labels),
+        examples=tf.shape(labels)[0],
         clean_loss=tf.reduce_sum(per_example_loss),
         clean_correct=tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
     )
 
 
+def _with_extra(ctx: StepContext, loss, extra):
+    """The replica's loss plus its share of the regularizers' ``extra`` loss.
+
+    The optimizer sums the gradients of every replica (and the accumulator
+    those of every micro-batch), so each adds ``extra`` divided by their count,
+    as Keras' ``fit`` divides ``model.losses`` by the replicas.
+    """
+    if extra is None:
+        return loss
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    return loss + extra / (replicas * ctx.accumulation_steps)
+
+
 def clean_gradients(ctx: StepContext, images, labels):
     """Gradients of the clean loss through the main branch (one micro-batch), the
-    logits and the per-example losses."""
+    logits, the per-example losses and the regularizers' loss (or None)."""
     with tf.GradientTape() as tape:
         logits = call_model(ctx.model, images, True, "main")
+        extra = additional_loss(ctx.model, {"main": 1.0})
         per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
-        loss = tf.reduce_sum(per_example) / ctx.global_batch_size
+        loss = _with_extra(ctx, tf.reduce_sum(per_example) / ctx.global_batch_size, extra)
         scaled_loss = ctx.optimizer.scale_loss(loss)
     grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:
         ctx.sums.add(**_clean_statistics(labels, logits, per_example))
-    return grads, logits, per_example
+    return grads, logits, per_example, extra
+
+
+def _mean_of_present(a, b):
+    """½·(a + b) where a missing term (None) is 0; None when both are missing."""
+    if a is None and b is None:
+        return None
+    return 0.5 * ((0.0 if a is None else a) + (0.0 if b is None else b))
 
 
 def adversarial_loss(ctx: StepContext, images, labels, adversarial):
-    """½·(CE_clean through main + CE_adv through aux), over the global batch.
+    """½·(CE_clean through main + CE_adv through aux), over the global batch, plus the
+    regularizers' ½·(clean + adversarial) share.
 
     A training-mode forward pass (both branches' moving statistics update) in
-    the context's ``update_pass`` form. Returns the loss, the clean logits
-    and the per-example clean and adversarial cross-entropies.
+    the context's ``update_pass`` form. Returns the loss, the clean logits,
+    the per-example clean and adversarial cross-entropies, and the
+    regularizers' loss (or None).
     """
     images = tf.cast(images, tf.float32)
     adversarial = tf.cast(adversarial, tf.float32)
     if ctx.update_pass == CONCATENATED:
         both = tf.concat([images, adversarial], axis=0)
         logits = call_model(ctx.model, both, True, "mixed")
+        extra = additional_loss(ctx.model, {"main": 0.5, "aux": 0.5})
         clean_logits, adv_logits = tf.split(logits, 2, axis=0)
     else:
         clean_logits = call_model(ctx.model, images, True, "main")
+        clean_extra = additional_loss(ctx.model, {"main": 1.0})
         adv_logits = call_model(ctx.model, adversarial, True, "aux")
+        extra = _mean_of_present(clean_extra, additional_loss(ctx.model, {"aux": 1.0}))
     clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
     adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
     loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
-    return loss, clean_logits, clean, adv
+    return _with_extra(ctx, loss, extra), clean_logits, clean, adv, extra
 
 
 def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
     """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch),
-    the clean logits and the per-example clean and adversarial losses."""
+    the clean logits, the per-example clean and adversarial losses and the
+    regularizers' loss (or None)."""
     with tf.GradientTape() as tape:
-        loss, clean_logits, clean, adv = adversarial_loss(ctx, images, labels, adversarial)
+        loss, clean_logits, clean, adv, extra = adversarial_loss(ctx, images, labels, adversarial)
         scaled_loss = ctx.optimizer.scale_loss(loss)
     grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:
@@ -237,25 +268,25 @@ def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
         )
         ctx.sums.add(
             **_clean_statistics(labels, clean_logits, clean),
-            adv_examples=tf.size(labels),
+            adv_examples=tf.shape(labels)[0],
             adv_loss=tf.reduce_sum(adv),
             adv_linf=tf.reduce_sum(distance),
         )
-    return grads, clean_logits, clean, adv
+    return grads, clean_logits, clean, adv, extra
 
 
 def vanilla_gradients(ctx: StepContext, images, labels, index):
     """Vanilla on one (micro-)batch: the clean loss through the main branch."""
-    grads, logits, clean = clean_gradients(ctx, as_stored(ctx, images), labels)
-    return StepGradients(grads, [], labels, logits, clean, None)
+    grads, logits, clean, extra = clean_gradients(ctx, as_stored(ctx, images), labels)
+    return StepGradients(grads, [], labels, logits, clean, None, extra)
 
 
 def disadv_gradients(ctx: StepContext, images, labels, index):
     """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss."""
     images = as_stored(ctx, images)
     adversarial = run_attack(ctx, images, labels, batch_index=index)
-    grads, logits, clean, adv = adversarial_gradients(ctx, images, labels, adversarial)
-    return StepGradients(grads, [], labels, logits, clean, adv)
+    grads, logits, clean, adv, extra = adversarial_gradients(ctx, images, labels, adversarial)
+    return StepGradients(grads, [], labels, logits, clean, adv, extra)
 
 
 def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
@@ -271,11 +302,11 @@ def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
     slot = tf.cast(index % ring_size, tf.int32)
     images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
     next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ring_size)
-    grads, logits, clean, adv = adversarial_gradients(ctx, images, labels, adversarial)
+    grads, logits, clean, adv, extra = adversarial_gradients(ctx, images, labels, adversarial)
     with tf.control_dependencies(grads):
         ctx.ring.write(slot, next_images, next_labels, next_adversarial)
     # The update may only overwrite θ_t once the attack has read it.
-    return StepGradients(grads, [next_adversarial], labels, logits, clean, adv)
+    return StepGradients(grads, [next_adversarial], labels, logits, clean, adv, extra)
 
 
 _GRADIENTS = {VANILLA: vanilla_gradients, DISADV: disadv_gradients, CONADV: conadv_gradients}

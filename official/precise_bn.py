@@ -48,19 +48,23 @@ class PreciseBatchNorm:
 
     ``model`` is called in training mode inside ``batch_norm_mode("main",
     update_stats=False)``, in replica context; every split BatchNorm in it
-    must be reached by that call.
+    must be reached by that call. A frozen BatchNorm (``trainable=False``)
+    normalises with its moving statistics in training mode too, so it keeps
+    them, as Keras keeps a frozen BatchNorm's; a layer called more than once
+    gets the statistics of its inputs over all its calls.
     """
 
     def __init__(self, model, strategy: tf.distribute.Strategy):
         self.model = model
         self.strategy = strategy
-        self.layers = [
+        split = [
             layer
             for layer in model._flatten_layers(include_self=False)
             if isinstance(layer, bn_lib.SplitBatchNormalization)
         ]
-        if not self.layers:
+        if not split:
             raise ValueError(f"model {model.name!r} has no split BatchNorm layer")
+        self.layers = [layer for layer in split if layer.trainable]
         self._row_sizes = [2 * layer.main_moving_mean.shape[0] + 1 for layer in self.layers]
         self._accumulate = tf.function(self._accumulate_fn)
 

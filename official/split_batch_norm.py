@@ -69,8 +69,12 @@ class MainStatisticsCollector:
         self.sums: dict = {}
 
     def add(self, layer, x, moving_mean):
+        """Adds one call's sums: a layer called several times collects every call."""
         shift = self.shifts.get(layer, moving_mean)
-        self.sums[layer] = shifted_sums(x, shift)
+        sums = shifted_sums(x, shift)
+        if layer in self.sums:
+            sums = tuple(a + b for a, b in zip(self.sums[layer], sums))
+        self.sums[layer] = sums
 
 
 @contextlib.contextmanager
@@ -79,7 +83,8 @@ def collect_main_statistics(shifts: dict | None = None):
 
     Inside the context each training-mode call of a split BatchNorm records
     ``(Σ(x−K), Σ(x−K)², n)`` for its main-branch input ``x``, summed over all
-    but the channel axis of this replica's batch, with ``K = shifts[layer]``
+    but the channel axis of this replica's batch (and over every call of a
+    layer the model calls more than once), with ``K = shifts[layer]``
     (default: the branch's moving mean). ``K`` must be the same on every
     replica, so the sums add up across replicas, and close to the mean, so
     a large mean does not cancel the variance. Precise BatchNorm
@@ -340,6 +345,7 @@ def batch_moments(parts: list[tf.Tensor], group_size: int = 1) -> list[tuple]:
     return _table_moments(parts, group_sum, slot, size)
 
 
+@keras.saving.register_keras_serializable(package="conadv")
 class SplitBatchNormalization(keras.layers.Layer):
     """Channels-last BatchNorm with a main and an auxiliary branch.
 
@@ -351,20 +357,44 @@ class SplitBatchNormalization(keras.layers.Layer):
     replica's own batch, whatever ``group_size``; the attack uses this). Left
     out (None), the last three come from the enclosing ``batch_norm_mode``;
     ``mask`` is accepted (a functional model passes it) and ignored.
+
+    ``center``, ``scale``, the initializers and the constraints are those of
+    ``keras.layers.BatchNormalization`` and apply to both branches. The γ and
+    β regularizers are not attached to the variables (Keras would then add
+    both branches' penalties to every loss): ``branch_regularization(branch)``
+    gives one branch's, for the objective that uses that branch.
     """
 
     def __init__(
         self,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
         gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
         group_size: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
         if int(group_size) < 0:
             raise ValueError(f"BatchNorm group size must be >= 0, got {group_size}")
         self.group_size = int(group_size)
@@ -372,50 +402,59 @@ class SplitBatchNormalization(keras.layers.Layer):
     def build(self, input_shape):
         # autocast=False: read in float32 even inside a mixed-precision model.
         channels = int(input_shape[-1])
+
+        def weight(name, initializer, trainable=True, constraint=None):
+            # Moving statistics: the mean over replicas when read in cross-replica context.
+            aggregation = {} if trainable else {"aggregation": "mean"}
+            return self.add_weight(
+                name=name,
+                shape=(channels,),
+                initializer=initializer,
+                trainable=trainable,
+                constraint=constraint,
+                dtype="float32",
+                autocast=False,
+                **aggregation,
+            )
+
         for branch in BRANCHES:
-            gamma = self.add_weight(
-                name=f"{branch}_gamma",
-                shape=(channels,),
-                initializer=self.gamma_initializer,
-                dtype="float32",
-                autocast=False,
-            )
-            beta = self.add_weight(
-                name=f"{branch}_beta",
-                shape=(channels,),
-                initializer="zeros",
-                dtype="float32",
-                autocast=False,
-            )
-            mean = self.add_weight(
-                name=f"{branch}_moving_mean",
-                shape=(channels,),
-                initializer="zeros",
-                trainable=False,
-                aggregation="mean",
-                dtype="float32",
-                autocast=False,
-            )
-            variance = self.add_weight(
-                name=f"{branch}_moving_variance",
-                shape=(channels,),
-                initializer="ones",
-                trainable=False,
-                aggregation="mean",
-                dtype="float32",
-                autocast=False,
-            )
+            gamma = beta = None
+            if self.scale:
+                gamma = weight(
+                    f"{branch}_gamma", self.gamma_initializer, True, self.gamma_constraint
+                )
+            if self.center:
+                beta = weight(f"{branch}_beta", self.beta_initializer, True, self.beta_constraint)
+            mean = weight(f"{branch}_moving_mean", self.moving_mean_initializer, False)
+            variance = weight(f"{branch}_moving_variance", self.moving_variance_initializer, False)
             setattr(self, f"{branch}_gamma", gamma)
             setattr(self, f"{branch}_beta", beta)
             setattr(self, f"{branch}_moving_mean", mean)
             setattr(self, f"{branch}_moving_variance", variance)
 
     def branch_variables(self, bn_branch: str) -> dict:
+        """``gamma``, ``beta`` (None without ``scale`` / ``center``), ``moving_mean`` and
+        ``moving_variance`` of one branch."""
         check_branch(bn_branch, allow_mixed=False)
         return {
             key: getattr(self, f"{bn_branch}_{key}")
             for key in ("gamma", "beta", "moving_mean", "moving_variance")
         }
+
+    def branch_regularization(self, bn_branch: str) -> list[tf.Tensor]:
+        """The γ and β regularizers' penalties of one branch: none when the layer is frozen
+        (Keras regularizes trainable weights only)."""
+        if not self.trainable:
+            return []
+        params = self.branch_variables(bn_branch)
+        return [
+            regularizer(params[key])
+            for key, regularizer in (
+                ("gamma", self.gamma_regularizer),
+                ("beta", self.beta_regularizer),
+            )
+            if regularizer is not None and params[key] is not None
+        ]
 
     def call(
         self,
@@ -469,8 +508,8 @@ class SplitBatchNormalization(keras.layers.Layer):
                     part,
                     mean,
                     variance,
-                    params["beta"].value,
-                    params["gamma"].value,
+                    None if params["beta"] is None else params["beta"].value,
+                    None if params["gamma"] is None else params["gamma"].value,
                     self.epsilon,
                 )
             )
@@ -482,10 +521,23 @@ class SplitBatchNormalization(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        serialize = keras.saving.serialize_keras_object
         config.update(
             momentum=self.momentum,
             epsilon=self.epsilon,
-            gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
+            center=self.center,
+            scale=self.scale,
             group_size=self.group_size,
         )
+        for name in (
+            "beta_initializer",
+            "gamma_initializer",
+            "moving_mean_initializer",
+            "moving_variance_initializer",
+            "beta_regularizer",
+            "gamma_regularizer",
+            "beta_constraint",
+            "gamma_constraint",
+        ):
+            config[name] = serialize(getattr(self, name))
         return config

@@ -243,6 +243,34 @@ def keras_fit(mirrored):
     return out
 
 
+def keras_fit_live_batch_norm(mirrored):
+    """ConAdvModel.fit (τ = 1, BatchNorm training, random start) on 2 replicas against the
+    eager reference of test_keras_model on the same two shards (each normalised with its
+    own batch statistics, attacked with its own seed; the moving statistics averaged)."""
+    from tests import test_keras_model as km
+
+    images, labels = km.make_batches()
+    initial = km.initial_parameters(km.small_net())
+    want, statistics, logs = km.reference_run(
+        km.small_net(), "conadv", 1, images, labels, replicas=REPLICAS
+    )
+    with mirrored.scope():
+        model = km.conadv_model(km.small_net(), "conadv", 1)
+    history = model.fit(km.dataset_of(images, labels), epochs=1, verbose=0)
+    got = km.network_parameters(model)
+    return {
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "weight_error": max(float(np.abs(got[k] - v).max()) for k, v in want.items()),
+        "reference_moved": max(float(np.abs(want[k] - v).max()) for k, v in initial.items()),
+        "statistics_error": max(
+            float(np.abs(np.asarray(got[f"{b}_moving"]) - np.asarray(statistics[b])).max())
+            for b in ("main", "aux")
+        ),
+        "history": {k: v[0] for k, v in history.history.items()},
+        "reference_logs": logs,
+    }
+
+
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -331,6 +359,7 @@ def main():
         ],
     }
     out["keras_fit"] = keras_fit(mirrored)
+    out["keras_fit_live_batch_norm"] = keras_fit_live_batch_norm(mirrored)
     print("RESULT " + json.dumps(out))
 
 

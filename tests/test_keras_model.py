@@ -40,15 +40,21 @@ MOMENTUM, BN_EPSILON = 0.8, 1e-3
 TOLERANCE = 1e-5
 
 
-def small_net(with_bn=True, seed=0, name="small"):
-    """Conv → BatchNorm → ReLU → average pool → dense, with non-trivial BatchNorm values."""
+def small_net(with_bn=True, seed=0, name="small", l2=0.0):
+    """Conv → BatchNorm → ReLU → average pool → dense, with non-trivial BatchNorm values;
+    ``l2`` > 0 adds L2 regularizers to the kernel, to γ and to the pooled features."""
     keras.utils.set_random_seed(seed)
+    regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = keras.Input(SHAPE)
-    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", kernel_regularizer=regularizer, name="conv")(
+        inputs
+    )
     if with_bn:
-        x = keras.layers.BatchNormalization(momentum=MOMENTUM, epsilon=BN_EPSILON, name="bn")(x)
+        x = keras.layers.BatchNormalization(
+            momentum=MOMENTUM, epsilon=BN_EPSILON, gamma_regularizer=regularizer, name="bn"
+        )(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D(activity_regularizer=regularizer)(x)
     net = keras.Model(inputs, keras.layers.Dense(CLASSES, name="dense")(x), name=name)
     if with_bn:
         bn = net.get_layer("bn")
@@ -68,8 +74,8 @@ def make_batches(count=STEPS, seed=5):
     return images, labels
 
 
-def dataset_of(images, labels):
-    return tf.data.Dataset.from_tensor_slices((images, labels))
+def dataset_of(*arrays):
+    return tf.data.Dataset.from_tensor_slices(tuple(arrays))
 
 
 def conadv_model(net, method="conadv", staleness=1, jit_compile=False, **kwargs):
@@ -118,20 +124,20 @@ def initial_statistics(net) -> dict:
     }
 
 
-def forward(params, x, branch, statistics=None):
-    """Training-mode logits through ``branch``; its moving statistics, if given, are updated."""
+def forward(params, x, branch, moments=None, features=False):
+    """Training-mode logits through ``branch`` (and the pooled features, if ``features``);
+    the branch's batch (mean, variance) is appended to ``moments``, if given."""
     h = tf.nn.conv2d(x, params["kernel"], 1, "SAME") + params["bias"]
     if f"{branch}_gamma" in params:
         mean = tf.reduce_mean(h, [0, 1, 2])
         variance = tf.reduce_mean(tf.square(h - mean), [0, 1, 2])
-        if statistics is not None:
-            moving = statistics[branch]
-            moving[0] = MOMENTUM * moving[0] + (1 - MOMENTUM) * mean.numpy()
-            moving[1] = MOMENTUM * moving[1] + (1 - MOMENTUM) * variance.numpy()
+        if moments is not None:
+            moments.append((branch, mean.numpy(), variance.numpy()))
         h = (h - mean) / tf.sqrt(variance + BN_EPSILON)
         h = h * params[f"{branch}_gamma"] + params[f"{branch}_beta"]
     h = tf.reduce_mean(tf.nn.relu(h), [1, 2])
-    return h @ params["dense_kernel"] + params["dense_bias"]
+    logits = h @ params["dense_kernel"] + params["dense_bias"]
+    return (logits, h) if features else logits
 
 
 def cross_entropy(labels, logits, smoothing):
@@ -154,28 +160,77 @@ def attack(params, images, labels, position):
     return tf.clip_by_value(step, lower, upper)
 
 
-def update(params, statistics, images, labels, adversarial):
-    """θ − lr·∇ of ½·(Σ CE_clean(main) + Σ CE_adv(aux)) / B, or of Σ CE_clean / B."""
+def objective(params, images, labels, branch, l2, replicas, moments):
+    """One replica's share of one network's loss: Σ CE over its shard / global batch, plus
+    its L2 penalties (the shared kernel's, its own γ's, its features' mean squared norm)
+    over the replicas, as Keras divides ``model.losses``. Also the per-example CE and
+    the logits."""
+    logits, pooled = forward(params, images, branch, moments, features=True)
+    per_example = cross_entropy(labels, logits, SMOOTHING)
+    loss = tf.reduce_sum(per_example) / BATCH
+    if l2:
+        penalties = tf.reduce_sum(tf.square(params["kernel"])) + tf.reduce_sum(
+            tf.square(pooled)
+        ) / len(images)
+        if f"{branch}_gamma" in params:
+            penalties += tf.reduce_sum(tf.square(params[f"{branch}_gamma"]))
+        loss += l2 * penalties / replicas
+    return loss, per_example, logits
+
+
+def update(params, statistics, shards, l2=0.0, logs=None):
+    """θ − lr·∇ of the sum over the replicas' shards ``(images, labels, adversarial)`` of
+    ½·(clean objective (main) + adversarial objective (aux)), or of the clean objective
+    alone (adversarial None). Each shard normalises with its own batch statistics; the
+    moving statistics move toward their mean over the replicas. ``logs`` sums the
+    per-example losses and correct answers."""
     names = sorted(params)
+    moments = []
     with tf.GradientTape() as tape:
         tape.watch([params[n] for n in names])
-        loss = tf.reduce_sum(
-            cross_entropy(labels, forward(params, images, "main", statistics), SMOOTHING)
-        )
-        if adversarial is not None:
-            adv_logits = forward(params, adversarial, "aux", statistics)
-            loss = 0.5 * (loss + tf.reduce_sum(cross_entropy(labels, adv_logits, SMOOTHING)))
-        loss = loss / BATCH
+        loss = 0.0
+        for images, labels, adversarial in shards:
+            term, clean, logits = objective(
+                params, images, labels, "main", l2, len(shards), moments
+            )
+            per_example = clean
+            if adversarial is not None:
+                adv_term, adv, _ = objective(
+                    params, adversarial, labels, "aux", l2, len(shards), moments
+                )
+                term, per_example = 0.5 * (term + adv_term), 0.5 * (clean + adv)
+                if logs is not None:
+                    logs["adv_loss"] += float(tf.reduce_sum(adv))
+            loss += term
+            if logs is not None:
+                logs["loss"] += float(tf.reduce_sum(per_example))
+                logs["clean_loss"] += float(tf.reduce_sum(clean))
+                logs["correct"] += int(np.sum(np.argmax(logits, 1) == labels.numpy()))
+                logs["examples"] += len(labels)
     grads = tape.gradient(loss, [params[n] for n in names])
+    if statistics is not None:
+        for branch in ("main", "aux"):
+            batch = [(m, v) for b, m, v in moments if b == branch]
+            if batch:
+                means, variances = (
+                    np.mean([m for m, _ in batch], 0),
+                    np.mean([v for _, v in batch], 0),
+                )
+                moving = statistics[branch]
+                moving[0] = MOMENTUM * moving[0] + (1 - MOMENTUM) * means
+                moving[1] = MOMENTUM * moving[1] + (1 - MOMENTUM) * variances
     return {n: params[n] - LR * (0.0 if g is None else g) for n, g in zip(names, grads)}
 
 
-def reference_run(net, method, staleness, images, labels, with_bn=True):
-    """(parameters, moving statistics) after STEPS steps of ``method``, eagerly.
+def reference_run(net, method, staleness, images, labels, with_bn=True, l2=0.0, replicas=1):
+    """(parameters, moving statistics, logs) after STEPS steps of ``method``, eagerly, on
+    ``replicas`` equal shards of every batch.
 
     ConAdv's stream is the ring's fill (the first τ batches) followed by the
     epoch's batches; step t trains on position t, attacked with θ_{t−τ} (θ_0
-    for the fill), and attacks position t + τ with θ_t.
+    for the fill), and attacks position t + τ with θ_t. Replica r attacks its
+    shard of position p with the seed of p·replicas + r. ``logs`` holds the
+    means Keras' History reports (loss, clean_loss, adv_loss, accuracy).
     """
     history = [initial_parameters(net, with_bn)]
     statistics = initial_statistics(net) if with_bn else None
@@ -184,16 +239,26 @@ def reference_run(net, method, staleness, images, labels, with_bn=True):
     if method == "conadv":
         stream_images = stream_images[:staleness] + stream_images
         stream_labels = stream_labels[:staleness] + stream_labels
+    sums = dict(loss=0.0, clean_loss=0.0, adv_loss=0.0, correct=0, examples=0)
     for t in range(STEPS):
-        x, y = stream_images[t], stream_labels[t]
-        adversarial = None
-        if method == "conadv":
-            attacked_with = history[max(t - staleness, 0)]
-            adversarial = attack(attacked_with, x, y, position=t)
-        elif method == "disadv":
-            adversarial = attack(history[t], x, y, position=t)
-        history.append(update(history[t], statistics, x, y, adversarial))
-    return history[-1], statistics
+        shards = []
+        for r, (x, y) in enumerate(
+            zip(tf.split(stream_images[t], replicas), tf.split(stream_labels[t], replicas))
+        ):
+            adversarial = None
+            position = t * replicas + r
+            if method == "conadv":
+                adversarial = attack(history[max(t - staleness, 0)], x, y, position)
+            elif method == "disadv":
+                adversarial = attack(history[t], x, y, position)
+            shards.append((x, y, adversarial))
+        history.append(update(history[t], statistics, shards, l2, sums))
+    examples = sums.pop("examples")
+    logs = {key: value / examples for key, value in sums.items()}
+    logs["accuracy"] = logs.pop("correct")
+    if method == "vanilla":
+        del logs["adv_loss"]
+    return history[-1], statistics, logs
 
 
 def network_parameters(model: conadv_keras.ConAdvModel, with_bn=True) -> dict:
@@ -224,12 +289,20 @@ class ReferenceTest(tf.test.TestCase):
     """
 
     def check(
-        self, method, staleness, with_bn=True, jit_compile=False, tolerance=TOLERANCE, callbacks=()
+        self,
+        method,
+        staleness,
+        with_bn=True,
+        jit_compile=False,
+        tolerance=TOLERANCE,
+        callbacks=(),
+        l2=0.0,
+        **kwargs,
     ):
         images, labels = make_batches()
-        net = small_net(with_bn)
-        want, statistics = reference_run(net, method, staleness, images, labels, with_bn)
-        model = conadv_model(net, method, staleness, jit_compile=jit_compile)
+        net = small_net(with_bn, l2=l2)
+        want, statistics, logs = reference_run(net, method, staleness, images, labels, with_bn, l2)
+        model = conadv_model(net, method, staleness, jit_compile=jit_compile, **kwargs)
         history = model.fit(
             dataset_of(images, labels), epochs=1, verbose=0, callbacks=list(callbacks)
         )
@@ -242,6 +315,10 @@ class ReferenceTest(tf.test.TestCase):
                 self.assertAllClose(
                     got[f"{branch}_moving"], statistics[branch], atol=tolerance, msg=branch
                 )
+        # The epoch's means (the logged loss adds the regularizers' penalties).
+        for key, value in logs.items():
+            if not (l2 and key == "loss"):
+                self.assertAllClose(history.history[key][0], value, rtol=tolerance, msg=key)
         return model, history
 
     def test_conadv_staleness_1(self):
@@ -263,6 +340,15 @@ class ReferenceTest(tf.test.TestCase):
 
     def test_conadv_staleness_2(self):
         self.check("conadv", 2)
+
+    def test_regularizers_in_both_terms_with_either_update_pass(self):
+        """Kernel, γ and activity L2 in the clean and the adversarial objective: the shared
+        kernel's penalty once, each branch's γ penalty and features' penalty in its own
+        network's half. Catches: ``model.losses`` dropped, the activity penalty of the one
+        concatenated pass counted at full weight, both branches' γ penalties in each term."""
+        for update_pass in ("concatenated", "separate"):
+            self.check("conadv", 1, l2=0.05, update_pass=update_pass)
+        self.check("disadv", 1, l2=0.05)
 
     def test_conadv_compiled_by_xla(self):
         """The TPU path: every replica step and the ring's fill as one XLA program
@@ -365,14 +451,37 @@ class EvaluateAndExportTest(tf.test.TestCase):
         aux = call_model(self.model.network, self.x, False, "aux").numpy()
         self.assertGreater(np.abs(aux - predicted).max(), 1e-3)  # the branches differ
 
-    def test_evaluate_uses_the_main_branch_and_reports_no_training_losses(self):
-        logs = self.model.evaluate(self.x, self.y, verbose=0, return_dict=True)
-        self.assertEqual(set(logs), {"loss", "accuracy"})
+    def test_evaluate_reports_keras_own_loss_of_the_main_branch(self):
+        """What Keras' own evaluate reports for the plain (exported) model compiled with
+        ``SparseCategoricalCrossentropy(from_logits=True)``: no label smoothing (the
+        training loss has 0.1), sample weights in the loss (``metrics`` are unweighted,
+        ``weighted_metrics`` weighted, as in Keras), no training-only logs.
+
+        Catches: the label-smoothed loss, sample weights ignored, the auxiliary branch."""
         logits = call_model(self.model.network, self.x, False, "main")
-        want = cross_entropy(self.y, logits, SMOOTHING).numpy().mean()
-        self.assertAllClose(logs["loss"], want, rtol=1e-5)
-        accuracy = np.mean(np.argmax(logits, 1) == self.y)
-        self.assertAllClose(logs["accuracy"], accuracy)
+        weights = np.linspace(0.0, 2.0, len(self.y)).astype("float32")
+        plain = self.model.export_model()
+        plain.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            weighted_metrics=["accuracy"],
+        )
+        self.model.compile(
+            optimizer=self.model.optimizer, metrics=["accuracy"], weighted_metrics=["accuracy"]
+        )
+        for sample_weight in (None, weights):
+            logs = self.model.evaluate(
+                self.x, self.y, sample_weight=sample_weight, verbose=0, return_dict=True
+            )
+            want = plain.evaluate(
+                self.x, self.y, sample_weight=sample_weight, verbose=0, return_dict=True
+            )
+            self.assertEqual(set(logs), set(want))
+            for key in want:
+                self.assertAllClose(logs[key], want[key], rtol=1e-5, msg=key)
+            w = np.ones(len(self.y)) if sample_weight is None else sample_weight
+            by_hand = (w * cross_entropy(self.y, logits, 0.0).numpy()).mean()
+            self.assertAllClose(logs["loss"], by_hand, rtol=1e-5)
 
 
 class PreciseBatchNormTest(tf.test.TestCase):
@@ -393,6 +502,44 @@ class PreciseBatchNormTest(tf.test.TestCase):
         self.assertAllClose(main["moving_variance"], inputs.var((0, 1, 2)), atol=1e-5, rtol=1e-4)
         for before, after in zip(aux_before, bn.branch_variables("aux").values()):
             self.assertAllEqual(before, after)
+
+    def test_a_frozen_batch_norm_keeps_its_statistics_and_a_shared_one_gets_all_its_calls(self):
+        """A fine-tuning model: a frozen BatchNorm (its moving statistics stay, as Keras keeps
+        them) and a BatchNorm called on two branches of the graph (its statistics are those
+        of its inputs in both calls, against NumPy).
+
+        Catches: a frozen BatchNorm's statistics overwritten (or a refusal of the model);
+        the statistics of only one call of the shared BatchNorm."""
+        keras.utils.set_random_seed(2)
+        inputs = keras.Input(SHAPE)
+        frozen = keras.layers.BatchNormalization(name="frozen")
+        shared = keras.layers.BatchNormalization(name="shared")
+        left = keras.layers.Conv2D(4, 3, padding="same", name="left")
+        right = keras.layers.Conv2D(4, 1, name="right")
+        h = frozen(inputs)
+        both = keras.layers.Concatenate()([shared(left(h)), shared(right(h) + 2.0)])
+        outputs = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(both))
+        net = keras.Model(inputs, outputs)
+        net.get_layer("frozen").moving_mean.assign([0.1, 0.2, 0.3])
+        net.get_layer("frozen").trainable = False
+        model = conadv_keras.ConAdvModel(net)
+        frozen_before = [v.numpy() for v in model.network.get_layer("frozen").weights]
+        images, labels = make_batches(count=2, seed=13)
+        model.precise_bn(dataset_of(images, labels), batches=2)
+        for before, after in zip(frozen_before, model.network.get_layer("frozen").weights):
+            self.assertAllEqual(before, after)
+        # The frozen layer normalises with its moving statistics: compute its output so.
+        x = images.reshape(-1, *SHAPE)
+        h = model.network.get_layer("frozen")(x, training=False)
+        calls = np.concatenate(
+            [
+                model.network.get_layer("left")(h).numpy().reshape(-1, 4),
+                (model.network.get_layer("right")(h).numpy() + 2.0).reshape(-1, 4),
+            ]
+        ).astype("float64")
+        main = model.network.get_layer("shared").branch_variables("main")
+        self.assertAllClose(main["moving_mean"], calls.mean(0), atol=1e-5, rtol=1e-5)
+        self.assertAllClose(main["moving_variance"], calls.var(0), atol=1e-5, rtol=1e-4)
 
 
 class RefusalTest(tf.test.TestCase):
@@ -415,26 +562,53 @@ class RefusalTest(tf.test.TestCase):
             conadv_keras.ConAdvModel(model)
         self.assertOneLine(caught.exception)
 
-    def test_a_softmax_output_is_refused(self):
+    def test_a_final_activation_other_than_softmax_is_refused(self):
         inputs = keras.Input(SHAPE)
         x = keras.layers.GlobalAveragePooling2D()(inputs)
-        dense_softmax = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
-        softmax_layer = keras.Model(inputs, keras.layers.Softmax()(keras.layers.Dense(CLASSES)(x)))
-        for net in (dense_softmax, softmax_layer):
-            with self.assertRaisesRegex(conadv_keras.ConversionError, "classifier_activation=None"):
+        dense_sigmoid = keras.Model(inputs, keras.layers.Dense(CLASSES, activation="sigmoid")(x))
+        relu_layer = keras.Model(
+            inputs, keras.layers.Activation("relu")(keras.layers.Dense(CLASSES)(x))
+        )
+        for net, name in ((dense_sigmoid, "sigmoid"), (relu_layer, "relu")):
+            with self.assertRaisesRegex(conadv_keras.ConversionError, name) as caught:
                 conadv_keras.ConAdvModel(net)
+            self.assertOneLine(caught.exception)
 
-    def test_batches_of_unknown_size_and_a_compiled_loss_are_refused(self):
+    def test_a_softmax_hidden_in_a_lambda_layer_is_refused_at_fit(self):
+        """Catches a softmax the conversion cannot see, trained as if it gave logits."""
+        inputs = keras.Input(SHAPE)
+        x = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(inputs))
+        hidden = keras.Model(inputs, keras.layers.Lambda(keras.ops.softmax)(x))
+        model = conadv_keras.ConAdvModel(hidden, attack_eps=EPS, input_range=INPUT_RANGE)
+        model.compile(optimizer="sgd")
+        images, labels = make_batches()
+        with self.assertRaisesRegex(conadv_keras.ConversionError, "probabilities") as caught:
+            model.fit(dataset_of(images[0], labels[0]).batch(4), verbose=0)
+        self.assertOneLine(caught.exception)
+        self.assertEqual(int(model.optimizer.iterations), 0)
+
+    def test_a_compiled_loss_weights_and_odd_inputs_are_refused(self):
         model = conadv_keras.ConAdvModel(small_net())
         with self.assertRaisesRegex(ValueError, "without loss"):
             model.compile(optimizer="sgd", loss="mse")
         model.compile(optimizer="sgd")
         images, labels = make_batches()
-        with self.assertRaisesRegex(ValueError, "drop_remainder=True") as caught:
-            model.fit(dataset_of(images[0], labels[0]).batch(3), verbose=0)
-        self.assertOneLine(caught.exception)
-        with self.assertRaisesRegex(ValueError, "labels"):
-            model.fit(images[0], batch_size=4, verbose=0)
+        x, y = images.reshape(-1, *SHAPE), labels.reshape(-1)
+        refusals = (
+            (lambda: model.fit(x, batch_size=4, verbose=0), "labels"),
+            (lambda: model.fit(x, y, sample_weight=np.ones(len(y)), verbose=0), "weight"),
+            (lambda: model.fit(x, y, class_weight={0: 2.0}, verbose=0), "class_weight"),
+            (lambda: model.fit(x, y, validation_split=0.2, verbose=0), "validation_data"),
+            (lambda: model.fit(x, np.zeros((len(y), 2)), batch_size=4, verbose=0), "one-hot"),
+            (
+                lambda: model.fit(dataset_of(x, y, np.ones(len(y))).batch(4), verbose=0),
+                "sample weights",
+            ),
+        )
+        for fit, expected in refusals:
+            with self.assertRaisesRegex(ValueError, expected) as caught:
+                fit()
+            self.assertOneLine(caught.exception)
 
 
 class BackupAndRestoreTest(tf.test.TestCase):

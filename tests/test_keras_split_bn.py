@@ -89,6 +89,47 @@ class HandMadeModelTest(tf.test.TestCase):
         expected = 0.8 * aux_before + 0.2 * x.mean(axis=(0, 1, 2))
         self.assertAllClose(layers[0].branch_variables("aux")["moving_mean"], expected, atol=1e-5)
 
+    def test_every_argument_of_a_batch_norm_is_carried_there_and_back(self):
+        """Catches an argument dropped by the conversion or by the export: regularizers,
+        constraints, center/scale, initializers, synchronized (group of all replicas),
+        trainable."""
+        inputs = keras.Input((4, 4, 3))
+        first = keras.layers.BatchNormalization(
+            momentum=0.7,
+            epsilon=1e-2,
+            center=False,
+            gamma_initializer=keras.initializers.Constant(1.5),
+            moving_variance_initializer=keras.initializers.Constant(2.0),
+            gamma_regularizer=keras.regularizers.L2(0.3),
+            gamma_constraint=keras.constraints.NonNeg(),
+            synchronized=True,
+            name="first",
+        )
+        second = keras.layers.BatchNormalization(
+            scale=False,
+            beta_regularizer=keras.regularizers.L1(0.2),
+            beta_constraint=keras.constraints.MaxNorm(1.0, axis=0),
+            name="second",
+        )
+        model = keras.Model(inputs, second(first(inputs)))
+        second.trainable = False
+        split = conadv_keras.split_batch_norm(model)
+        plain = conadv_keras.plain_model(split)
+        for layer in (first, second):
+            want = layer.get_config()
+            converted = split.get_layer(layer.name)
+            got = converted.get_config()
+            for key in got:
+                if key in want and key != "build_config":
+                    self.assertEqual(got[key], want[key], msg=f"{layer.name} {key}")
+            self.assertEqual(converted.group_size, 0 if layer.synchronized else 1)
+            self.assertEqual(plain.get_layer(layer.name).get_config(), want, msg=layer.name)
+        self.assertFalse(split.get_layer("second").trainable)
+        self.assertIsNone(split.get_layer("first").branch_variables("aux")["beta"])
+        x = np.random.default_rng(3).normal(1, 2, (2, 4, 4, 3)).astype("float32")
+        self.assertAllClose(split(x, training=False), model(x, training=False), atol=1e-6)
+        self.assertAllClose(plain(x, training=False), model(x, training=False), atol=1e-6)
+
     def test_what_cannot_be_converted_is_refused_in_one_line(self):
         class Subclassed(keras.Model):
             def __init__(self):

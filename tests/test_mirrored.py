@@ -88,6 +88,21 @@ class MirroredTest(tf.test.TestCase):
             self.assertAllClose(mirrored[key], single[key], rtol=1e-5, msg=key)
         self.assertEqual(info["ring_rows_match"], [True] * 4)
 
+    def test_keras_fit_with_live_batch_norm_matches_the_two_shards(self):
+        """ConAdvModel.fit, ConAdv with BatchNorm training, on 2 replicas against an eager
+        computation of the same two shards (test_keras_model.reference_run).
+
+        Catches: BatchNorm statistics of the global batch instead of each replica's,
+        moving statistics of one replica only, an attack seeded alike on both replicas,
+        metrics read from one replica (History is the mean over both shards)."""
+        info = self.result["keras_fit_live_batch_norm"]
+        self.assertEqual(info["iterations"], 3)
+        self.assertGreater(info["reference_moved"], 1e-2)
+        self.assertLess(info["weight_error"], 1e-5)
+        self.assertLess(info["statistics_error"], 1e-5)
+        for key, value in info["reference_logs"].items():
+            self.assertAllClose(info["history"][key], value, rtol=1e-5, msg=key)
+
     def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
         ours = self.result["overflow"]["ours"]
         self.assertTrue(ours["unchanged"])  # the step was skipped everywhere
