@@ -27,10 +27,10 @@ from conadv.run import run_identity, run_logging  # noqa: E402
 run_logging.import_tensorflow_quietly()
 
 import flags as conadv_flags  # noqa: E402
+from conadv.run.checkpoints import CheckpointMismatchError  # noqa: E402
 from conadv.run.nonfinite import NonFiniteError  # noqa: E402
 from conadv.run.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
 from conadv.run.preemption import PreemptedError  # noqa: E402
-from conadv.trainer import CheckpointMismatchError  # noqa: E402
 from flags.validation import FlagError  # noqa: E402
 from input_pipeline.base import DataError, data_error_from  # noqa: E402
 
@@ -44,7 +44,7 @@ def run_main(values) -> dict | None:
 
     run = RunConfig.from_flags(values)  # every flag read and checked here, once
     if run.mode == "dry_run":
-        from conadv import dry_run
+        from conadv.studies import dry_run
 
         return dry_run.describe(run)
     strategy = run.devices.build_strategy()
@@ -67,30 +67,30 @@ def run_main(values) -> dict | None:
         # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
         run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
     if run.mode in ("eval", "export"):
-        if not trainer.has_checkpoint():
+        if not trainer.checkpoints.has_checkpoint():
             raise FlagError(
                 f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}; train first"
             )
         trainer.restore()
     if run.mode == "eval":
-        result = trainer.evaluate()
+        result = trainer.evaluator.evaluate()
         result["global_step"] = trainer.global_step
         if files.is_chief:
             write_json(os.path.join(run.model_dir, "eval.json"), result)
-        trainer.log_evaluation(trainer.global_step, result)
+        trainer.summaries.log_evaluation(trainer.global_step, result)
         if run.eval_predictions and files.is_chief:
             write_json(
                 os.path.join(run.model_dir, "predictions.json"),
-                {"global_step": trainer.global_step, "top_k_ids": trainer.predict()},
+                {"global_step": trainer.global_step, "top_k_ids": trainer.evaluator.predict()},
             )
         _finish(trainer, files, log_file)
         return result
     if run.mode == "export":
-        trainer.precise_statistics()  # every worker: its sums are all-reduced
+        trainer.evaluator.precise_statistics()  # every worker: its sums are all-reduced
         if not files.is_chief:
             _finish(trainer, files, log_file)
             return {}  # the chief exports
-        exported = trainer.export()
+        exported = trainer.evaluator.export()
         print(
             f"exported step {trainer.global_step}: {exported['keras']} and "
             f"{exported['saved_model']}",
@@ -107,11 +107,11 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
-    trainer.precise_statistics()  # every worker, for the chief's export
+    trainer.evaluator.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:
         _finish(trainer, files, log_file)
         return summary  # the export and summary.json are the chief's (no collectives)
-    exported = trainer.export()
+    exported = trainer.evaluator.export()
     summary["export_path"] = exported["keras"]
     summary["saved_model_path"] = exported["saved_model"]
     write_json(os.path.join(run.model_dir, "summary.json"), summary)

@@ -1,5 +1,9 @@
 """L∞ projected gradient descent in pixel units (the paper's 1-step PGD with random start).
 
+The inner maximisation of eq. (2), max over ‖δ‖∞ ≤ ε of L(θ; x + δ, y), as the
+paper approximates it (eq. 3 and 5): x* = x + α·∇ₓL(θ; x, y), here with the
+gradient's sign and a random start, projected back into the ε-ball.
+
 Images stay in pixel space [0, 255] until the model's first layer, so ``eps``
 and ``step_size`` are the paper's perturbation values P directly. The attack's
 forward pass uses batch statistics of the chosen BatchNorm branch — of the
@@ -128,9 +132,7 @@ def pgd_attack(
     if targeted:
         if num_classes is None:
             num_classes = int(model.output_shape[-1])
-        if labels.shape.rank == 2:  # target distributions: their most probable class
-            labels = tf.argmax(labels, axis=-1, output_type=tf.int32)
-        attack_labels = random_wrong_labels(labels, num_classes, target_seed)
+        attack_labels = random_wrong_labels(losses.class_ids(labels), num_classes, target_seed)
     else:
         attack_labels = labels
 

@@ -1,5 +1,8 @@
 """ConAdv for any Keras image model: one import, one wrapper, and ``fit``.
 
+Algorithm 1 (and DisAdv, and vanilla training) inside Keras' ``fit``, with the
+split BatchNorm of §3.2 put into the user's model.
+
     import keras
     import conadv.keras
 
@@ -10,17 +13,17 @@
     model.fit(train_dataset, epochs=10)
     model.export_model().save("model.keras")   # plain Keras, main branch
 
-- ``ConAdvModel`` (``conadv/keras_model.py``): vanilla, DisAdv or ConAdv
+- ``ConAdvModel`` (``conadv/keras_fit/``): vanilla, DisAdv or ConAdv
   steps of ``main.py`` inside ``fit``.
-- ``split_batch_norm`` / ``plain_model`` (``conadv/keras_conversion.py``):
+- ``split_batch_norm`` / ``plain_model`` (``official/model_conversion.py``):
   a model's BatchNorm layers to split BatchNorm, and back.
 - ``batch_norm_mode``: chooses the branch of every split BatchNorm a call reaches.
 - ``LARS``: the project's LARS (MLPerf semantics) as a Keras optimizer.
 """
 
-from conadv.keras_conversion import ConversionError, plain_model, split_batch_norm
-from conadv.keras_model import ConAdvModel
+from conadv.keras_fit.model import ConAdvModel
 from official.lars import LARS
+from official.model_conversion import ConversionError, plain_model, split_batch_norm
 from official.split_batch_norm import batch_norm_mode
 
 __all__ = [

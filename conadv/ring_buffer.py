@@ -1,5 +1,8 @@
 """The device-resident ring buffer that carries adversarial batches between steps.
 
+Algorithm 1's hand-over: the adversarial examples x*(θ_t) of batch t+τ made
+at step t (eq. 5) wait here until step t+τ trains on them (eq. 3–4).
+
 ConAdv with staleness τ trains at step t on an adversarial batch that was
 made τ steps earlier. The buffer holds, per replica, τ slots of (clean
 images, labels, adversarial images) on that replica's device, so nothing

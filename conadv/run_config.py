@@ -1,5 +1,9 @@
 """One run as one serializable object, built once from the flags.
 
+The paper's hyperparameters (§4.1, Table 6: LARS, warmup, poly decay, label
+smoothing, ε, τ) are flags; ``TrainConfig`` is what the loop of Algorithm 1
+(``conadv/trainer.py``) is built from.
+
 ``RunConfig.from_flags`` reads every ConAdv flag once, validates it (one
 line naming the flag on a bad value, ``flags/validation.py``) and groups
 the values by who uses them: ``DataConfig`` builds the data source,
@@ -18,9 +22,9 @@ import json
 import types
 from typing import Any
 
+from conadv import steps as steps_lib
 from conadv.attack import AttackConfig
 from conadv.run import run_identity
-from conadv.trainer import TrainConfig
 from flags import validation
 from input_pipeline.base import DataSource, PipelineOptions
 
@@ -37,6 +41,53 @@ def _from_same_names(cls, flag_values: dict, **others):
     """``cls`` with each field that a flag of the same name sets taken from that flag."""
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in flag_values.items() if k in fields}, **others)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One run, as the flags describe it (see ``flags/``)."""
+
+    model_dir: str
+    method: str = steps_lib.CONADV
+    staleness: int = 1
+    model: str = "resnet20"
+    width_multiplier: float = 1.0
+    bn_group_size: int | None = None  # None: the smallest group of >= 64 examples
+    #: BatchNorm moving statistics: moving ← momentum·moving + (1 − momentum)·batch.
+    bn_momentum: float = 0.9
+    #: Batches of training examples whose population statistics replace the main
+    #: branch's moving statistics for evaluation and export (0: the moving ones).
+    precise_bn_batches: int = 200
+    precision: str = "float32"
+    update_pass: str = steps_lib.CONCATENATED
+    global_batch_size: int = 512
+    #: Micro-batches per optimizer step (gradient accumulation).
+    accumulation_steps: int = 1
+    eval_batch_size: int = 512
+    train_steps: int | None = None
+    train_epochs: float = 30.0
+    steps_per_loop: int = 10
+    epochs_between_evals: float = 10.0
+    checkpoint_steps: int = 0
+    optimizer: str = "lars"
+    learning_rate: float = 1.0
+    warmup_epochs: float = 5.0
+    lr_schedule: str = "poly"
+    poly_power: float = 2.0
+    end_learning_rate: float = 0.0001
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    lars_eta: float = 0.001
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    #: Robust evaluation: the main branch, as evaluated, under this attack (None: clean only).
+    eval_attack: AttackConfig | None = None
+    jit_compile: bool = False
+    seed: int = 0
+    export_dir: str | None = None
+    max_checkpoints: int = 3
+    #: Eval top-1 whose first reaching is timed (summary.json ``time_to_target_s``).
+    target_accuracy: float = 0.759
 
 
 @dataclasses.dataclass

@@ -1,5 +1,11 @@
 """The three training steps — vanilla, DisAdv and ConAdv — as per-replica functions.
 
+One step of Algorithm 1 on one worker: the loss of eq. (2) on the clean batch
+(main BatchNorm) and its adversarial batch (auxiliary BatchNorm), whose
+gradient updates θ_t (eq. 4); for ConAdv, from the same θ_t, the attack of
+the batch τ steps ahead (eq. 5), which neither waits for the update nor
+makes it wait, except that θ_t must be read before it is overwritten.
+
 ``TrainStep`` runs one optimizer step from the iterator, inside the training
 loop's ``tf.function``: one ``strategy.run`` of ``build_step``'s replica
 function on the next per-replica batch ``(images, labels)`` or, under
@@ -14,8 +20,6 @@ over replicas (and the accumulator over micro-batches).
 - ConAdv: update on (clean_t, adv_t) taken from the ring buffer, where adv_t
   was made τ steps earlier, and, from the same θ_t, attack batch t+τ (the
   batch just taken from the iterator) and write it where slot t mod τ was.
-  Neither computation needs the other's result, so they run side by side;
-  only the weight update waits until the attack has read θ_t.
 
 The adversarial update runs, by default, as one forward and one backward
 pass over ``[clean; adversarial]`` (2B rows) with every split BatchNorm in
@@ -40,7 +44,7 @@ from conadv.ring_buffer import RingBuffer
 from conadv.run.metrics import ReplicaSums
 from conadv.run.nonfinite import NonFiniteGuard
 from official import losses, precision
-from official.accumulation import GradientAccumulator
+from official.accumulation import GradientAccumulator, OptimizerStep
 from official.model_losses import additional_loss
 from official.split_batch_norm import call_model
 
@@ -371,34 +375,19 @@ def build_apply_step(method: str, ctx: StepContext):
     return apply_step
 
 
-class TrainStep:
-    """One optimizer step from an iterator; call in cross-replica context, in a tf.function.
-
-    Without accumulation, one ``strategy.run`` of the replica step on the
-    next batch. With N micro-batches, N ``strategy.run`` calls (each on the
-    next micro-batch: one forward and backward pass of B/N rows, and any
-    BatchNorm group collectives, per call) and one that applies their sum.
-    Each replica function is one XLA program when ``jit_compile`` is set.
-    """
+class TrainStep(OptimizerStep):
+    """One optimizer step of ``method`` from an iterator (``official/accumulation.py``): one
+    ``strategy.run`` of ``build_step``'s replica step, or, with N micro-batches, N of
+    ``build_micro_step``'s and one of ``build_apply_step``'s."""
 
     def __init__(self, method: str, ctx: StepContext, strategy, jit_compile: bool = False):
-        self.strategy = strategy
-        self.n = ctx.accumulation_steps
-        if self.n == 1:
-            self._step = tf.function(build_step(method, ctx), jit_compile=jit_compile)
-        else:
-            if ctx.accumulator is None:
-                raise ValueError("accumulation_steps > 1 needs an accumulator in the step context")
-            self._micro = tf.function(build_micro_step(method, ctx), jit_compile=jit_compile)
-            self._apply = tf.function(build_apply_step(method, ctx), jit_compile=jit_compile)
-
-    def __call__(self, iterator):
-        if self.n == 1:
-            self.strategy.run(self._step, args=(next(iterator),))
+        if ctx.accumulation_steps == 1:
+            super().__init__(strategy, build_step(method, ctx), jit_compile=jit_compile)
             return
-        for i in tf.range(tf.constant(self.n, tf.int64)):
-            self.strategy.run(self._micro, args=(next(iterator), i))
-        self.strategy.run(self._apply)
+        if ctx.accumulator is None:
+            raise ValueError("accumulation_steps > 1 needs an accumulator in the step context")
+        micro = build_micro_step(method, ctx), build_apply_step(method, ctx)
+        super().__init__(strategy, None, micro, ctx.accumulation_steps, jit_compile)
 
 
 def build_conadv_prologue(ctx: StepContext):

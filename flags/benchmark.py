@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from absl import flags as absl_flags
 
+from flags import method
 from flags.validation import FlagError, distinct_numbers
 
 
@@ -34,7 +35,7 @@ def define(fv: absl_flags.FlagValues):
         "Timed rounds after the warm-up; a round times one loop of every setting in turn.",
         flag_values=fv,
     )
-    absl_flags.DEFINE_list("methods", ["vanilla", "disadv", "conadv"], "Methods.", flag_values=fv)
+    absl_flags.DEFINE_list("methods", list(method.METHODS), "Methods.", flag_values=fv)
     absl_flags.DEFINE_float("attack_eps", 4.0, "Attack budget in pixels.", flag_values=fv)
     absl_flags.DEFINE_bool("jit_compile", False, "Compile the step with XLA.", flag_values=fv)
     absl_flags.DEFINE_string(
@@ -74,7 +75,7 @@ def _require(condition: bool, message: str):
 
 def validate(fv: absl_flags.FlagValues):
     """Checks the parsed flags; raises ``FlagError`` with one line naming the flag."""
-    from conadv import steps as steps_lib
+    from flags.method import METHODS, UPDATE_PASSES
     from official import precision, resnet
 
     _require(
@@ -87,13 +88,13 @@ def validate(fv: absl_flags.FlagValues):
     )
     for name in fv.methods:
         _require(
-            name in steps_lib.METHODS,
-            f"--methods: {name!r} is not one of {', '.join(steps_lib.METHODS)}",
+            name in METHODS,
+            f"--methods: {name!r} is not one of {', '.join(METHODS)}",
         )
     for name in fv.update_pass:
         _require(
-            name in steps_lib.UPDATE_PASSES,
-            f"--update_pass: {name!r} is not one of {', '.join(steps_lib.UPDATE_PASSES)}",
+            name in UPDATE_PASSES,
+            f"--update_pass: {name!r} is not one of {', '.join(UPDATE_PASSES)}",
         )
     distinct_numbers("staleness", fv.staleness)
     distinct_numbers("batch_sizes", fv.batch_sizes)

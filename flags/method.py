@@ -2,12 +2,16 @@
 
 from absl import flags as absl_flags
 
+#: The methods and update passes ``conadv/steps.py`` implements (tests/test_layout.py checks).
+METHODS = ("vanilla", "disadv", "conadv")
+UPDATE_PASSES = ("concatenated", "separate")
+
 
 def define(fv):
     absl_flags.DEFINE_enum(
         "method",
         "conadv",
-        ["vanilla", "disadv", "conadv"],
+        list(METHODS),
         "vanilla, DisAdv (sequential adversarial training) or ConAdv.",
         flag_values=fv,
     )

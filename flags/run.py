@@ -2,6 +2,8 @@
 
 from absl import flags as absl_flags
 
+from flags import method
+
 
 def define(fv):
     absl_flags.DEFINE_enum(
@@ -107,7 +109,7 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "update_pass",
         "auto",
-        ["auto", "concatenated", "separate"],
+        ["auto", *method.UPDATE_PASSES],
         "The adversarial update: one pass over [clean; adversarial] (2B rows, split "
         "BatchNorm in mixed mode) or two passes of B rows. auto: concatenated on TPU and "
         "GPU, separate on CPU (faster there, see README).",

@@ -48,3 +48,34 @@ class GradientAccumulator:
             [var.assign(tf.zeros_like(var)) for var in self._gradients]
             + [var.assign(0.0) for var in self._scalars.values()]
         )
+
+
+class OptimizerStep:
+    """One optimizer step from an iterator; call in cross-replica context, in a tf.function.
+
+    Without accumulation, one ``strategy.run`` of ``step`` on the next batch.
+    With N micro-batches (``micro = (micro_step, apply_step)``), N
+    ``strategy.run`` calls of ``micro_step(batch, i)``, each on the next
+    micro-batch (one forward and backward pass of B/N rows, and any
+    BatchNorm group collectives, per call), then one of ``apply_step()``,
+    which applies their sum. Each replica function is one XLA program when
+    ``jit_compile`` is set.
+    """
+
+    def __init__(self, strategy, step, micro=None, micro_batches: int = 1, jit_compile=False):
+        self.strategy = strategy
+        self.n = int(micro_batches)
+        if self.n == 1:
+            self._step = tf.function(step, jit_compile=jit_compile)
+        else:
+            micro_step, apply_step = micro
+            self._micro = tf.function(micro_step, jit_compile=jit_compile)
+            self._apply = tf.function(apply_step, jit_compile=jit_compile)
+
+    def __call__(self, iterator):
+        if self.n == 1:
+            self.strategy.run(self._step, args=(next(iterator),))
+            return
+        for i in tf.range(tf.constant(self.n, tf.int64)):
+            self.strategy.run(self._micro, args=(next(iterator), i))
+        self.strategy.run(self._apply)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def is_dense(labels, logits) -> bool:
+def is_dense(labels) -> bool:
     """Whether ``labels`` are per-class targets ([N, C]) rather than class ids ([N])."""
     rank = tf.TensorShape(labels.shape).rank
-    return rank is not None and rank == tf.TensorShape(logits.shape).rank
+    return rank is not None and rank >= 2
 
 
 def targets(labels, logits, label_smoothing: float = 0.0) -> tf.Tensor:
     """The float32 target distribution ``(1 − s)·y + s/C``, y one-hot or given."""
     num_classes = tf.shape(logits)[-1]
-    if is_dense(labels, logits):
+    if is_dense(labels):
         onehot = tf.cast(labels, tf.float32)
     else:
         onehot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
@@ -35,14 +35,14 @@ def cross_entropy(labels, logits, label_smoothing: float = 0.0) -> tf.Tensor:
     )
 
 
-def class_ids(labels, logits) -> tf.Tensor:
+def class_ids(labels) -> tf.Tensor:
     """Class ids [N]: the labels themselves, or the most probable class of targets [N, C]."""
-    if is_dense(labels, logits):
+    if is_dense(labels):
         return tf.argmax(labels, axis=-1, output_type=tf.int32)
     return tf.cast(labels, tf.int32)
 
 
 def top_k_correct(labels, logits, k: int = 1) -> tf.Tensor:
     """1.0 where the label is among the ``k`` largest logits, else 0.0; shape [N]."""
-    hit = tf.math.in_top_k(class_ids(labels, logits), tf.cast(logits, tf.float32), k)
+    hit = tf.math.in_top_k(class_ids(labels), tf.cast(logits, tf.float32), k)
     return tf.cast(hit, tf.float32)

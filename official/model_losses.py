@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from official.split_batch_norm import SplitBatchNormalization
+from official.split_batch_norm import split_layers
 
 
 def additional_loss(model, branch_weights: dict[str, float]) -> tf.Tensor | None:
@@ -29,11 +29,10 @@ def additional_loss(model, branch_weights: dict[str, float]) -> tf.Tensor | None
     adds nothing, so a model without regularizers computes what it did.
     """
     terms = [tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in model.losses]
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, SplitBatchNormalization):
-            for branch, weight in branch_weights.items():
-                terms.extend(
-                    weight * tf.cast(penalty, tf.float32)
-                    for penalty in layer.branch_regularization(branch)
-                )
+    for layer in split_layers(model):
+        for branch, weight in branch_weights.items():
+            terms.extend(
+                weight * tf.cast(penalty, tf.float32)
+                for penalty in layer.branch_regularization(branch)
+            )
     return tf.add_n(terms) if terms else None

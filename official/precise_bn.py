@@ -43,6 +43,35 @@ class PreciseStatistics:
     examples: int
 
 
+def shifted_sums(x: tf.Tensor, shift: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(Σ(x−K), Σ(x−K)², count) per channel over all but the last axis, in float32."""
+    axes = list(range(len(x.shape) - 1))
+    centered = tf.cast(x, tf.float32) - tf.cast(shift, tf.float32)
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+    return tf.reduce_sum(centered, axes), tf.reduce_sum(tf.square(centered), axes), count
+
+
+class MainInputSums:
+    """``sums[layer] = (Σ(x−K), Σ(x−K)², n)`` of every main-branch input ``x`` a forward pass
+    gives a split BatchNorm (all its calls), observed with ``observe_main_inputs``.
+
+    ``K = shifts[layer]`` (default: the branch's moving mean) must be the same
+    on every replica, so the sums add up across replicas, and close to the
+    mean, so a large mean does not cancel the variance.
+    """
+
+    def __init__(self, shifts: dict | None = None):
+        self.shifts = shifts or {}
+        self.sums: dict = {}
+
+    def __call__(self, layer, x):
+        shift = self.shifts.get(layer, layer.main_moving_mean.value)
+        sums = shifted_sums(x, shift)
+        if layer in self.sums:
+            sums = tuple(a + b for a, b in zip(self.sums[layer], sums))
+        self.sums[layer] = sums
+
+
 class PreciseBatchNorm:
     """Computes and applies precise main-branch statistics for one model.
 
@@ -57,11 +86,7 @@ class PreciseBatchNorm:
     def __init__(self, model, strategy: tf.distribute.Strategy):
         self.model = model
         self.strategy = strategy
-        split = [
-            layer
-            for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, bn_lib.SplitBatchNormalization)
-        ]
+        split = bn_lib.split_layers(model)
         if not split:
             raise ValueError(f"model {model.name!r} has no split BatchNorm layer")
         self.layers = [layer for layer in split if layer.trainable]
@@ -70,7 +95,8 @@ class PreciseBatchNorm:
 
     def _replica_sums(self, batch, shifts):
         images = batch[0]
-        with bn_lib.collect_main_statistics(dict(zip(self.layers, shifts))) as collector:
+        collector = MainInputSums(dict(zip(self.layers, shifts)))
+        with bn_lib.observe_main_inputs(collector):
             bn_lib.call_model(self.model, images, True, "main", update_stats=False)
         missing = [layer.name for layer in self.layers if layer not in collector.sums]
         if missing:
@@ -127,6 +153,12 @@ class PreciseBatchNorm:
             variances.append(np.maximum(squares / count - offset**2, 0.0).astype(np.float32))
         return means, variances
 
+    def assign(self, statistics: PreciseStatistics):
+        """Makes ``statistics`` the main branch's moving statistics, for good."""
+        for layer, mean, variance in zip(self.layers, statistics.means, statistics.variances):
+            layer.main_moving_mean.assign(mean)
+            layer.main_moving_variance.assign(variance)
+
     @contextlib.contextmanager
     def applied(self, statistics: PreciseStatistics):
         """The main branch's moving statistics are ``statistics`` inside the context."""
@@ -135,9 +167,7 @@ class PreciseBatchNorm:
             for layer in self.layers
         ]
         try:
-            for layer, mean, variance in zip(self.layers, statistics.means, statistics.variances):
-                layer.main_moving_mean.assign(mean)
-                layer.main_moving_variance.assign(variance)
+            self.assign(statistics)
             yield statistics
         finally:
             for layer, (mean, variance) in zip(self.layers, saved):

@@ -10,28 +10,22 @@ every kind of block and shortcut; the tests use it. Shortcuts are 1×1 projectio
 
 Inputs are float pixels in [0, 255]; the first layer normalises them with
 the ImageNet per-channel mean and standard deviation, so an attack budget
-stays in pixel units. Every BatchNorm is a ``SplitBatchNormalization``, and
-the model's call chooses the branch and whether statistics may update.
+stays in pixel units. Every BatchNorm is a ``SplitBatchNormalization``; the
+branch a call uses, and whether statistics may update, are chosen around
+the call (``official.split_batch_norm.call_model``).
 
-Each block writes its forward pass once, as a function of an ``apply``
-callback; the training model passes one that calls its own layers with the
-branch arguments, and ``plain_inference_model`` one that builds a functional
-Keras model of fresh, ordinary layers holding the main branch's weights.
+The model is an ordinary functional Keras model, so whatever takes a Keras
+model takes it: ``official.model_conversion.plain_model`` turns it into the
+exported model of ordinary layers (the main branch), as it does any model.
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-from keras import ops
 
 from official import precision
-from official.split_batch_norm import (
-    SplitBatchNormalization,
-    batch_norm_mode,
-    check_branch,
-    current_mode,
-)
+from official.split_batch_norm import SplitBatchNormalization
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -75,7 +69,12 @@ def _width(base: int, multiplier: float) -> int:
 
 
 class _Builder:
-    """Creates the layers of one model with shared conventions."""
+    """Creates the layers of one model with shared conventions.
+
+    Convolution initializers are seeded in creation order: every block's main
+    path first, then the projection shortcuts (the order the earlier,
+    subclassed model created them in, so a seed gives the same network).
+    """
 
     def __init__(self, bn_momentum, bn_epsilon, bn_group_size, seed):
         self.bn_momentum = bn_momentum
@@ -109,194 +108,71 @@ class _Builder:
         )
 
 
-class _Block(keras.layers.Layer):
-    """A residual block: ``residual`` is written once for both models.
+class _Block:
+    """One residual block's layers: the main path (convolution and BatchNorm pairs, the last
+    BatchNorm's γ at zero if ``zero_init_last_bn``) and, where the shape changes, a 1×1
+    projection shortcut. ``__call__`` wires them on a Keras tensor."""
 
-    Subclasses create their layers and set ``out_filters``; the projection
-    shortcut (1×1 convolution + BatchNorm) appears wherever the shape changes.
-    """
-
-    def __init__(self, builder, stride, out_filters, **kwargs):
-        super().__init__(**kwargs)
-        self._builder = builder
-        self.stride = stride
-        self.out_filters = out_filters
-        self.shortcut_conv = self.shortcut_bn = None
-
-    def build(self, input_shape):
-        if self.stride != 1 or input_shape[-1] != self.out_filters:
-            self.shortcut_conv = self._builder.conv(
-                self.out_filters, 1, self.stride, name="shortcut_conv"
+    def __init__(self, builder, name, widths, kernels, strides, in_filters, zero_init_last_bn):
+        self.name = name
+        self.stride = max(strides)
+        self.out_filters = widths[-1]
+        self.path = [
+            (
+                builder.conv(w, k, s, name=f"{name}_conv{i + 1}"),
+                builder.bn(zero_init_last_bn and i == len(widths) - 1, f"{name}_bn{i + 1}"),
             )
-            self.shortcut_bn = self._builder.bn(name="shortcut_bn")
-
-    def forward(self, x, apply):
-        shortcut = x
-        if self.shortcut_conv is not None:
-            shortcut = apply(self.shortcut_bn, apply(self.shortcut_conv, x))
-        return ops.relu(ops.add(self.residual(x, apply), shortcut))
-
-    def call(self, x, training=False):
-        # Every split BatchNorm reads its branch from the enclosing batch_norm_mode.
-        def apply(layer, tensor):
-            if isinstance(layer, SplitBatchNormalization):
-                return layer(tensor, training=training)
-            return layer(tensor)
-
-        return self.forward(x, apply)
-
-    def compute_output_shape(self, s):
-        size = lambda d: None if d is None else (d + self.stride - 1) // self.stride  # noqa: E731
-        return (s[0], size(s[1]), size(s[2]), self.out_filters)
-
-
-class BasicBlock(_Block):
-    """Two 3×3 convolutions (ResNet-18/34 and the small family)."""
-
-    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
-        super().__init__(builder, stride, filters, **kwargs)
-        self.conv1 = builder.conv(filters, 3, stride, name="conv1")
-        self.bn1 = builder.bn(name="bn1")
-        self.conv2 = builder.conv(filters, 3, name="conv2")
-        self.bn2 = builder.bn(zero_gamma=zero_init_last_bn, name="bn2")
-
-    def residual(self, x, apply):
-        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
-        return apply(self.bn2, apply(self.conv2, y))
-
-
-class BottleneckBlock(_Block):
-    """1×1 → 3×3 (with the stride: v1.5) → 1×1 ×4 (ResNet-50 and deeper)."""
-
-    expansion = 4
-
-    def __init__(self, builder, filters, stride, zero_init_last_bn, **kwargs):
-        super().__init__(builder, stride, filters * self.expansion, **kwargs)
-        self.conv1 = builder.conv(filters, 1, name="conv1")
-        self.bn1 = builder.bn(name="bn1")
-        self.conv2 = builder.conv(filters, 3, stride, name="conv2")
-        self.bn2 = builder.bn(name="bn2")
-        self.conv3 = builder.conv(self.out_filters, 1, name="conv3")
-        self.bn3 = builder.bn(zero_gamma=zero_init_last_bn, name="bn3")
-
-    def residual(self, x, apply):
-        y = ops.relu(apply(self.bn1, apply(self.conv1, x)))
-        y = ops.relu(apply(self.bn2, apply(self.conv2, y)))
-        return apply(self.bn3, apply(self.conv3, y))
-
-
-class SplitBNResNet(keras.Model):
-    """A ResNet whose every BatchNorm has a main and an auxiliary branch.
-
-    ``model(images, training=False, bn_branch="main", update_stats=True,
-    group_statistics=True)``, or ``model(images, training)`` inside
-    ``batch_norm_mode(...)`` (given arguments set that mode for the call;
-    left out, the enclosing mode, by default the same values, holds):
-    ``training=False`` normalises with the
-    branch's moving statistics; ``training=True`` with batch statistics (of
-    the replica's BatchNorm group, or of its own batch if not
-    ``group_statistics``), updating that branch's moving statistics only if
-    ``update_stats``. The other branch is never touched. ``bn_branch="mixed"``
-    sends the first half of the batch through main and the second through
-    auxiliary. Images are float pixels; logits are float32 whatever the
-    model's dtype policy.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        num_classes: int,
-        width_multiplier: float = 1.0,
-        zero_init_last_bn: bool = True,
-        bn_group_size: int = 1,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
-        seed: int | None = None,
-    ):
-        # The model takes float32 pixels; its layers follow the dtype policy
-        # in force when they are created (see ``resnet``).
-        super().__init__(name=name, dtype="float32")
-        _check_name(name)
-        self.num_classes = int(num_classes)
-        self.width_multiplier = float(width_multiplier)
-        builder = _Builder(bn_momentum, bn_epsilon, bn_group_size, seed)
-        # (x − mean) / std as a per-channel affine map: an ordinary Keras layer,
-        # so the exported model loads without custom objects.
-        std = np.asarray(IMAGENET_STD)
-        self.normalize = keras.layers.Rescaling(
-            scale=(1.0 / std).tolist(),
-            offset=(-np.asarray(IMAGENET_MEAN) / std).tolist(),
-            name="normalize",
-            dtype="float32",
-        )
-        w = width_multiplier
-        if name in IMAGENET_FAMILY:
-            kind, counts = IMAGENET_FAMILY[name]
-            self.stem_conv = builder.conv(_width(64, w), 7, 2, name="stem_conv")
-            self.stem_pool = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")
-            widths = [_width(f, w) for f in (64, 128, 256, 512)]
-            block_cls = BasicBlock if kind == "basic" else BottleneckBlock
-        else:
-            counts = (SMALL_FAMILY[name],) * 3
-            self.stem_conv = builder.conv(_width(16, w), 3, name="stem_conv")
-            self.stem_pool = None
-            widths = [_width(f, w) for f in (16, 32, 64)]
-            block_cls = BasicBlock
-        self.stem_bn = builder.bn(name="stem_bn")
-        # Blocks are attributes, not a list: tf.train.Checkpoint follows attributes,
-        # and Keras' tracked lists are invisible to it.
-        self.num_blocks = 0
-        for stage, (count, filters) in enumerate(zip(counts, widths)):
-            for index in range(count):
-                stride = 2 if index == 0 and stage > 0 else 1
-                block = block_cls(
-                    builder,
-                    filters,
-                    stride,
-                    zero_init_last_bn,
-                    name=f"stage{stage + 1}_block{index + 1}",
-                )
-                setattr(self, f"block{self.num_blocks}", block)
-                self.num_blocks += 1
-        self.pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
-        self.classifier = keras.layers.Dense(
-            num_classes,
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
-            name="logits",
-        )
-
-    def forward(self, images, apply):
-        x = apply(self.normalize, images)
-        x = ops.relu(apply(self.stem_bn, apply(self.stem_conv, x)))
-        if self.stem_pool is not None:
-            x = apply(self.stem_pool, x)
-        for index in range(self.num_blocks):
-            x = apply(getattr(self, f"block{index}"), x)
-        return ops.cast(apply(self.classifier, apply(self.pool, x)), "float32")
-
-    def call(
-        self, images, training=False, bn_branch=None, update_stats=None, group_statistics=None
-    ):
-        # The arguments, where given, set the batch_norm_mode every split BatchNorm reads
-        # (the one mechanism a functional model needs too); left out, the enclosing one holds.
-        mode = current_mode()
-        with batch_norm_mode(
-            mode.bn_branch if bn_branch is None else check_branch(bn_branch),
-            mode.update_stats if update_stats is None else update_stats,
-            mode.group_statistics if group_statistics is None else group_statistics,
-        ):
-
-            def apply(layer, tensor):
-                if isinstance(layer, (SplitBatchNormalization, _Block)):
-                    return layer(tensor, training=bool(training))
-                return layer(tensor)
-
-            return self.forward(ops.cast(images, "float32"), apply)
-
-    def split_batch_norm_layers(self) -> list[SplitBatchNormalization]:
-        return [
-            layer for layer in self._flatten_layers() if isinstance(layer, SplitBatchNormalization)
+            for i, (w, k, s) in enumerate(zip(widths, kernels, strides))
         ]
+        self.needs_projection = self.stride != 1 or in_filters != self.out_filters
+        self.builder = builder
+
+    def make_shortcut(self):
+        """The projection's layers, created after every block's main path (see _Builder)."""
+        self.shortcut = None
+        if self.needs_projection:
+            self.shortcut = (
+                self.builder.conv(
+                    self.out_filters, 1, self.stride, name=f"{self.name}_shortcut_conv"
+                ),
+                self.builder.bn(name=f"{self.name}_shortcut_bn"),
+            )
+
+    def __call__(self, x):
+        y = x
+        for index, (conv, bn) in enumerate(self.path):
+            y = bn(conv(y))
+            if index < len(self.path) - 1:
+                y = keras.layers.ReLU(name=f"{self.name}_relu{index + 1}")(y)
+        shortcut = x if self.shortcut is None else self.shortcut[1](self.shortcut[0](x))
+        y = keras.layers.Add(name=f"{self.name}_add")([y, shortcut])
+        return keras.layers.ReLU(name=f"{self.name}_out")(y)
+
+
+def _blocks(model_name, builder, width_multiplier, zero_init_last_bn, stem_width):
+    """Every block of the network ``model_name``, in order, its layers created."""
+    w = width_multiplier
+    if model_name in IMAGENET_FAMILY:
+        kind, counts = IMAGENET_FAMILY[model_name]
+        widths = [_width(f, w) for f in (64, 128, 256, 512)]
+    else:
+        kind, counts = "basic", (SMALL_FAMILY[model_name],) * 3
+        widths = [_width(f, w) for f in (16, 32, 64)]
+    blocks, in_filters = [], stem_width
+    for stage, (count, filters) in enumerate(zip(counts, widths)):
+        for index in range(count):
+            stride = 2 if index == 0 and stage > 0 else 1
+            if kind == "basic":  # two 3×3, the stride in the first
+                path, kernels, strides = (filters, filters), (3, 3), (stride, 1)
+            else:  # bottleneck: 1×1 → 3×3 (the stride: v1.5) → 1×1 ×4
+                path, kernels, strides = (filters, filters, 4 * filters), (1, 3, 1), (1, stride, 1)
+            name = f"stage{stage + 1}_block{index + 1}"
+            block = _Block(builder, name, path, kernels, strides, in_filters, zero_init_last_bn)
+            blocks.append(block)
+            in_filters = block.out_filters
+    for block in blocks:
+        block.make_shortcut()
+    return blocks
 
 
 def resnet(
@@ -311,8 +187,9 @@ def resnet(
     seed: int | None = None,
     shortcut: str | None = None,
     dtype_policy: str = "float32",
-) -> SplitBNResNet:
-    """Builds the split-BatchNorm model, its variables created for ``image_size`` inputs.
+) -> keras.Model:
+    """The split-BatchNorm ResNet ``name`` as a functional Keras model (any input size of at
+    least ``min_image_size``; ``image_size`` is checked against it).
 
     ``dtype_policy`` is a Keras policy name: under ``mixed_bfloat16`` or
     ``mixed_float16`` convolutions and activations compute in 16 bits while
@@ -324,61 +201,34 @@ def resnet(
     size = image_size or default_image_size(name)
     if size < min_image_size(name):
         raise ValueError(f"{name} needs images of at least {min_image_size(name)} px, got {size}")
+    builder = _Builder(bn_momentum, bn_epsilon, bn_group_size, seed)
     with precision.policy_scope(dtype_policy):
-        model = SplitBNResNet(
-            name,
-            num_classes,
-            width_multiplier=width_multiplier,
-            zero_init_last_bn=zero_init_last_bn,
-            bn_group_size=bn_group_size,
-            bn_momentum=bn_momentum,
-            bn_epsilon=bn_epsilon,
-            seed=seed,
+        imagenet = name in IMAGENET_FAMILY
+        stem_width = _width(64 if imagenet else 16, width_multiplier)
+        stem_conv = builder.conv(
+            stem_width, 7 if imagenet else 3, 2 if imagenet else 1, "stem_conv"
         )
-        model.image_size = size
-        # Shortcut layers are created on the first call, so it runs in the scope too.
-        model(np.zeros((1, size, size, 3), np.float32))
-    return model
-
-
-def _plain_batch_norm(layer: SplitBatchNormalization, tensor):
-    plain = keras.layers.BatchNormalization(
-        momentum=layer.momentum,
-        epsilon=layer.epsilon,
-        name=(layer.path or layer.name).replace("/", "_"),
-    )
-    out = plain(tensor)
-    main = layer.branch_variables("main")
-    plain.set_weights(
-        [main[key].numpy() for key in ("gamma", "beta", "moving_mean", "moving_variance")]
-    )
-    return out
-
-
-def _plain_copy(layer, tensor):
-    config = layer.get_config()
-    config["name"] = (layer.path or layer.name).replace("/", "_")
-    plain = layer.__class__.from_config(config)
-    out = plain(tensor)
-    plain.set_weights(layer.get_weights())
-    return out
-
-
-def plain_inference_model(model: SplitBNResNet) -> keras.Model:
-    """A functional Keras model of ordinary layers holding the main branch's weights.
-
-    This is what is exported: it needs no custom objects to load, and gives
-    the split model's evaluation output (main branch, moving statistics).
-    """
-
-    def apply(layer, tensor):
-        if isinstance(layer, SplitBatchNormalization):
-            return _plain_batch_norm(layer, tensor)
-        if isinstance(layer, _Block):
-            return layer.forward(tensor, apply)
-        return _plain_copy(layer, tensor)
-
-    size = getattr(model, "image_size", None)
-    inputs = keras.Input((size, size, 3), name="images")
-    outputs = model.forward(inputs, apply)
-    return keras.Model(inputs, outputs, name=f"{model.name}_inference")
+        blocks = _blocks(name, builder, width_multiplier, zero_init_last_bn, stem_width)
+        # Any image size, as a convolutional network takes (``size`` only had to be valid).
+        images = keras.Input((None, None, 3), name="images", dtype="float32")
+        # (x − mean) / std as a per-channel affine map, in float32.
+        std = np.asarray(IMAGENET_STD)
+        x = keras.layers.Rescaling(
+            scale=(1.0 / std).tolist(),
+            offset=(-np.asarray(IMAGENET_MEAN) / std).tolist(),
+            name="normalize",
+            dtype="float32",
+        )(images)
+        x = keras.layers.ReLU(name="stem_relu")(builder.bn(name="stem_bn")(stem_conv(x)))
+        if imagenet:
+            x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+        for block in blocks:
+            x = block(x)
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(
+            num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01, seed=seed),
+            name="logits",
+        )(x)
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(x)
+    return keras.Model(images, logits, name=name)

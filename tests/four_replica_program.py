@@ -22,7 +22,7 @@ from conadv import attack as attack_lib  # noqa: E402
 from conadv import steps as steps_lib  # noqa: E402
 from conadv.ring_buffer import RingBuffer  # noqa: E402
 from official import resnet  # noqa: E402
-from official.split_batch_norm import SplitBatchNormalization  # noqa: E402
+from official.split_batch_norm import SplitBatchNormalization, call_model  # noqa: E402
 from tests import method_testing as mt  # noqa: E402
 
 REPLICAS = 4
@@ -95,7 +95,7 @@ def checkpoint_round_trip(strategy, model_dir):
         name: [v.numpy() for v in trainer.ring.local_slots(name)]
         for name in ("images", "labels", "adversarial")
     }
-    path = trainer._manager.latest_checkpoint
+    path = trainer.checkpoints.manager.latest_checkpoint
     # Everything saved for the ring (the model and optimizer are checked elsewhere).
     keys = {name: shape for name, shape in tf.train.list_variables(path) if "ring" in name.lower()}
     fresh = mt.small_trainer(model_dir, strategy, method="conadv", train_steps=2)
@@ -186,7 +186,7 @@ def attack_is_local(strategy):
         x = tf.constant(images[0][rows])
         with tf.GradientTape() as tape:
             tape.watch(x)
-            logits = single(x, training=True, bn_branch="aux", update_stats=False)
+            logits = call_model(single, x, True, "aux", update_stats=False)
             loss = tf.reduce_sum(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels[0][rows], logits)
             )
@@ -229,7 +229,7 @@ def pairs_match_single_device(strategy):
             loss = 0.0
             for pair in range(2):
                 rows = slice(4 * pair, 4 * pair + 4)
-                logits = single(images[step][rows], training=True, update_stats=False)
+                logits = call_model(single, images[step][rows], True, "main", update_stats=False)
                 loss += tf.reduce_sum(
                     tf.nn.sparse_softmax_cross_entropy_with_logits(labels[step][rows], logits)
                 )

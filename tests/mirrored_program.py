@@ -4,6 +4,7 @@ A separate process, because logical devices must be configured before
 TensorFlow initialises its devices (tests/test_mirrored.py starts it).
 """
 
+import functools
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ import keras  # noqa: E402
 from conadv import attack as attack_lib  # noqa: E402
 from conadv import steps as steps_lib  # noqa: E402
 from official import optimizers, precision, resnet  # noqa: E402
-from official.split_batch_norm import SplitBatchNormalization  # noqa: E402
+from official.split_batch_norm import SplitBatchNormalization, call_model  # noqa: E402
 from tests import method_testing as mt  # noqa: E402
 from tests import precise_bn_checks  # noqa: E402
 
@@ -94,7 +95,7 @@ def reference_attack(model, x, y, key):
     x0 = tf.clip_by_value(x + attack_lib.stateless_uniform(x.shape, start_seed, -EPS, EPS), 0, 255)
     with tf.GradientTape() as tape:
         tape.watch(x0)
-        logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+        logits = call_model(model, x0, True, "aux", update_stats=False)
         loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
     step = x0 + EPS * tf.sign(tape.gradient(loss, x0))
     return tf.clip_by_value(step, tf.maximum(x - EPS, 0.0), tf.minimum(x + EPS, 255.0)).numpy()
@@ -124,8 +125,8 @@ def reference_adversarial_training(method, images, labels, initial, steps):
         else:
             adversarial[t] = attack(t)
         with tf.GradientTape() as tape:
-            clean = model(images[t], training=True, bn_branch="main", update_stats=True)
-            adv = model(adversarial[t], training=True, bn_branch="aux", update_stats=True)
+            clean = call_model(model, images[t], True, "main", update_stats=True)
+            adv = call_model(model, adversarial[t], True, "aux", update_stats=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits
             loss = 0.5 * (tf.reduce_sum(ce(labels[t], clean)) + tf.reduce_sum(ce(labels[t], adv)))
             loss = loss / BATCH
@@ -220,11 +221,11 @@ def keras_fit(mirrored):
             out["ring_rows_match"] = [
                 bool(
                     np.array_equal(
-                        model._ring.local_slots("labels")[r][slot].numpy(),
+                        model._fit.ring.local_slots("labels")[r][slot].numpy(),
                         labels[batch][r * half : (r + 1) * half],
                     )
                     and np.array_equal(
-                        model._ring.local_slots("images")[r][slot].numpy(),
+                        model._fit.ring.local_slots("images")[r][slot].numpy(),
                         images[batch][r * half : (r + 1) * half],
                     )
                 )
@@ -251,12 +252,22 @@ def keras_fit_live_batch_norm(mirrored):
 
     images, labels = km.make_batches()
     initial = km.initial_parameters(km.small_net())
+    # With kernel and γ regularizers: each replica adds its share.
+    net = functools.partial(km.small_net, l2=0.05, activity=False)
     want, statistics, logs = km.reference_run(
-        km.small_net(), "conadv", 1, images, labels, replicas=REPLICAS
+        net(), "conadv", 1, images, labels, l2=0.05, replicas=REPLICAS, activity=False
     )
     with mirrored.scope():
-        model = km.conadv_model(km.small_net(), "conadv", 1)
+        model = km.conadv_model(net(), "conadv", 1)
     history = model.fit(km.dataset_of(images, labels), epochs=1, verbose=0)
+    # An activity regularizer is refused on several local replicas.
+    with mirrored.scope():
+        refused = km.conadv_model(km.small_net(l2=0.05), "conadv", 1)
+    try:
+        refused.fit(km.dataset_of(images, labels), epochs=1, verbose=0)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
     got = km.network_parameters(model)
     return {
         "iterations": int(model.optimizer.iterations.numpy()),
@@ -268,6 +279,7 @@ def keras_fit_live_batch_norm(mirrored):
         ),
         "history": {k: v[0] for k, v in history.history.items()},
         "reference_logs": logs,
+        "activity_refusal": refusal,
     }
 
 

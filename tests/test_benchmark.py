@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from conadv import benchmark
+from conadv.studies import benchmark
 
 METHODS = ("vanilla", "disadv", "conadv")
 BATCHES = (2, 4)

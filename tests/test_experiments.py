@@ -18,9 +18,7 @@ from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from conadv import experiments
-from conadv.studies import grid, statistics
-from conadv.studies import report as report_lib
+from conadv.studies import experiments, grid, statistics
 from tests.child_process import ROOT, TINY_RESNET
 
 # Student's t, 0.975 quantile, 2 and 3 degrees of freedom (published tables).
@@ -100,7 +98,7 @@ class ReportArithmeticTest(tf.test.TestCase):
                         )
         # An unfinished run (no summary.json) is left out of everything.
         os.makedirs(os.path.join(cls.out, "runs", "vanilla_b1024_seed0"))
-        cls.report = report_lib.write(cls.out)
+        cls.report = experiments.write_report(cls.out)
 
     def seeds_of(self, method, batch, eps, index):
         return [self.values[(method, batch, eps, s)][index] for s in (0, 1, 2)]
@@ -256,7 +254,7 @@ class TrainingCurvesTest(tf.test.TestCase):
                         tf.summary.scalar(tag, value, step=step)
                         logged[(subdir, seed, step)] = value
                 writer.close()
-        report = report_lib.write(out)
+        report = experiments.write_report(out)
         loss = report.figures["training_curves.png"].axes[0].lines
         top1 = report.figures["training_curves.png"].axes[1].lines
         for lines, subdir in ((loss, "train"), (top1, "eval")):

@@ -381,6 +381,9 @@ class EverydayKerasInputsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(
             config.pop("model")["config"]["name"], saved.pop("model")["config"]["name"]
         )
+        final, saved_final = config.pop("final_layer"), saved.pop("final_layer")
+        self.assertEqual(final["config"]["activation"], "softmax")
+        self.assertEqual(final["config"]["name"], saved_final["config"]["name"])
         self.assertEqual(config, saved)
         self.assertEqual(int(loaded.optimizer.iterations), FULL_BATCHES)
         bn = loaded.network.get_layer("bn")

@@ -40,9 +40,10 @@ MOMENTUM, BN_EPSILON = 0.8, 1e-3
 TOLERANCE = 1e-5
 
 
-def small_net(with_bn=True, seed=0, name="small", l2=0.0):
+def small_net(with_bn=True, seed=0, name="small", l2=0.0, activity=True):
     """Conv → BatchNorm → ReLU → average pool → dense, with non-trivial BatchNorm values;
-    ``l2`` > 0 adds L2 regularizers to the kernel, to γ and to the pooled features."""
+    ``l2`` > 0 adds L2 regularizers to the kernel, to γ and (if ``activity``) to the
+    pooled features."""
     keras.utils.set_random_seed(seed)
     regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = keras.Input(SHAPE)
@@ -54,7 +55,9 @@ def small_net(with_bn=True, seed=0, name="small", l2=0.0):
             momentum=MOMENTUM, epsilon=BN_EPSILON, gamma_regularizer=regularizer, name="bn"
         )(x)
     x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D(activity_regularizer=regularizer)(x)
+    x = keras.layers.GlobalAveragePooling2D(activity_regularizer=regularizer if activity else None)(
+        x
+    )
     net = keras.Model(inputs, keras.layers.Dense(CLASSES, name="dense")(x), name=name)
     if with_bn:
         bn = net.get_layer("bn")
@@ -160,25 +163,27 @@ def attack(params, images, labels, position):
     return tf.clip_by_value(step, lower, upper)
 
 
-def objective(params, images, labels, branch, l2, replicas, moments):
+def objective(params, images, labels, branch, l2, replicas, moments, activity=True):
     """One replica's share of one network's loss: Σ CE over its shard / global batch, plus
     its L2 penalties (the shared kernel's, its own γ's, its features' mean squared norm)
-    over the replicas, as Keras divides ``model.losses``. Also the per-example CE and
-    the logits."""
+    over the replicas, as Keras divides ``model.losses``. Also the per-example CE, the
+    logits and the penalties (undivided)."""
     logits, pooled = forward(params, images, branch, moments, features=True)
     per_example = cross_entropy(labels, logits, SMOOTHING)
     loss = tf.reduce_sum(per_example) / BATCH
+    penalty = 0.0
     if l2:
-        penalties = tf.reduce_sum(tf.square(params["kernel"])) + tf.reduce_sum(
-            tf.square(pooled)
-        ) / len(images)
+        penalties = tf.reduce_sum(tf.square(params["kernel"]))
+        if activity:
+            penalties += tf.reduce_sum(tf.square(pooled)) / len(images)
         if f"{branch}_gamma" in params:
             penalties += tf.reduce_sum(tf.square(params[f"{branch}_gamma"]))
-        loss += l2 * penalties / replicas
-    return loss, per_example, logits
+        penalty = l2 * penalties
+        loss += penalty / replicas
+    return loss, per_example, logits, penalty
 
 
-def update(params, statistics, shards, l2=0.0, logs=None):
+def update(params, statistics, shards, l2=0.0, logs=None, activity=True):
     """θ − lr·∇ of the sum over the replicas' shards ``(images, labels, adversarial)`` of
     ½·(clean objective (main) + adversarial objective (aux)), or of the clean objective
     alone (adversarial None). Each shard normalises with its own batch statistics; the
@@ -190,20 +195,22 @@ def update(params, statistics, shards, l2=0.0, logs=None):
         tape.watch([params[n] for n in names])
         loss = 0.0
         for images, labels, adversarial in shards:
-            term, clean, logits = objective(
-                params, images, labels, "main", l2, len(shards), moments
+            term, clean, logits, penalty = objective(
+                params, images, labels, "main", l2, len(shards), moments, activity
             )
             per_example = clean
             if adversarial is not None:
-                adv_term, adv, _ = objective(
-                    params, adversarial, labels, "aux", l2, len(shards), moments
+                adv_term, adv, _, adv_penalty = objective(
+                    params, adversarial, labels, "aux", l2, len(shards), moments, activity
                 )
                 term, per_example = 0.5 * (term + adv_term), 0.5 * (clean + adv)
+                penalty = 0.5 * (penalty + adv_penalty)
                 if logs is not None:
                     logs["adv_loss"] += float(tf.reduce_sum(adv))
             loss += term
             if logs is not None:
-                logs["loss"] += float(tf.reduce_sum(per_example))
+                # Keras logs each replica's mean loss plus its model.losses, per example.
+                logs["loss"] += float(tf.reduce_sum(per_example) + len(labels) * penalty)
                 logs["clean_loss"] += float(tf.reduce_sum(clean))
                 logs["correct"] += int(np.sum(np.argmax(logits, 1) == labels.numpy()))
                 logs["examples"] += len(labels)
@@ -222,7 +229,9 @@ def update(params, statistics, shards, l2=0.0, logs=None):
     return {n: params[n] - LR * (0.0 if g is None else g) for n, g in zip(names, grads)}
 
 
-def reference_run(net, method, staleness, images, labels, with_bn=True, l2=0.0, replicas=1):
+def reference_run(
+    net, method, staleness, images, labels, with_bn=True, l2=0.0, replicas=1, activity=True
+):
     """(parameters, moving statistics, logs) after STEPS steps of ``method``, eagerly, on
     ``replicas`` equal shards of every batch.
 
@@ -252,7 +261,7 @@ def reference_run(net, method, staleness, images, labels, with_bn=True, l2=0.0, 
             elif method == "disadv":
                 adversarial = attack(history[t], x, y, position)
             shards.append((x, y, adversarial))
-        history.append(update(history[t], statistics, shards, l2, sums))
+        history.append(update(history[t], statistics, shards, l2, sums, activity))
     examples = sums.pop("examples")
     logs = {key: value / examples for key, value in sums.items()}
     logs["accuracy"] = logs.pop("correct")
@@ -315,10 +324,9 @@ class ReferenceTest(tf.test.TestCase):
                 self.assertAllClose(
                     got[f"{branch}_moving"], statistics[branch], atol=tolerance, msg=branch
                 )
-        # The epoch's means (the logged loss adds the regularizers' penalties).
+        # The epoch's means (the logged loss with the regularizers' penalties).
         for key, value in logs.items():
-            if not (l2 and key == "loss"):
-                self.assertAllClose(history.history[key][0], value, rtol=tolerance, msg=key)
+            self.assertAllClose(history.history[key][0], value, rtol=tolerance, msg=key)
         return model, history
 
     def test_conadv_staleness_1(self):
@@ -654,4 +662,4 @@ class BackupAndRestoreTest(tf.test.TestCase):
 
         # A load_weights on a model that has trained marks its ring for refilling.
         by_hand.load_weights(saved)
-        self.assertFalse(by_hand._ring_ready)
+        self.assertFalse(by_hand._fit.ring_ready)

@@ -94,7 +94,8 @@ class MirroredTest(tf.test.TestCase):
 
         Catches: BatchNorm statistics of the global batch instead of each replica's,
         moving statistics of one replica only, an attack seeded alike on both replicas,
-        metrics read from one replica (History is the mean over both shards)."""
+        metrics read from one replica (History is the mean over both shards), the
+        regularizers' penalties not divided among the replicas (or divided twice)."""
         info = self.result["keras_fit_live_batch_norm"]
         self.assertEqual(info["iterations"], 3)
         self.assertGreater(info["reference_moved"], 1e-2)
@@ -102,6 +103,9 @@ class MirroredTest(tf.test.TestCase):
         self.assertLess(info["statistics_error"], 1e-5)
         for key, value in info["reference_logs"].items():
             self.assertAllClose(info["history"][key], value, rtol=1e-5, msg=key)
+        # Keras' per-layer list of activity penalties is shared by the replicas' threads.
+        self.assertIn("activity regularizer", info["activity_refusal"])
+        self.assertNotIn("\n", info["activity_refusal"])
 
     def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
         ours = self.result["overflow"]["ours"]

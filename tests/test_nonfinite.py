@@ -9,6 +9,7 @@ import tensorflow as tf
 from conadv.run.nonfinite import NonFiniteError, NonFiniteGuard
 from conadv.trainer import TrainConfig, Trainer
 from input_pipeline.base import DataSource
+from official.split_batch_norm import split_layers
 from tests import method_testing as mt
 
 BATCH = 8
@@ -88,7 +89,7 @@ class NonFiniteGuardTest(tf.test.TestCase):
         the guard call.)"""
         trainer = self._trainer(tempfile.mkdtemp(dir=self.get_temp_dir()), "conadv")
         trainer.source = ArraySource(*mt.fixed_batches(12, BATCH, seed=12))  # no Inf
-        layer = trainer.model.split_batch_norm_layers()[-1]
+        layer = split_layers(trainer.model)[-1]
         layer.aux_gamma.assign(np.full(layer.aux_gamma.shape, np.nan, np.float32))
         with self.assertRaises(NonFiniteError) as caught:
             trainer.train(evaluate=False)

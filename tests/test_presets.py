@@ -10,8 +10,8 @@ import re
 
 import tensorflow as tf
 
-from conadv import dry_run
 from conadv.run_config import RunConfig
+from conadv.studies import dry_run
 from flags.validation import FlagError
 from tests.child_process import run_main
 from tests.test_flags import ROOT, parse

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from official import resnet
+from official.split_batch_norm import call_model, split_layers
 
 
 def count_parameters(model):
@@ -34,8 +35,8 @@ class ParameterCountTest(tf.test.TestCase):
     def test_width_multiplier_scales_widths(self):
         half = resnet.resnet("resnet20", 10, width_multiplier=0.5)
         full = resnet.resnet("resnet20", 10)
-        first_half = half.split_batch_norm_layers()[0].main_gamma.shape[0]
-        first_full = full.split_batch_norm_layers()[0].main_gamma.shape[0]
+        first_half = split_layers(half)[0].main_gamma.shape[0]
+        first_full = split_layers(full)[0].main_gamma.shape[0]
         self.assertEqual((first_half, first_full), (8, 16))
         self.assertLess(count_parameters(half), count_parameters(full) / 3)
 
@@ -64,21 +65,20 @@ class OutputShapeTest(tf.test.TestCase):
     def test_zero_init_last_gamma_and_normalisation(self):
         model = resnet.resnet("resnet20", 10)
         gammas = [
-            layer.main_gamma.numpy()
-            for layer in model.split_batch_norm_layers()
-            if layer.name == "bn2"
+            layer.main_gamma.numpy() for layer in split_layers(model) if layer.name.endswith("_bn2")
         ]
         self.assertLen(gammas, 9)
         self.assertAllEqual(np.concatenate(gammas), np.zeros(sum(g.size for g in gammas)))
         # The ImageNet mean image normalises to zero.
         mean_image = np.broadcast_to(np.array(resnet.IMAGENET_MEAN, np.float32), (1, 4, 4, 3))
-        self.assertAllClose(model.normalize(mean_image), np.zeros((1, 4, 4, 3)), atol=1e-5)
+        normalized = model.get_layer("normalize")(mean_image)
+        self.assertAllClose(normalized, np.zeros((1, 4, 4, 3)), atol=1e-5)
 
 
 class CheckpointTest(tf.test.TestCase):
     def test_checkpoint_holds_every_variable(self):
         model = resnet.resnet("resnet20", 10, image_size=16, seed=1)
-        for layer in model.split_batch_norm_layers():  # make moving statistics non-default
+        for layer in split_layers(model):  # make moving statistics non-default
             layer.main_moving_mean.assign(tf.random.normal(layer.main_moving_mean.shape))
         x = tf.random.uniform([2, 16, 16, 3], 0, 255)
         expected = model(x).numpy()
@@ -99,7 +99,7 @@ class XlaTest(tf.test.TestCase):
             @tf.function(jit_compile=True)
             def grads(images, model=model):
                 with tf.GradientTape() as tape:
-                    logits = model(images, training=True, bn_branch="aux", update_stats=True)
+                    logits = call_model(model, images, True, "aux", update_stats=True)
                     loss = tf.reduce_sum(logits**2)
                 used = [v for v in model.trainable_variables if "/main_" not in v.path]
                 return tape.gradient(loss, used)

@@ -9,11 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from official import resnet
-from official.split_batch_norm import (
-    SplitBatchNormalization,
-    check_group_size,
-    default_group_size,
-)
+from official.group_moments import check_group_size, default_group_size
+from official.model_conversion import plain_model
+from official.split_batch_norm import SplitBatchNormalization, call_model, split_layers
 from tests.child_process import run_for_result
 
 
@@ -118,7 +116,7 @@ class ModelBranchTest(tf.test.TestCase):
         cls.model = resnet.resnet("resnet20", 10, image_size=16, width_multiplier=0.5, seed=3)
         rng = np.random.default_rng(1)
         # Non-trivial main statistics and γ, so export and evaluation are tested for real.
-        for layer in cls.model.split_batch_norm_layers():
+        for layer in split_layers(cls.model):
             n = layer.main_gamma.shape[0]
             layer.main_gamma.assign(rng.uniform(0.5, 1.5, n))
             layer.main_beta.assign(rng.normal(0, 0.1, n))
@@ -128,7 +126,7 @@ class ModelBranchTest(tf.test.TestCase):
 
     def test_model_training_call_touches_one_branch(self):
         before = {v.path: v.numpy() for v in self.model.variables}
-        self.model(self.x, training=True, bn_branch="aux", update_stats=False)
+        call_model(self.model, self.x, True, "aux", update_stats=False)
         for v in self.model.variables:
             self.assertAllEqual(v.numpy(), before[v.path])
 
@@ -139,7 +137,7 @@ class ModelBranchTest(tf.test.TestCase):
             if "/aux_" in v.path:
                 v.assign(np.abs(np.random.default_rng(2).normal(5, 3, v.shape)))
         changed = self.model(self.x, training=False).numpy()
-        aux_eval = self.model(self.x, training=False, bn_branch="aux").numpy()
+        aux_eval = call_model(self.model, self.x, False, "aux").numpy()
         for v in self.model.variables:
             if v.path in saved:
                 v.assign(saved[v.path])
@@ -147,7 +145,7 @@ class ModelBranchTest(tf.test.TestCase):
         self.assertGreater(np.abs(aux_eval - reference).max(), 1e-3)
 
     def test_exported_plain_model_matches_evaluation(self):
-        plain = resnet.plain_inference_model(self.model)
+        plain = plain_model(self.model)
         self.assertFalse(any(isinstance(layer, SplitBatchNormalization) for layer in plain.layers))
         expected = self.model(self.x, training=False).numpy()
         self.assertAllClose(plain(self.x).numpy(), expected, atol=1e-4)
@@ -163,11 +161,8 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from official.split_batch_norm import (
-    SplitBatchNormalization,
-    check_group_size,
-    default_group_size,
-)
+from official.group_moments import check_group_size, default_group_size
+from official.split_batch_norm import SplitBatchNormalization
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 # The two shards have very different means, so local and global moments differ.
@@ -211,6 +206,7 @@ class SynchronizedTest(tf.test.TestCase):
 
 #: Runs after SYNC_PROGRAM, in the same process (its ``strategy``, ``out``).
 LARGE_MEAN_PROGRAM = """
+from official import group_moments
 from official import split_batch_norm as sbn
 x = np.array(json.loads(INPUT), np.float32)  # [replica, part, 8, 4, 4, 3]
 ds = strategy.experimental_distribute_dataset(
@@ -226,10 +222,10 @@ def replica(clean, adv):
         return context.all_reduce(tf.distribute.ReduceOp.SUM, t)
     replica_id = context.replica_id_in_sync_group
     return {
-        "batch_moments": sbn.batch_moments([clean, adv], 2),
+        "batch_moments": group_moments.batch_moments([clean, adv], 2),
         # The TPU paths' arithmetic, with an all-reduce in place of CrossReplicaSum.
-        "table": sbn._table_moments([clean, adv], all_reduce, replica_id, 2),
-        "two_pass": sbn._two_pass_moments([clean, adv], all_reduce),
+        "table": group_moments._table_moments([clean, adv], all_reduce, replica_id, 2),
+        "two_pass": group_moments._two_pass_moments([clean, adv], all_reduce),
         "layer": layer(tf.concat([clean, adv], 0), training=True, bn_branch="mixed"),
     }
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 from conadv import attack as attack_lib
 from conadv import steps as steps_lib
 from official import losses
+from official.split_batch_norm import call_model, split_layers
 from tests import method_testing as mt
 
 BATCH = 8
@@ -15,7 +16,7 @@ BATCH = 8
 
 def _bn_statistics(model, branch):
     stats = []
-    for layer in model.split_batch_norm_layers():
+    for layer in split_layers(model):
         stats.append(getattr(layer, f"{branch}_moving_mean").numpy())
         stats.append(getattr(layer, f"{branch}_moving_variance").numpy())
     return stats
@@ -97,7 +98,7 @@ class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
         x0 = tf.constant(np.clip(x + noise, 0.0, 255.0))
         with tf.GradientTape() as tape:
             tape.watch(x0)
-            logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+            logits = call_model(model, x0, True, "aux", update_stats=False)
             log_p = tf.nn.log_softmax(logits)
             loss = -tf.reduce_sum(tf.gather(log_p, y, axis=1, batch_dims=1))
         step = x0.numpy() + self.EPS * np.sign(tape.gradient(loss, x0).numpy())
@@ -139,7 +140,7 @@ class ConAdvEqualsDisAdvAtZeroLearningRateTest(tf.test.TestCase):
             # ConAdv's stored attack (made at step t − 1, or by the prologue).
             self.assertAllClose(con_adv[t], want, atol=1e-4, msg=f"batch {t}")  # measured 1.5e-5
             # DisAdv's attack is not stored: its summed adversarial CE and L∞ distance.
-            logits = reference(want, training=True, bn_branch="aux", update_stats=False)
+            logits = call_model(reference, want, True, "aux", update_stats=False)
             adv_loss = tf.reduce_sum(reference_cross_entropy(labels[t], logits, 0.1))
             linf = np.abs(want - images[t]).max(axis=(1, 2, 3)).sum()
             self.assertAllClose(dis_sums[t]["adv_loss"], float(adv_loss), rtol=1e-4)
@@ -167,7 +168,7 @@ class SplitStatisticsTest(tf.test.TestCase):
 
         def reference(x, branch):
             mt.restore(model, before)
-            model(tf.constant(x), training=True, bn_branch=branch, update_stats=True)
+            call_model(model, tf.constant(x), True, branch, update_stats=True)
             return _bn_statistics(model, branch)
 
         for got, want in zip(main_after, reference(clean, "main")):
@@ -202,7 +203,7 @@ class VanillaMomentumTest(tf.test.TestCase):
         def reference_gradients(x, y):
             """Gradient of the mean smoothed CE, on a fresh forward pass."""
             with tf.GradientTape() as tape:
-                logits = model(tf.constant(x), training=True, bn_branch="main", update_stats=False)
+                logits = call_model(model, tf.constant(x), True, "main", update_stats=False)
                 loss = tf.reduce_mean(losses.cross_entropy(tf.constant(y), logits, smoothing))
             grads = tape.gradient(loss, model.trainable_variables)
             return [
@@ -264,7 +265,7 @@ def reference_attack(model, x, y, batch_index, seed=3):
     x0 = tf.clip_by_value(x + attack_lib.stateless_uniform(x.shape, start_seed, -EPS, EPS), 0, 255)
     with tf.GradientTape() as tape:
         tape.watch(x0)
-        logits = model(x0, training=True, bn_branch="aux", update_stats=False)
+        logits = call_model(model, x0, True, "aux", update_stats=False)
         loss = tf.reduce_sum(reference_cross_entropy(tf.constant(y), logits, 0.0))
     g = tape.gradient(loss, x0)
     step = x0 + EPS * tf.sign(g)
@@ -274,8 +275,8 @@ def reference_attack(model, x, y, batch_index, seed=3):
 def reference_adversarial_gradients(model, x, y, adv, half=0.5):
     """Gradients of ½·(ΣCE_s(clean, main) + ΣCE_s(adv, aux)) / B; updates both branches' stats."""
     with tf.GradientTape() as tape:
-        clean = model(tf.constant(x), training=True, bn_branch="main", update_stats=True)
-        attacked = model(tf.constant(adv), training=True, bn_branch="aux", update_stats=True)
+        clean = call_model(model, tf.constant(x), True, "main", update_stats=True)
+        attacked = call_model(model, tf.constant(adv), True, "aux", update_stats=True)
         loss = (
             half
             * (
@@ -406,8 +407,8 @@ class DisAdvHandComputationTest(tf.test.TestCase):
             mt.restore(model, initial)
             adv = reference_attack(model, images[0], labels[0], 0)
             with tf.GradientTape() as tape:
-                clean = model(tf.constant(images[0]), training=True, bn_branch="main")
-                attacked = model(tf.constant(adv), training=True, bn_branch="aux")
+                clean = call_model(model, tf.constant(images[0]), True, "main")
+                attacked = call_model(model, tf.constant(adv), True, "aux")
                 smoothing = SMOOTHING if smooth_adv else 0.0
                 loss = (
                     half
@@ -459,7 +460,7 @@ class ConcatenatedUpdateTest(tf.test.TestCase):
         for update_pass in steps_lib.UPDATE_PASSES:
             model = mt.small_model(seed=8, width=0.5)
             # Non-trivial γ/β per branch, so a branch mix-up changes the result.
-            for layer in model.split_batch_norm_layers():
+            for layer in split_layers(model):
                 n = layer.main_gamma.shape[0]
                 layer.aux_gamma.assign(np.linspace(0.5, 1.5, n))
                 layer.aux_beta.assign(np.linspace(-0.2, 0.2, n))
@@ -470,7 +471,7 @@ class ConcatenatedUpdateTest(tf.test.TestCase):
             loss, grads = compiled_loss_and_gradients(ctx, images[0], labels[0], adv)
             stats = [
                 getattr(layer, f"{b}_moving_{k}").numpy()
-                for layer in model.split_batch_norm_layers()
+                for layer in split_layers(model)
                 for b in ("main", "aux")
                 for k in ("mean", "variance")
             ]
@@ -543,7 +544,7 @@ class MixedBfloat16Test(tf.test.TestCase):
             totals = trainer.train_sums.totals()
             self.assertEqual(totals["examples"], 24, method)
             self.assertTrue(np.isfinite(totals["clean_loss"]), method)
-            self.assertEqual(trainer.model.stem_conv.compute_dtype, "bfloat16")
+            self.assertEqual(trainer.model.get_layer("stem_conv").compute_dtype, "bfloat16")
             for var in trainer.model.variables + trainer.optimizer.variables:
                 dtype = tf.as_dtype(var.dtype)
                 if dtype.is_floating:

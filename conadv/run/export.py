@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from input_pipeline import preprocessing
-from official import resnet
+from official.model_conversion import plain_model
 
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
@@ -83,7 +83,7 @@ def write_saved_model(model, path: str, image_size: int, class_names=None, top_k
 def export_model(model, export_dir: str, image_size: int, class_names=None) -> dict:
     """Writes ``model.keras``, ``saved_model/`` and (with names) ``labels.txt``; returns paths."""
     tf.io.gfile.makedirs(export_dir)
-    plain = resnet.plain_inference_model(model)
+    plain = plain_model(model)
     keras_path = os.path.join(export_dir, KERAS_FILE)
     plain.save(keras_path)
     num_classes = int(plain.output_shape[-1])

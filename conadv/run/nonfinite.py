@@ -70,6 +70,22 @@ class NonFiniteGuard:
         step, code = min(bad)
         return step, QUANTITIES[code]
 
+    def raise_if_diverged(self, files, last_saved: int):
+        """Raises ``NonFiniteError`` (the caller then saves nothing) if a step of the last
+        host loop diverged on any worker, naming the earliest: one replica's NaN reaches
+        every worker's weights through the all-reduce. ``files`` is the run's ``RunFiles``
+        (every worker agrees on the minimum); ``last_saved`` the latest checkpoint's step."""
+        bad = self.first()
+        never = 2**62
+        local = never if bad is None else bad[0] * 4 + code_of(bad[1])
+        first = files.agreed_step(local)  # the minimum over workers
+        if first < never:
+            step, code = divmod(first, 4)
+            last_good = f"ckpt-{last_saved}" if last_saved >= 0 else "none (no checkpoint yet)"
+            raise NonFiniteError(
+                f"non-finite {QUANTITIES[code]} at step {step}; last good checkpoint {last_good}"
+            )
+
 
 def code_of(quantity: str) -> int:
     """The number ``NonFiniteGuard`` records for a quantity's name."""

@@ -1,5 +1,5 @@
-"""A sweep's results as the paper's tables and figures: ``results.csv``, ``report.md``
-and PNG plots, from every run's ``run.json`` and ``summary.json``.
+"""A sweep's results as the paper's tables: ``results.csv`` and ``report.md``, from every
+run's ``run.json`` and ``summary.json`` (the plots: ``figures.py``).
 
 Top-1 is the evaluation top-1 of ``summary.json`` (with the BatchNorm
 statistics it names, precise by default). A cell over seeds is
@@ -118,7 +118,7 @@ class Cell:
         return f"{self.mean:.{digits}f}{spread} (n={self.n}{', ' + chosen if chosen else ''})"
 
 
-def _setting(row: dict) -> tuple:
+def setting_of(row: dict) -> tuple:
     out = []
     if row.get("attack_eps") is not None:
         out.append(("ε", row["attack_eps"]))
@@ -132,7 +132,7 @@ def _cells(rows: list[dict], metric: str) -> dict:
     grouped = defaultdict(dict)
     for row in rows:
         if row.get(metric) is not None:
-            key = (row["method"], row["batch_size"], _setting(row))
+            key = (row["method"], row["batch_size"], setting_of(row))
             grouped[key][row["seed"]] = row[metric]
     return {key: Cell(by_seed, key[2]) for key, by_seed in grouped.items()}
 
@@ -156,12 +156,12 @@ def table_cells(rows: list[dict], metric: str, best: dict) -> dict:
     return out
 
 
-def _methods(rows) -> list[str]:
+def methods_in(rows) -> list[str]:
     present = {row["method"] for row in rows}
     return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
-def _batches(rows) -> list[int]:
+def batches_in(rows) -> list[int]:
     return sorted({row["batch_size"] for row in rows})
 
 
@@ -207,7 +207,7 @@ def build(rows: list[dict]) -> Report:
     best = best_settings(rows)
     top1 = table_cells(rows, "eval_top1", best)
     differences = {}
-    for batch in _batches(rows):
+    for batch in batches_in(rows):
         if ("conadv", batch) not in top1:
             continue
         for other in ("vanilla", "disadv"):
@@ -217,7 +217,7 @@ def build(rows: list[dict]) -> Report:
                 )
     throughput = table_cells(rows, "images_per_second", best)
     ratios = {}
-    for batch in _batches(rows):
+    for batch in batches_in(rows):
         if ("conadv", batch) in throughput:
             for other in ("disadv", "vanilla"):
                 if (other, batch) in throughput:
@@ -241,9 +241,9 @@ def build(rows: list[dict]) -> Report:
 
 
 def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
-    batches = _batches(report.rows)
+    batches = batches_in(report.rows)
     body = []
-    for method in _methods(report.rows):
+    for method in methods_in(report.rows):
         body.append(
             [METHOD_NAMES.get(method, method)]
             + [cells[(method, b)].text(digits) if (method, b) in cells else "—" for b in batches]
@@ -253,7 +253,7 @@ def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
 
 def markdown(report: Report) -> str:
     rows = report.rows
-    batches = _batches(rows)
+    batches = batches_in(rows)
     swept = sorted({name for setting in report.best.values() for name, _ in setting})
     lines = [
         "# Sweep report",
@@ -291,7 +291,7 @@ def markdown(report: Report) -> str:
 
     lines += ["## Generalization gap: train top-1 − test top-1 (Table 4)", ""]
     body = []
-    for method in _methods(rows):
+    for method in methods_in(rows):
         for b in batches:
             if (method, b) in report.gap:
                 body.append(
@@ -339,136 +339,3 @@ def markdown(report: Report) -> str:
         lines += ["## Robust top-1 (evaluated under attack)", ""]
         lines += _method_by_batch(report, report.robust) + [""]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------- plots
-
-
-def _series(report: Report, cells: dict) -> dict:
-    """method -> (batches, means, stds) of a method × batch table."""
-    out = {}
-    for method in _methods(report.rows):
-        points = [(b, cells[(method, b)]) for b in _batches(report.rows) if (method, b) in cells]
-        if points:
-            out[method] = (
-                [b for b, _ in points],
-                [c.mean for _, c in points],
-                [c.std or 0.0 for _, c in points],
-            )
-    return out
-
-
-def eps_series(report: Report) -> dict:
-    """ "batch b" -> (ε, mean, std) of ConAdv (τ fixed at its first value if swept)."""
-    out = {}
-    taus = sorted({dict(k[2]).get("τ") for k in report.eps_cells}, key=str)
-    for (_, batch, setting), cell in sorted(report.eps_cells.items(), key=str):
-        values = dict(setting)
-        if "ε" not in values or values.get("τ") != taus[0]:
-            continue
-        xs, ys, es = out.setdefault(f"batch {batch}", ([], [], []))
-        xs.append(values["ε"])
-        ys.append(cell.mean)
-        es.append(cell.std or 0.0)
-    return out
-
-
-def read_scalars(directory: str, tag: str) -> dict[int, float]:
-    """step -> value of a scalar in the TensorBoard event files of ``directory``."""
-    import tensorflow as tf
-
-    values = {}
-    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
-
-
-def curve_series(report: Report, subdir: str, tag: str) -> dict:
-    """ "method, batch b" -> (epochs, mean over seeds) of a logged scalar, at the steps
-    every seed logged, for each method and batch's best setting."""
-    out = {}
-    for method in _methods(report.rows):
-        for batch in _batches(report.rows):
-            runs = [
-                r
-                for r in report.rows
-                if r["method"] == method
-                and r["batch_size"] == batch
-                and _setting(r) == report.best.get((method, batch))
-            ]
-            curves = [read_scalars(os.path.join(r["directory"], subdir), tag) for r in runs]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            per_epoch = runs[0]["train_steps"] / runs[0]["epochs"] if runs[0]["epochs"] else 1
-            out[f"{method}, batch {batch}"] = (
-                [s / per_epoch for s in steps],
-                [stats.mean([c[s] for c in curves]) for s in steps],
-            )
-    return out
-
-
-def plot_all(report: Report, out: str) -> dict:
-    """Writes the PNGs; returns {file name: figure}."""
-    from conadv import plots
-
-    figures = {}
-    figure, (axes,) = plots.new_figure()
-    plots.series_with_error_bars(
-        axes, _series(report, report.top1), "global batch size", "eval top-1"
-    )
-    figures["accuracy_vs_batch.png"] = figure
-
-    figure, (axes,) = plots.new_figure()
-    plots.series_with_error_bars(
-        axes, _series(report, report.gap), "global batch size", "train − test top-1"
-    )
-    figures["gap_vs_batch.png"] = figure
-
-    figure, (axes,) = plots.new_figure()
-    plots.series_with_error_bars(
-        axes, eps_series(report), "attack ε (pixels)", "ConAdv eval top-1", log2_x=False
-    )
-    figures["accuracy_vs_eps.png"] = figure
-
-    figure, (loss_axes, top1_axes) = plots.new_figure(2)
-    for axes, subdir, tag, label in (
-        (loss_axes, "train", "loss/clean", "training loss (clean)"),
-        (top1_axes, "eval", "top1/eval", "eval top-1"),
-    ):
-        styles = dict(zip(_batches(report.rows), ("-", "--", ":", "-.") * 4))
-        for name, (xs, ys) in curve_series(report, subdir, tag).items():
-            method, batch = name.split(", batch ")
-            axes.plot(xs, ys, label=name, color=plots.colour(method), linestyle=styles[int(batch)])
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(label)
-        axes.grid(True, alpha=0.3)
-        if axes.lines:
-            axes.legend(fontsize="small")
-    figures["training_curves.png"] = figure
-
-    for name, figure in figures.items():
-        plots.save(figure, os.path.join(out, name))
-    return figures
-
-
-def write(out: str) -> Report:
-    """results.csv, report.md and the plots of the sweep in ``out``."""
-    rows = collect(out)
-    if not rows:
-        raise FileNotFoundError(
-            f"no finished run under {os.path.join(out, 'runs')} (no summary.json); "
-            "run `python -m conadv.experiments sweep --out DIR ...` first"
-        )
-    report = build(rows)
-    write_csv(rows, os.path.join(out, "results.csv"))
-    report.figures = plot_all(report, out)
-    figures = "\n".join(f"![{name}]({name})" for name in report.figures)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report.markdown + "\n## Plots\n\n" + figures + "\n")
-    return report

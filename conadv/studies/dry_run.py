@@ -19,8 +19,8 @@ import types
 from conadv import ring_buffer
 from conadv.run_config import RunConfig
 from flags import validation
-from official import precision, resnet, schedules
-from official import split_batch_norm as bn_lib
+from official import group_moments, precision, resnet, schedules
+from official.model_conversion import plain_model
 
 
 def _replicas(run: RunConfig) -> tuple[int, str]:
@@ -68,7 +68,7 @@ def _parameter_counts(name: str, num_classes: int, width_multiplier: float, imag
     model = resnet.resnet(
         name, num_classes=num_classes, image_size=image_size, width_multiplier=width_multiplier
     )
-    return _trainable_count(model), _trainable_count(resnet.plain_inference_model(model))
+    return _trainable_count(model), _trainable_count(plain_model(model))
 
 
 def parameter_counts(name: str, num_classes: int, width_multiplier: float, image_size: int):
@@ -108,10 +108,10 @@ def describe(run: RunConfig) -> dict:
     per_replica = train.global_batch_size // replicas
     micro = per_replica // accumulation
     if train.bn_group_size is not None:
-        group = bn_lib.check_group_size(train.bn_group_size, replicas) or replicas
+        group = group_moments.check_group_size(train.bn_group_size, replicas) or replicas
         group_reason = "--bn_group_size"
     else:
-        group, group_reason = bn_lib.default_group_size(micro, replicas)
+        group, group_reason = group_moments.default_group_size(micro, replicas)
         group = group or replicas  # 0: all replicas
     steps_per_epoch, total_steps, warmup_steps = planned_length(run, train_examples)
     schedule = schedules.from_config(train, steps_per_epoch, total_steps)

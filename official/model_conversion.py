@@ -1,5 +1,8 @@
 """Converting a Keras model to split BatchNorm and back (``conadv.keras`` is the public face).
 
+Model surgery that knows nothing of adversaries: any functional or Sequential
+model, the ResNets of ``official/resnet.py`` included.
+
 ``split_batch_norm`` copies a functional or Sequential model (nested models
 included) with every ``keras.layers.BatchNormalization`` replaced by the
 project's ``SplitBatchNormalization``: a main branch (clean images, used for
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import keras
 
-from official import resnet
 from official.split_batch_norm import BRANCHES, SplitBatchNormalization
 
 
@@ -94,6 +96,12 @@ def _check_batch_norm(layer: keras.layers.BatchNormalization):
         )
 
 
+def _shared_arguments(layer) -> dict:
+    """The arguments a BatchNormalization and a split BatchNorm have in common, from one."""
+    config = layer.get_config()
+    return {key: config[key] for key in _SHARED_ARGUMENTS if key in config}
+
+
 def _copy_batch_norm(source: keras.layers.BatchNormalization, target: SplitBatchNormalization):
     """Both branches start as the original: its γ, β and moving statistics."""
     for branch in BRANCHES:
@@ -118,10 +126,9 @@ def split_batch_norm(model: keras.Model, group_size: int = 1) -> keras.Model:
     def replace(layer):
         if isinstance(layer, keras.layers.BatchNormalization):
             _check_batch_norm(layer)
-            config = layer.get_config()
-            arguments = {key: config[key] for key in _SHARED_ARGUMENTS if key in config}
-            group = 0 if config.get("synchronized") else group_size
-            return SplitBatchNormalization(group_size=group, **arguments), _copy_batch_norm
+            group = 0 if layer.synchronized else group_size
+            new = SplitBatchNormalization(group_size=group, **_shared_arguments(layer))
+            return new, _copy_batch_norm
         inner_layers = getattr(layer, "_flatten_layers", None)  # not on Keras ops (x + 2)
         hidden = [
             inner
@@ -183,12 +190,9 @@ def plain_model(model: keras.Model) -> keras.Model:
     For a functional or Sequential model (a converted one, or one built with
     split BatchNorm), each ``SplitBatchNormalization`` becomes a
     ``keras.layers.BatchNormalization`` with its arguments and its main γ, β
-    and moving statistics; a ResNet of ``official/resnet.py`` becomes its
-    inference model. The copy loads with ``keras.models.load_model`` without
-    custom objects and computes the main branch's inference output.
+    and moving statistics. The copy loads with ``keras.models.load_model``
+    without custom objects and computes the main branch's inference output.
     """
-    if isinstance(model, resnet.SplitBNResNet):
-        return resnet.plain_inference_model(model)
     if not _is_graph_model(model):
         raise ConversionError(
             f"{type(model).__name__} is subclassed (no recorded graph) and cannot be "
@@ -197,10 +201,9 @@ def plain_model(model: keras.Model) -> keras.Model:
 
     def replace(layer):
         if isinstance(layer, SplitBatchNormalization):
-            config = layer.get_config()
-            arguments = {key: config[key] for key in _SHARED_ARGUMENTS if key in config}
-            synchronized = layer.group_size == 0
-            new = keras.layers.BatchNormalization(axis=-1, synchronized=synchronized, **arguments)
+            new = keras.layers.BatchNormalization(
+                axis=-1, synchronized=layer.group_size == 0, **_shared_arguments(layer)
+            )
             return new, _copy_main_branch
         return None
 
@@ -211,7 +214,8 @@ def plain_model(model: keras.Model) -> keras.Model:
 
 
 def final_layer(model: keras.Model):
-    """The layer that computes a single-output model's output (inside nested models too)."""
+    """The layer that computes a single-output model's output (inside nested models too), or
+    None when a Keras op (``ops.log(x)``, ``x * 2``) computes it."""
     layer = model
     while _is_graph_model(layer):
         if len(layer.outputs) != 1:
@@ -219,7 +223,14 @@ def final_layer(model: keras.Model):
                 f"model {layer.name!r} has {len(layer.outputs)} outputs: ConAdv trains a "
                 "classifier with one output (the class logits or probabilities)"
             )
-        layer = layer.layers[-1]
+        output, last = layer.outputs[0], layer.layers[-1]
+        try:
+            produced = last.output is output
+        except (AttributeError, ValueError):  # a layer called more than once
+            produced = False
+        if not produced:
+            return None
+        layer = last
     return layer
 
 
@@ -258,9 +269,9 @@ def logits_model(model: keras.Model) -> tuple[keras.Model, dict | None]:
     softmax took. A final activation that is not a softmax is refused. The
     second value, a serialized layer, is what ``with_output_softmax`` puts back.
     """
-    if not _is_graph_model(model):
-        return model, None  # subclassed: no final layer to see
-    last = final_layer(model)
+    last = final_layer(model) if _is_graph_model(model) else None
+    if last is None:
+        return model, None  # subclassed, or ending in an op: no final layer to see
     activation = getattr(last, "activation", None)
     if _softmax_layer(last):
         make = keras.layers.Identity(name=last.name, dtype=last.dtype_policy)
@@ -268,7 +279,7 @@ def logits_model(model: keras.Model) -> tuple[keras.Model, dict | None]:
         config = last.get_config()
         config["activation"] = "linear"
         make = last.__class__.from_config(config)
-    elif isinstance(last, keras.layers.Activation) or not _is_linear(activation):
+    elif not _is_linear(activation):
         name = getattr(activation, "__name__", str(activation))
         raise ConversionError(
             f"model {model.name!r} ends in a {name} activation (layer {last.name!r}): ConAdv "

@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+IDS, TARGETS = "ids", "targets"
+
 #: Where Keras, TensorFlow and ConAdv live: a warning points past their frames.
 _LIBRARIES = tuple(
     os.path.dirname(module.__file__) + os.sep
@@ -57,6 +59,8 @@ class TrainingData:
 
     dataset: tf.data.Dataset
     batch_size: int
+    #: A few images of the first batch (for ``ConAdvModel``'s check of its outputs).
+    first_images: tf.Tensor
     #: The counter of skipped partial batches, for a dataset whose batches vary.
     skipped: SkippedBatches | None = None
 
@@ -85,22 +89,33 @@ class SkipReporter(keras.callbacks.Callback):
         self._seen = (self.skipped.batches, self.skipped.examples)
         if batches and not self._warned:
             self._warned = True
-            where = f"in epoch {epoch + 1}"
-            message = _skip_message(examples, batches, self.batch_size, where)
+            message = _skip_message(examples, batches, self.batch_size, f"in epoch {epoch + 1}")
             warnings.warn(message, stacklevel=_user_stacklevel())
 
 
-def label_transform(spec: tf.TensorSpec, num_classes: int):
-    """The map from the user's labels to what the steps take, or a one-line ValueError."""
-    shape = spec.shape
-    if shape.rank == 1 or (shape.rank == 2 and shape[-1] == 1 and num_classes != 1):
-        return lambda labels: tf.cast(tf.reshape(labels, [-1]), tf.int32)
+def label_kind(shape, num_classes: int) -> str:
+    """``IDS`` for class ids (B,) or (B, 1), ``TARGETS`` for (B, C) targets, or a one-line
+    ValueError: the one rule for training, evaluation and the ring."""
+    shape = tf.TensorShape(shape)
+    if shape.rank == 1 or (shape.rank == 2 and shape[-1] == 1):
+        return IDS
     if shape.rank == 2 and shape[-1] == num_classes:
-        return lambda labels: tf.cast(labels, tf.float32)
+        return TARGETS
     raise ValueError(
         f"labels of shape {shape} do not fit the model's {num_classes} classes: give class ids "
         f"of shape (batch,) or (batch, 1), or one-hot targets of shape (batch, {num_classes})"
     )
+
+
+def keras_loss(labels, logits, sample_weight=None) -> tf.Tensor:
+    """The mean loss Keras' ``evaluate`` reports: ``SparseCategoricalCrossentropy`` (or, for
+    targets, ``CategoricalCrossentropy``) from the logits, no label smoothing, each example
+    weighted by ``sample_weight`` and the sum divided by the batch, as Keras divides it."""
+    if label_kind(labels.shape, logits.shape[-1]) == TARGETS:
+        loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    return tf.reduce_mean(loss_fn(labels, logits, sample_weight=sample_weight))
 
 
 def _check_element(spec) -> None:
@@ -117,9 +132,14 @@ def _check_element(spec) -> None:
             f"ConAdvModel.fit takes one image tensor per batch, got {images}: a model with "
             "several inputs is not supported"
         )
+    if not images.shape[1:].is_fully_defined():
+        raise ValueError(
+            f"ConAdvModel.fit needs images of one known size (the ring's slots are fixed), got "
+            f"batches of shape {images.shape}: resize them to one size in the dataset"
+        )
 
 
-def from_arrays(x, y, batch_size: int | None, shuffle: bool, seed: int) -> TrainingData:
+def _from_arrays(x, y, batch_size: int | None, shuffle: bool, seed: int):
     """Batches of ``batch_size`` (default 32) from arrays; the remainder is skipped each epoch."""
     if y is None:
         raise ValueError("fit(images, labels, batch_size=...): the labels (class ids) are missing")
@@ -137,18 +157,19 @@ def from_arrays(x, y, batch_size: int | None, shuffle: bool, seed: int) -> Train
     if remainder:
         where = f"each epoch ({count} examples, batches of {batch_size})"
         warnings.warn(_skip_message(remainder, 1, batch_size, where), stacklevel=_user_stacklevel())
-    return TrainingData(dataset.batch(batch_size, drop_remainder=True), batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    return dataset, batch_size, tf.convert_to_tensor(np.asarray(x[:batch_size])), None
 
 
-def from_dataset(dataset: tf.data.Dataset) -> TrainingData:
+def _from_dataset(dataset: tf.data.Dataset):
     """The dataset's batches of the size of its first, the others skipped and counted."""
     _check_element(dataset.element_spec)
-    static = dataset.element_spec[0].shape[0]
-    if static is not None:
-        return TrainingData(dataset, int(static))
     first = next(iter(dataset.take(1)), None)
     if first is None:
         raise ValueError("ConAdvModel.fit: the training dataset is empty")
+    static = dataset.element_spec[0].shape[0]
+    if static is not None:
+        return dataset, int(static), first[0], None
     batch_size = int(tf.shape(first[0])[0])
     skipped = SkippedBatches()
 
@@ -160,11 +181,7 @@ def from_dataset(dataset: tf.data.Dataset) -> TrainingData:
             lambda: tf.py_function(skipped.note, [size], tf.bool),
         )
 
-    def fixed(images, labels):
-        images = tf.ensure_shape(images, [batch_size, *images.shape[1:]])
-        return images, tf.ensure_shape(labels, [batch_size, *labels.shape[1:]])
-
-    return TrainingData(dataset.filter(full).map(fixed), batch_size, skipped)
+    return dataset.filter(full), batch_size, first[0], skipped
 
 
 def training_data(x, y, batch_size, shuffle: bool, seed: int, num_classes) -> TrainingData:
@@ -175,15 +192,24 @@ def training_data(x, y, batch_size, shuffle: bool, seed: int, num_classes) -> Tr
             raise ValueError(
                 "fit(dataset): give the labels and batch size in the dataset, not here"
             )
-        data = from_dataset(x)
+        dataset, batch_size, first, skipped = _from_dataset(x)
     elif isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
-        data = from_arrays(x, y, batch_size, shuffle, seed)
+        dataset, batch_size, first, skipped = _from_arrays(x, y, batch_size, shuffle, seed)
     else:
         raise ValueError(
             f"ConAdvModel.fit takes a tf.data.Dataset of (images, labels) or arrays, "
             f"got {type(x).__name__}"
         )
-    images, labels = data.dataset.element_spec
-    to_labels = label_transform(labels, num_classes(images))
-    data.dataset = data.dataset.map(lambda images, labels: (images, to_labels(labels)))
-    return data
+    images, labels = dataset.element_spec
+    kind = label_kind(labels.shape, num_classes(images))
+
+    def as_trained(images, labels):
+        images = tf.ensure_shape(images, [batch_size, *images.shape[1:]])
+        if kind == IDS:
+            return images, tf.ensure_shape(
+                tf.cast(tf.reshape(labels, [-1]), tf.int32), [batch_size]
+            )
+        return images, tf.ensure_shape(tf.cast(labels, tf.float32), [batch_size, labels.shape[-1]])
+
+    dataset = dataset.map(as_trained).prefetch(tf.data.AUTOTUNE)
+    return TrainingData(dataset, batch_size, first[:16], skipped)

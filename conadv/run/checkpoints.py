@@ -1,0 +1,161 @@
+"""A run's checkpoints: what is saved, by which worker, and the step a restart resumes from.
+
+Everything that must survive a restart — model, optimizer (its step
+counter is the global step) and ConAdv's ring buffer — is in one
+``tf.train.Checkpoint`` under ``model_dir``, the model's variables by
+their paths (``model_state``). Every worker reads weights and
+optimizer state from the chief's checkpoints there; the chief writes them.
+A non-chief worker's ring slots go to its own checkpoints in ``worker_<i>``
+(``conadv/run/run_files.py``). Ring state is keyed by worker and layout: a
+checkpoint from another replica count, batch or worker leaves it
+unrestored, and the ring is then refilled from the restored weights.
+
+The ring is anything with ``checkpoint_items()``, ``layout``,
+``is_filled()`` and ``reset()`` (``conadv/ring_buffer.py``); this module
+does not need to know what it holds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from conadv.run.run_files import RunFiles
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint in model_dir that cannot be restored into the model the flags describe."""
+
+
+def model_state(model) -> tf.train.Checkpoint:
+    """Every variable of ``model`` by its path (``stage1_block1_conv1/kernel`` is saved as
+    ``model/stage1_block1_conv1.kernel``): a checkpoint key names the layer, and holds
+    the model's variable whatever else (the optimizer) also refers to it."""
+    variables = {v.path.replace("/", "."): v for v in model.variables}
+    if len(variables) != len(model.variables):
+        raise ValueError(f"model {model.name!r} has two variables of one path")
+    return tf.train.Checkpoint(**variables)
+
+
+class RunCheckpoints:
+    """Saves and restores one run's model, optimizer and ring buffer."""
+
+    def __init__(self, model, optimizer, ring, files: RunFiles, model_dir: str, max_to_keep: int):
+        self.optimizer = optimizer
+        self.ring = ring
+        self.files = files
+        self.model_dir = model_dir
+        #: The step of the latest complete checkpoint (-1: none).
+        self.last_saved = -1
+        items = dict(model=model_state(model), optimizer=optimizer)
+        ring_key = None
+        if ring is not None:
+            ring_key = f"ring_w{files.worker_index}_{ring.layout}"
+            ring_items = tf.train.Checkpoint(**ring.checkpoint_items())
+            if files.is_chief:
+                items[ring_key] = ring_items
+        self.checkpoint = tf.train.Checkpoint(**items)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            directory=model_dir,
+            max_to_keep=max_to_keep,
+            checkpoint_name="ckpt",
+            step_counter=optimizer.iterations,
+        )
+        self.ring_manager = None
+        if ring_key is not None and not files.is_chief:
+            self.ring_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(**{ring_key: ring_items}),
+                directory=files.private_dir(),
+                max_to_keep=max_to_keep,
+                checkpoint_name="ring",
+                step_counter=optimizer.iterations,
+            )
+
+    @property
+    def global_step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def has_checkpoint(self) -> bool:
+        return self.manager.latest_checkpoint is not None
+
+    def _chief_steps(self) -> list[int]:
+        """Steps of the chief's kept checkpoints (every worker reads model_dir)."""
+        return sorted(int(path.rsplit("-", 1)[-1]) for path in self.manager.checkpoints)
+
+    def resume_step(self) -> int:
+        """The step to resume from: the latest every worker has its state for (-1: none).
+
+        A non-chief worker's ring checkpoints lag the chief's by at most one
+        save if the cluster was killed in between; a worker with no ring at
+        all (its directory was removed at the end of a finished run) does not
+        hold the others back: its ring will be refilled, and so will every
+        worker's.
+        """
+        chief_steps = self._chief_steps()
+        latest = chief_steps[-1] if chief_steps else -1
+        low, high = self.files.agreed_step(latest), -self.files.agreed_step(-latest)
+        if low != high:
+            raise CheckpointMismatchError(
+                f"the workers see different latest checkpoints in --model_dir="
+                f"{self.model_dir} (steps {low} to {high}); every worker must use "
+                "the same shared directory"
+            )
+        local = latest
+        if self.ring_manager is not None and self.ring_manager.checkpoints:
+            own = {int(path.rsplit("-", 1)[-1]) for path in self.ring_manager.checkpoints}
+            local = max((step for step in chief_steps if step in own), default=latest)
+        return self.files.agreed_step(local)
+
+    def restore(self) -> int:
+        """Restores the checkpoint to resume from, if any; returns the step.
+
+        Every worker restores weights and optimizer state from the chief's
+        checkpoint at ``resume_step`` and its own ring from the same step; if
+        any worker has no ring for it, every worker refills its ring.
+        """
+        self.files.remove_interrupted_writes()
+        step = self.resume_step()
+        if step >= 0:
+            path = os.path.join(self.model_dir, f"ckpt-{step}")
+            try:
+                self.checkpoint.restore(path).expect_partial()
+            except (ValueError, tf.errors.InvalidArgumentError) as error:
+                raise CheckpointMismatchError(
+                    f"the checkpoint {path} does not fit this model "
+                    f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
+                    "flags it was trained with"
+                ) from None
+            if step > 0 and self.global_step == 0:
+                # The optimizer's state lives elsewhere in this checkpoint (for
+                # example it was saved with or without float16 loss scaling).
+                raise CheckpointMismatchError(
+                    f"the checkpoint {path} was saved at step {step} but its optimizer "
+                    "state does not fit this run (another --precision or --optimizer?); "
+                    "use the flags it was trained with or a new --model_dir"
+                )
+            if self.ring_manager is not None:
+                own = os.path.join(self.ring_manager.directory, f"ring-{step}")
+                if tf.io.gfile.exists(own + ".index"):
+                    self.ring_manager.checkpoint.restore(own).expect_partial()
+            logging.info("Restored %s at step %d", path, self.global_step)
+        self.last_saved = step
+        if self.ring is not None and not self.files.all_agree(self.ring.is_filled()):
+            if step >= 0:
+                logging.info("Not every worker has its ring for step %d: all are refilled", step)
+            self.ring.reset()
+        return self.global_step
+
+    def save(self) -> str:
+        """Every worker saves what is its own; returns the chief's checkpoint path."""
+        step = self.global_step
+        if self.ring_manager is not None:
+            self.ring_manager.save(checkpoint_number=step)
+        path = os.path.join(self.model_dir, f"ckpt-{step}")
+        if self.files.is_chief:
+            path = self.manager.save(checkpoint_number=step)
+            logging.info("Saved checkpoint %s", path)
+        self.last_saved = step
+        return path

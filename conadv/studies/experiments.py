@@ -1,0 +1,262 @@
+"""Reruns the paper's studies: a sweep of training runs, and its report.
+
+    python -m conadv.experiments sweep --out DIR --methods vanilla,disadv,conadv \\
+        --batch_sizes 256,1024,4096 --seeds 0,1,2 [--attack_eps 2,4,8] [--staleness 1,2] \\
+        [--lr_scaling linear|sqrt|none] [--base_batch_size 256] [--parallel N] [--dry_run] \\
+        [any main.py flag, e.g. --dataset=imagenet --train_epochs=90]
+    python -m conadv.experiments report --out DIR
+
+``sweep`` trains every configuration of the cross product as its own
+``main.py`` run under ``DIR/runs/<name>`` (``conadv/studies/runner.py``):
+finished runs are skipped, an interrupted one resumes from its checkpoint, a
+progress line per run shows an ETA, and each finished run is recorded in
+TensorBoard's HParams dashboard (``tensorboard --logdir DIR``). Learning
+rate and warmup scale with the batch size by ``--lr_scaling`` from
+``--base_batch_size`` (``conadv/studies/grid.py`` states the rule).
+``--dry_run`` lists the runs, their learning rates and lengths, and trains
+nothing.
+
+``report`` writes ``DIR/results.csv`` (a row per finished run), ``DIR/report.md``
+(the paper's tables with spreads over seeds and paired intervals) and PNG
+plots (``conadv/studies/report.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags as absl_flags
+
+import flags as main_flags
+from conadv.studies import grid
+from flags.validation import FlagError, distinct_numbers
+
+COMMANDS = ("sweep", "report")
+
+
+def define(fv: absl_flags.FlagValues):
+    absl_flags.DEFINE_string("out", None, "The study's directory.", flag_values=fv)
+    absl_flags.DEFINE_list(
+        "methods", ["vanilla", "disadv", "conadv"], "Methods to train.", flag_values=fv
+    )
+    absl_flags.DEFINE_list(
+        "batch_sizes", ["256"], "Global batch sizes (main.py --batch_size).", flag_values=fv
+    )
+    absl_flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (main.py --seed).", flag_values=fv)
+    absl_flags.DEFINE_list(
+        "attack_eps",
+        None,
+        "Attack budgets to sweep for DisAdv and ConAdv (default: main.py's --attack_eps, "
+        "not swept).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_list(
+        "staleness", None, "ConAdv τ values to sweep (default: main.py's).", flag_values=fv
+    )
+    absl_flags.DEFINE_enum(
+        "lr_scaling",
+        "linear",
+        list(grid.LR_SCALING),
+        "How learning rate and warmup scale with the batch (conadv/studies/grid.py).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "base_batch_size",
+        256,
+        "The batch at which main.py's --learning_rate and --warmup_epochs hold.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer("parallel", 1, "Runs trained at once.", flag_values=fv)
+    absl_flags.DEFINE_bool(
+        "dry_run",
+        False,
+        "List the runs, their learning rates and lengths; train nothing.",
+        flag_values=fv,
+    )
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise FlagError(message)
+
+
+def parse(argv: list[str]):
+    """(command, the sweep's flags, main.py's flags for the rest, the rest as given)."""
+    if not argv or argv[0] not in COMMANDS:
+        raise FlagError(
+            f"the first argument must be one of {', '.join(COMMANDS)} "
+            "(python -m conadv.experiments sweep --out DIR ...)"
+        )
+    command, rest = argv[0], argv[1:]
+    fv = absl_flags.FlagValues()
+    define(fv)
+    try:
+        unparsed = fv(["experiments", *rest], known_only=True)[1:]
+    except absl_flags.Error as error:
+        raise FlagError(str(error).splitlines()[0]) from None
+    _require(bool(fv.out), "--out is required: the study's directory")
+    if command == "report":
+        if unparsed:
+            raise FlagError(f"report takes only --out; {unparsed[0]} is not for it")
+        return command, fv, None, []
+    for name in fv.methods:
+        _require(name in ("vanilla", "disadv", "conadv"), f"--methods: {name!r} is unknown")
+    distinct_numbers("batch_sizes", fv.batch_sizes, int)
+    distinct_numbers("seeds", fv.seeds, int, positive=False)
+    if fv.attack_eps:
+        distinct_numbers("attack_eps", fv.attack_eps, float, positive=False)
+    if fv.staleness:
+        distinct_numbers("staleness", fv.staleness, int)
+    _require(fv.base_batch_size > 0, "--base_batch_size must be positive")
+    _require(fv.parallel >= 1, "--parallel must be at least 1")
+    main_fv = absl_flags.FlagValues()
+    main_flags.define_all(main_fv)
+    try:
+        main_fv(["main.py", *unparsed])
+    except absl_flags.Error as error:
+        raise FlagError(
+            f"{str(error).splitlines()[0]} (flags after the sweep's own go to main.py)"
+        ) from None
+    for name in grid.SWEEP_OWNED_FLAGS:
+        _require(
+            not main_fv[name].present,
+            f"--{name} is set by the sweep for each run; remove it"
+            + (" (use --batch_sizes)" if name == "batch_size" else ""),
+        )
+    return command, fv, main_fv, unparsed
+
+
+def plan(fv, main_fv) -> list[grid.Run]:
+    return grid.plan(
+        fv.methods,
+        [int(b) for b in fv.batch_sizes],
+        [int(s) for s in fv.seeds],
+        [float(e) for e in fv.attack_eps] if fv.attack_eps else None,
+        [int(t) for t in fv.staleness] if fv.staleness else None,
+        lr_scaling=fv.lr_scaling,
+        base_batch_size=fv.base_batch_size,
+        base_learning_rate=main_fv.learning_rate,
+        base_warmup_epochs=main_fv.warmup_epochs,
+    )
+
+
+def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
+    """One row per run: learning rate, warmup and length (from the data's size)."""
+    from conadv.run_config import RunConfig
+    from conadv.studies import dry_run
+
+    sizes = {}
+    rows = []
+    for run in runs:
+        values = absl_flags.FlagValues()
+        main_flags.define_all(values)
+        values(["main.py", *main_args, *run.flags(), "--model_dir=/nonexistent"])
+        config = RunConfig.from_flags(values)
+        key = (config.data.dataset, config.data.data_dir)
+        if key not in sizes:
+            sizes[key] = dry_run.training_set_size(config)
+        per_epoch, steps, warmup = dry_run.planned_length(config, sizes[key])
+        _require(
+            run.batch_size <= sizes[key],
+            f"--batch_sizes: {run.batch_size} is larger than the {sizes[key]} training images",
+        )
+        rows.append(
+            {
+                "name": run.name,
+                "batch_size": run.batch_size,
+                "learning_rate": run.learning_rate,
+                "warmup_epochs": run.warmup_epochs,
+                "warmup_steps": warmup,
+                "steps_per_epoch": per_epoch,
+                "train_steps": steps,
+            }
+        )
+    width = max(len(r["name"]) for r in rows) + 2
+    print(
+        f"{'run':<{width}}{'batch':>7}{'lr':>11}{'warmup ep':>11}{'warmup st':>11}"
+        f"{'steps':>8}{'steps/ep':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<{width}}{r['batch_size']:>7}{r['learning_rate']:>11.4g}"
+            f"{r['warmup_epochs']:>11.3g}{r['warmup_steps']:>11}{r['train_steps']:>8}"
+            f"{r['steps_per_epoch']:>10}"
+        )
+    return rows
+
+
+def sweep(fv, main_fv, main_args: list[str]):
+    from conadv.studies import hparams, runner
+
+    runs = plan(fv, main_fv)
+    print(
+        f"{len(runs)} runs; learning rate {main_fv.learning_rate:g} and warmup "
+        f"{main_fv.warmup_epochs:g} epochs at batch {fv.base_batch_size}, "
+        f"scaled {fv.lr_scaling}"
+    )
+    rows = describe(runs, main_fv, main_args)
+    if fv.dry_run:
+        return rows
+    os.makedirs(fv.out, exist_ok=True)
+    hparams.write_config(fv.out, runs)
+    summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel)
+    print(
+        f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
+        f"python -m conadv.experiments report --out {fv.out}"
+    )
+    return summaries
+
+
+def write_report(out: str):
+    """results.csv, report.md and the plots of the sweep in ``out``; returns the report."""
+    from conadv.studies import figures
+    from conadv.studies import report as report_lib
+
+    rows = report_lib.collect(out)
+    if not rows:
+        raise FileNotFoundError(
+            f"no finished run under {os.path.join(out, 'runs')} (no summary.json); "
+            "run `python -m conadv.experiments sweep --out DIR ...` first"
+        )
+    report = report_lib.build(rows)
+    report_lib.write_csv(rows, os.path.join(out, "results.csv"))
+    report.figures = figures.plot_all(report, out)
+    images = "\n".join(f"![{name}]({name})" for name in report.figures)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report.markdown + "\n## Plots\n\n" + images + "\n")
+    return report
+
+
+def report(fv):
+    result = write_report(fv.out)
+    print(result.markdown)
+    print(f"\nwritten: {os.path.join(fv.out, 'report.md')}, results.csv and the plots")
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("--help", "-h", "--helpfull") for arg in argv):
+        fv = absl_flags.FlagValues()
+        define(fv)
+        print(__doc__)
+        print(fv.get_help())
+        return None
+    try:
+        command, fv, main_fv, main_args = parse(argv)
+        if command == "sweep":
+            return sweep(fv, main_fv, main_args)
+        return report(fv)
+    except (FlagError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except RuntimeError as error:
+        from conadv.studies.runner import RunFailedError
+
+        if isinstance(error, RunFailedError):
+            raise SystemExit(f"error: {error}") from None
+        raise
+
+
+if __name__ == "__main__":
+    main()
