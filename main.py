@@ -8,6 +8,7 @@ the CPU. For ImageNet see ``configs/`` (use ``--flagfile``) and BUILD.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -42,6 +43,8 @@ def run_main(values) -> dict | None:
     """Runs the job the flags describe; returns the summary (train) or eval result."""
     from conadv.run_config import RunConfig
 
+    # eval, export and sharpness on a trained run: the flags not given are the run's.
+    run_identity.fill_from_record(values)
     run = RunConfig.from_flags(values)  # every flag read and checked here, once
     if run.mode == "dry_run":
         from conadv.studies import dry_run
@@ -60,13 +63,16 @@ def run_main(values) -> dict | None:
     files = run_files.RunFiles(run.model_dir, strategy)
     tf.io.gfile.makedirs(run.model_dir)
     run_identity.check_or_record(run, record=files.is_chief)
+    if run.mode == "sharpness":
+        # Measured in float32 whatever the training precision (the variables are float32).
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, precision="float32"))
     log_file = run_logging.add_log_file(files.private_dir())
     logging.info("Full log in %s", log_file)
     trainer = Trainer(run.train, strategy, source, files=files)
     if files.is_chief and run.mode in ("train", "train_and_eval"):
         # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
         run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
-    if run.mode in ("eval", "export"):
+    if run.mode in ("eval", "export", "sharpness"):
         if not trainer.checkpoints.has_checkpoint():
             raise FlagError(
                 f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}; train first"
@@ -83,6 +89,21 @@ def run_main(values) -> dict | None:
                 os.path.join(run.model_dir, "predictions.json"),
                 {"global_step": trainer.global_step, "top_k_ids": trainer.evaluator.predict()},
             )
+        _finish(trainer, files, log_file)
+        return result
+    if run.mode == "sharpness":
+        from conadv.studies import sharpness
+
+        result = sharpness.measure_run(trainer, values)
+        if files.is_chief:
+            write_json(os.path.join(run.model_dir, "sharpness.json"), result)
+        print(
+            f"sharpness at step {result['global_step']}: top Hessian eigenvalue "
+            f"{result['top_eigenvalue']:.4g} ({result['power_iterations']} iterations), "
+            f"ε-sharpness {result['eps_sharpness']:.4g} (ε={result['epsilon']:g}), training loss "
+            f"{result['loss']:.4f} over {result['examples']} images",
+            flush=True,
+        )
         _finish(trainer, files, log_file)
         return result
     if run.mode == "export":

@@ -70,12 +70,14 @@ def bytes_per_replica(
     dtype,
     label_shape: tuple[int, ...] = (),
     label_dtype=tf.int32,
+    clean_images: bool = True,
 ) -> int:
-    """Memory one replica's slots take: clean and adversarial images, and labels."""
+    """Memory one replica's slots take: clean (unless not kept) and adversarial images,
+    and labels."""
     examples = staleness * per_replica_batch
     pixels = examples * math.prod(example_shape(image_size))
     label_bytes = examples * math.prod(label_shape) * tf.as_dtype(label_dtype).size
-    return 2 * pixels * tf.as_dtype(dtype).size + label_bytes
+    return (1 + int(clean_images)) * pixels * tf.as_dtype(dtype).size + label_bytes
 
 
 class _Untracked:
@@ -108,6 +110,9 @@ class RingBuffer:
     ``image_size`` is a square RGB image's side or any image's (H, W, C).
     A label is a class id (``label_shape=()``, int32) or, for
     ``conadv.keras``, a target distribution (``label_shape=(C,)``, float32).
+    ``clean_images=False`` keeps labels and adversarial images only (the free
+    attack's ring, ``conadv/free_attack.py``): ``read`` then gives None for the
+    images and ``write`` takes None.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class RingBuffer:
         dtype: tf.DType = tf.float32,
         label_shape: tuple[int, ...] = (),
         label_dtype: tf.DType = tf.int32,
+        clean_images: bool = True,
     ):
         if staleness < 1:
             raise ValueError(f"staleness must be >= 1, got {staleness}")
@@ -132,15 +138,21 @@ class RingBuffer:
         self.label_shape = tuple(int(d) for d in label_shape)
         self.label_dtype = tf.as_dtype(label_dtype)
         labels_shape = [self.staleness, per_replica_batch, *self.label_shape]
+        self.clean_images = bool(clean_images)
+        self.fields = FIELDS if clean_images else FIELDS[1:]
         with strategy.scope():
             self._vars = _Untracked(
-                images=self._variable(self.image_shape, self.dtype, "ring_images"),
+                images=(
+                    self._variable(self.image_shape, self.dtype, "ring_images")
+                    if clean_images
+                    else None
+                ),
                 labels=self._variable(labels_shape, self.label_dtype, "ring_labels"),
                 adversarial=self._variable(self.image_shape, self.dtype, "ring_adversarial"),
             )
         # Set once the prologue (or a restored checkpoint) has filled every slot.
         self.filled = tf.Variable(False, trainable=False, name="ring_filled")
-        self.num_local_replicas = len(strategy.experimental_local_results(self._vars.images))
+        self.num_local_replicas = len(strategy.experimental_local_results(self._vars.labels))
         dtype_tag = "" if self.dtype == tf.float32 else f"_{self.dtype.name}"
         size_tag = image_size if isinstance(image_size, int) else "x".join(map(str, shape))
         # "v2": per-replica components (a checkpoint of the earlier per-device
@@ -149,7 +161,7 @@ class RingBuffer:
         label_tag = f"_l{'x'.join(map(str, self.label_shape))}" if self.label_shape else ""
         self.layout = (
             f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{size_tag}"
-            f"_t{self.staleness}{dtype_tag}{label_tag}"
+            f"_t{self.staleness}{dtype_tag}{label_tag}{'' if clean_images else '_noclean'}"
         )
 
     @staticmethod
@@ -166,21 +178,28 @@ class RingBuffer:
             self.dtype,
             self.label_shape,
             self.label_dtype,
+            self.clean_images,
         )
 
     # ------------------------------------------------- inside strategy.run
 
-    def read(self, slot: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """This replica's (images, labels, adversarial images) in ``slot``."""
+    def read(self, slot: tf.Tensor) -> tuple[tf.Tensor | None, tf.Tensor, tf.Tensor]:
+        """This replica's (images, labels, adversarial images) in ``slot`` (images None
+        when the ring keeps none)."""
         slot = tf.cast(slot, tf.int32)
-        return tuple(_read_slot(getattr(self._vars, name), slot) for name in FIELDS)
+        return tuple(
+            _read_slot(getattr(self._vars, name), slot) if name in self.fields else None
+            for name in FIELDS
+        )
 
     def write(self, slot: tf.Tensor, images, labels, adversarial) -> tf.Operation:
         """Overwrites this replica's ``slot`` (images are cast to the buffer's dtype)."""
         slot = tf.cast(slot, tf.int32)
-        values = (images, labels, adversarial)
+        values = dict(zip(FIELDS, (images, labels, adversarial)))
+        if (values["images"] is None) == self.clean_images:
+            raise ValueError("give clean images exactly when the ring keeps them")
         return tf.group(
-            *(_write_slot(getattr(self._vars, n), slot, v) for n, v in zip(FIELDS, values))
+            *(_write_slot(getattr(self._vars, n), slot, values[n]) for n in self.fields)
         )
 
     # ----------------------------------------------------------- on the host
@@ -192,7 +211,7 @@ class RingBuffer:
     def checkpoint_items(self) -> dict:
         """What a checkpoint saves for this worker: each replica's slots, and ``filled``."""
         items = {"filled": self.filled}
-        for name in FIELDS:
+        for name in self.fields:
             for index, component in enumerate(self.local_slots(name)):
                 items[f"{name}_{index}"] = component
         return items

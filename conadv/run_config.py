@@ -80,6 +80,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     lars_eta: float = 0.001
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    #: Where DisAdv's and ConAdv's adversarial images come from (conadv/free_attack.py).
+    attack_source: str = steps_lib.SEPARATE_ATTACK
     #: Robust evaluation: the main branch, as evaluated, under this attack (None: clean only).
     eval_attack: AttackConfig | None = None
     jit_compile: bool = False
@@ -100,6 +102,8 @@ class DataConfig:
     num_classes: int | None = None
     one_based_labels: bool = False
     tfds_download: bool = False
+    #: A fixed stratified subset of the training set (digits), or None: all of it.
+    train_examples: int | None = None
     pipeline: PipelineOptions = dataclasses.field(default_factory=PipelineOptions)
 
     def build_source(self) -> DataSource:
@@ -110,6 +114,8 @@ class DataConfig:
             extra["one_based_labels"] = self.one_based_labels
         if self.dataset.startswith("tfds:"):
             extra["tfds_download"] = self.tfds_download
+        if self.train_examples is not None:
+            extra["train_examples"] = self.train_examples
         return registry.get_source(
             self.dataset,
             image_size=self.image_size,
@@ -208,6 +214,7 @@ class RunConfig:
             model_dir=v.model_dir or run_identity.default_model_dir(flag_values),
             method=v.method,
             staleness=v.staleness,
+            attack_source=v.attack_source,
             model=v.model,
             width_multiplier=v.width_multiplier,
             bn_group_size=v.bn_group_size,

@@ -27,146 +27,39 @@ pass over ``[clean; adversarial]`` (2B rows) with every split BatchNorm in
 rows. Both give the same loss, gradients and statistics; which is faster
 depends on the device (``python -m conadv.benchmark --update_pass``).
 
-Clean images are rounded to the compute dtype before they are attacked, so
-the attack, the ring buffer and the update all see the same clean pixels.
-Under float16 the losses are scaled (``official.precision``).
+With ``attack_source`` ``clean_pass`` DisAdv and ConAdv take their
+adversarial images from the update's clean pass instead of an attack pass
+of their own (``conadv/free_attack.py``). The objective and its gradients
+are in ``conadv/objective.py``, the step context in
+``conadv/step_context.py``. Under float16 the losses are scaled
+(``official.precision``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import NamedTuple
-
 import tensorflow as tf
 
-from conadv import attack as attack_lib
-from conadv.ring_buffer import RingBuffer
-from conadv.run.metrics import ReplicaSums
-from conadv.run.nonfinite import NonFiniteGuard
-from official import losses, precision
-from official.accumulation import GradientAccumulator, OptimizerStep
-from official.model_losses import additional_loss
-from official.split_batch_norm import call_model
-
-VANILLA = "vanilla"
-DISADV = "disadv"
-CONADV = "conadv"
-METHODS = (VANILLA, DISADV, CONADV)
-
-CONCATENATED = "concatenated"
-SEPARATE = "separate"
-UPDATE_PASSES = (CONCATENATED, SEPARATE)
-
-#: What every step adds to the loop's running sums.
-TRAIN_SUMS = ("examples", "clean_loss", "clean_correct", "adv_examples", "adv_loss", "adv_linf")
-
-
-@dataclasses.dataclass
-class StepContext:
-    """Everything a step touches, built once by the trainer."""
-
-    model: tf.keras.Model
-    optimizer: tf.keras.optimizers.Optimizer
-    global_batch_size: int
-    num_classes: int
-    label_smoothing: float = 0.0
-    attack: attack_lib.AttackConfig = dataclasses.field(default_factory=attack_lib.AttackConfig)
-    seed: int = 0
-    sums: ReplicaSums | None = None
-    ring: RingBuffer | None = None
-    update_pass: str = CONCATENATED
-    compute_dtype: tf.DType = tf.float32
-    guard: NonFiniteGuard | None = None
-    #: Micro-batches per optimizer step (the ring then holds τ·N micro-batches).
-    accumulation_steps: int = 1
-    #: Per-replica gradient sums when accumulation_steps > 1 (official/accumulation.py).
-    accumulator: GradientAccumulator | None = None
-
-    def __post_init__(self):
-        if self.update_pass not in UPDATE_PASSES:
-            raise ValueError(
-                f"update_pass must be one of {', '.join(UPDATE_PASSES)}, got {self.update_pass!r}"
-            )
-
-
-class StepGradients(NamedTuple):
-    """What a method's step computes on one (micro-)batch, before the update.
-
-    ``labels``, ``clean_logits`` and the per-example losses are those of the
-    batch trained on (for ConAdv, the ring's, not the incoming one), for
-    metrics such as ``conadv.keras.ConAdvModel``'s; ``extra_loss`` is what
-    the model's regularizers added to the objective (``model.losses``, see
-    ``official/model_losses.py``; None without any); ``wait_for`` are the
-    tensors that must read θ_t before the update overwrites it.
-    """
-
-    grads: list
-    wait_for: list
-    labels: tf.Tensor
-    clean_logits: tf.Tensor
-    clean_losses: tf.Tensor
-    adv_losses: tf.Tensor | None
-    extra_loss: tf.Tensor | None = None
-
-    @property
-    def clean_sum(self) -> tf.Tensor:
-        return tf.reduce_sum(self.clean_losses)
-
-    @property
-    def adv_sum(self) -> tf.Tensor | None:
-        return None if self.adv_losses is None else tf.reduce_sum(self.adv_losses)
-
-
-def attack_seed(ctx: StepContext, batch_index) -> tf.Tensor:
-    """The attack's random seed for one batch on this replica.
-
-    A function of the batch's position in the data stream, not of the step
-    that happens to attack it, so DisAdv (which attacks batch t at step t)
-    and ConAdv (which attacks it at step t − τ) draw the same random start.
-    """
-    replica = tf.distribute.get_replica_context()
-    replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int64)
-    num_replicas = tf.cast(replica.num_replicas_in_sync, tf.int64)
-    index = tf.cast(batch_index, tf.int64) * num_replicas + replica_id
-    return tf.stack([tf.constant(ctx.seed, tf.int64), index])
-
-
-def run_attack(ctx: StepContext, images, labels, batch_index) -> tf.Tensor:
-    """Adversarial images for ``images`` (already ``as_stored``), as they are stored.
-
-    Under a 16-bit compute dtype the result is rounded to that dtype while
-    staying within ε of the stored clean images, so DisAdv and ConAdv train
-    on the same pixels and the ring's contents respect the budget exactly.
-    """
-    adversarial = attack_lib.pgd_attack(
-        ctx.model,
-        images,
-        labels,
-        ctx.attack,
-        seed=attack_seed(ctx, batch_index),
-        num_classes=ctx.num_classes,
-        loss_scale=precision.attack_loss_scale(ctx.compute_dtype),
-    )
-    if ctx.compute_dtype == tf.float32:
-        return adversarial
-    lower = tf.maximum(images - ctx.attack.eps, ctx.attack.input_min)
-    upper = tf.minimum(images + ctx.attack.eps, ctx.attack.input_max)
-    return precision.round_within(adversarial, lower, upper, ctx.compute_dtype)
-
-
-def as_stored(ctx: StepContext, images) -> tf.Tensor:
-    """Clean images rounded to the compute dtype, as float32 (what every pass sees)."""
-    if ctx.compute_dtype == tf.float32:
-        return tf.cast(images, tf.float32)
-    return tf.cast(tf.cast(images, ctx.compute_dtype), tf.float32)
-
-
-def weight_gradients(ctx: StepContext, tape, loss) -> list[tf.Tensor]:
-    """d loss / d trainable variables; zeros for the branch a step does not use."""
-    variables = ctx.model.trainable_variables
-    grads = tape.gradient(loss, variables)
-    # A zero gradient keeps the unused branch's momentum at 0.
-    return [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+from conadv import free_attack, objective
+from conadv.objective import adversarial_loss, weight_gradients  # noqa: F401
+from conadv.step_context import (  # noqa: F401 (the steps' public names)
+    ATTACK_SOURCES,
+    CLEAN_PASS,
+    CONADV,
+    CONCATENATED,
+    DISADV,
+    METHODS,
+    SEPARATE,
+    SEPARATE_ATTACK,
+    TRAIN_SUMS,
+    UPDATE_PASSES,
+    VANILLA,
+    StepContext,
+    StepGradients,
+    as_stored,
+    attack_seed,
+    run_attack,
+)
+from official.accumulation import OptimizerStep
 
 
 def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()):
@@ -188,100 +81,9 @@ def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()
     ctx.optimizer.apply_gradients(zip(grads, ctx.model.trainable_variables))
 
 
-def _clean_statistics(labels, logits, per_example_loss):
-    return dict(
-        examples=tf.shape(labels)[0],
-        clean_loss=tf.reduce_sum(per_example_loss),
-        clean_correct=tf.reduce_sum(losses.top_k_correct(labels, logits, 1)),
-    )
-
-
-def _with_extra(ctx: StepContext, loss, extra):
-    """The replica's loss plus its share of the regularizers' ``extra`` loss.
-
-    The optimizer sums the gradients of every replica (and the accumulator
-    those of every micro-batch), so each adds ``extra`` divided by their count,
-    as Keras' ``fit`` divides ``model.losses`` by the replicas.
-    """
-    if extra is None:
-        return loss
-    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    return loss + extra / (replicas * ctx.accumulation_steps)
-
-
-def clean_gradients(ctx: StepContext, images, labels):
-    """Gradients of the clean loss through the main branch (one micro-batch), the
-    logits, the per-example losses and the regularizers' loss (or None)."""
-    with tf.GradientTape() as tape:
-        logits = call_model(ctx.model, images, True, "main")
-        extra = additional_loss(ctx.model, {"main": 1.0})
-        per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
-        loss = _with_extra(ctx, tf.reduce_sum(per_example) / ctx.global_batch_size, extra)
-        scaled_loss = ctx.optimizer.scale_loss(loss)
-    grads = weight_gradients(ctx, tape, scaled_loss)
-    if ctx.sums is not None:
-        ctx.sums.add(**_clean_statistics(labels, logits, per_example))
-    return grads, logits, per_example, extra
-
-
-def _mean_of_present(a, b):
-    """½·(a + b) where a missing term (None) is 0; None when both are missing."""
-    if a is None and b is None:
-        return None
-    return 0.5 * ((0.0 if a is None else a) + (0.0 if b is None else b))
-
-
-def adversarial_loss(ctx: StepContext, images, labels, adversarial):
-    """½·(CE_clean through main + CE_adv through aux), over the global batch, plus the
-    regularizers' ½·(clean + adversarial) share.
-
-    A training-mode forward pass (both branches' moving statistics update) in
-    the context's ``update_pass`` form. Returns the loss, the clean logits,
-    the per-example clean and adversarial cross-entropies, and the
-    regularizers' loss (or None).
-    """
-    images = tf.cast(images, tf.float32)
-    adversarial = tf.cast(adversarial, tf.float32)
-    if ctx.update_pass == CONCATENATED:
-        both = tf.concat([images, adversarial], axis=0)
-        logits = call_model(ctx.model, both, True, "mixed")
-        extra = additional_loss(ctx.model, {"main": 0.5, "aux": 0.5})
-        clean_logits, adv_logits = tf.split(logits, 2, axis=0)
-    else:
-        clean_logits = call_model(ctx.model, images, True, "main")
-        clean_extra = additional_loss(ctx.model, {"main": 1.0})
-        adv_logits = call_model(ctx.model, adversarial, True, "aux")
-        extra = _mean_of_present(clean_extra, additional_loss(ctx.model, {"aux": 1.0}))
-    clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
-    adv = losses.cross_entropy(labels, adv_logits, ctx.label_smoothing)
-    loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
-    return _with_extra(ctx, loss, extra), clean_logits, clean, adv, extra
-
-
-def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
-    """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch),
-    the clean logits, the per-example clean and adversarial losses and the
-    regularizers' loss (or None)."""
-    with tf.GradientTape() as tape:
-        loss, clean_logits, clean, adv, extra = adversarial_loss(ctx, images, labels, adversarial)
-        scaled_loss = ctx.optimizer.scale_loss(loss)
-    grads = weight_gradients(ctx, tape, scaled_loss)
-    if ctx.sums is not None:
-        distance = attack_lib.linf_distance(
-            tf.cast(adversarial, tf.float32), tf.cast(images, tf.float32)
-        )
-        ctx.sums.add(
-            **_clean_statistics(labels, clean_logits, clean),
-            adv_examples=tf.shape(labels)[0],
-            adv_loss=tf.reduce_sum(adv),
-            adv_linf=tf.reduce_sum(distance),
-        )
-    return grads, clean_logits, clean, adv, extra
-
-
 def vanilla_gradients(ctx: StepContext, images, labels, index):
     """Vanilla on one (micro-)batch: the clean loss through the main branch."""
-    grads, logits, clean, extra = clean_gradients(ctx, as_stored(ctx, images), labels)
+    grads, logits, clean, extra = objective.clean_gradients(ctx, as_stored(ctx, images), labels)
     return StepGradients(grads, [], labels, logits, clean, None, extra)
 
 
@@ -289,7 +91,9 @@ def disadv_gradients(ctx: StepContext, images, labels, index):
     """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss."""
     images = as_stored(ctx, images)
     adversarial = run_attack(ctx, images, labels, batch_index=index)
-    grads, logits, clean, adv, extra = adversarial_gradients(ctx, images, labels, adversarial)
+    grads, logits, clean, adv, extra = objective.adversarial_gradients(
+        ctx, images, labels, adversarial
+    )
     return StepGradients(grads, [], labels, logits, clean, adv, extra)
 
 
@@ -306,22 +110,35 @@ def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
     slot = tf.cast(index % ring_size, tf.int32)
     images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
     next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ring_size)
-    grads, logits, clean, adv, extra = adversarial_gradients(ctx, images, labels, adversarial)
+    grads, logits, clean, adv, extra = objective.adversarial_gradients(
+        ctx, images, labels, adversarial
+    )
     with tf.control_dependencies(grads):
         ctx.ring.write(slot, next_images, next_labels, next_adversarial)
     # The update may only overwrite θ_t once the attack has read it.
     return StepGradients(grads, [next_adversarial], labels, logits, clean, adv, extra)
 
 
-_GRADIENTS = {VANILLA: vanilla_gradients, DISADV: disadv_gradients, CONADV: conadv_gradients}
+_GRADIENTS = {
+    (VANILLA, SEPARATE_ATTACK): vanilla_gradients,
+    (VANILLA, CLEAN_PASS): vanilla_gradients,  # no attack to take from anywhere
+    (DISADV, SEPARATE_ATTACK): disadv_gradients,
+    (DISADV, CLEAN_PASS): free_attack.disadv_gradients,
+    (CONADV, SEPARATE_ATTACK): conadv_gradients,
+    (CONADV, CLEAN_PASS): free_attack.conadv_gradients,
+}
 
 
 def _gradients_fn(method: str, ctx: StepContext):
-    if method not in _GRADIENTS:
+    if method not in METHODS:
         raise ValueError(f"--method={method!r} is unknown; choose one of {', '.join(METHODS)}")
     if method == CONADV and ctx.ring is None:
         raise ValueError("ConAdv needs a ring buffer in the step context")
-    return _GRADIENTS[method]
+    if method == CONADV and ctx.ring.clean_images != (ctx.attack_source == SEPARATE_ATTACK):
+        raise ValueError(
+            "ConAdv's ring keeps clean images for the separate attack, and only for it"
+        )
+    return _GRADIENTS[method, ctx.attack_source]
 
 
 def build_step(method: str, ctx: StepContext):
@@ -395,8 +212,11 @@ def build_conadv_prologue(ctx: StepContext):
 
     Called for the τ·N micro-batches t·N … (t+τ)·N − 1 before step t (t = 0 on
     a fresh run; N = 1 without accumulation), so the buffer holds exactly what
-    the ConAdv steps would have left there.
+    the ConAdv steps would have left there. The free attack has its own
+    (``free_attack.build_prologue``).
     """
+    if ctx.attack_source == CLEAN_PASS:
+        return free_attack.build_prologue(ctx)
 
     def prologue_step(batch, index):
         images, labels = batch

@@ -85,7 +85,12 @@ class Trainer:
             # τ steps ahead, in micro-batches: τ·N slots per replica.
             slots = config.staleness * self.accumulation_steps
             self.ring = RingBuffer(
-                strategy, slots, self.micro_batch, source.image_size, dtype=compute_dtype
+                strategy,
+                slots,
+                self.micro_batch,
+                source.image_size,
+                dtype=compute_dtype,
+                clean_images=config.attack_source == steps_lib.SEPARATE_ATTACK,
             )
         self.context = steps_lib.StepContext(
             model=self.model,
@@ -102,6 +107,7 @@ class Trainer:
             guard=self.guard,
             accumulation_steps=self.accumulation_steps,
             accumulator=_accumulator(strategy, self.model, self.accumulation_steps),
+            attack_source=config.attack_source,
         )
         # Each replica step is one XLA program when jit_compile is set (always
         # on TPU); the loop around it, and the iterator, stay outside.

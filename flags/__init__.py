@@ -6,9 +6,9 @@ parsed set and raises ``FlagError`` with a one-line message naming the flag.
 
 from absl import flags as absl_flags
 
-from flags import data, method, model, optimization, run, validation
+from flags import data, method, model, optimization, run, sharpness, validation
 
-_GROUPS = (run, data, model, method, optimization)
+_GROUPS = (run, data, model, method, optimization, sharpness)
 
 
 def define_all(flag_values: absl_flags.FlagValues = absl_flags.FLAGS):

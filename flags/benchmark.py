@@ -56,6 +56,13 @@ def define(fv: absl_flags.FlagValues):
     absl_flags.DEFINE_list(
         "staleness", ["1"], "τ values to time ConAdv at, e.g. 1,8,32.", flag_values=fv
     )
+    absl_flags.DEFINE_list(
+        "attack_source",
+        ["separate"],
+        "separate (the attack's own passes) and/or clean_pass (the free attack, from the "
+        "clean pass's input gradient) for DisAdv and ConAdv.",
+        flag_values=fv,
+    )
     absl_flags.DEFINE_integer(
         "num_cpu_devices", 1, "> 1: split the CPU and run under MirroredStrategy.", flag_values=fv
     )
@@ -75,7 +82,7 @@ def _require(condition: bool, message: str):
 
 def validate(fv: absl_flags.FlagValues):
     """Checks the parsed flags; raises ``FlagError`` with one line naming the flag."""
-    from flags.method import METHODS, UPDATE_PASSES
+    from flags.method import ATTACK_SOURCES, METHODS, UPDATE_PASSES
     from official import precision, resnet
 
     _require(
@@ -96,6 +103,12 @@ def validate(fv: absl_flags.FlagValues):
             name in UPDATE_PASSES,
             f"--update_pass: {name!r} is not one of {', '.join(UPDATE_PASSES)}",
         )
+    for name in fv.attack_source:
+        _require(
+            name in ATTACK_SOURCES,
+            f"--attack_source: {name!r} is not one of {', '.join(ATTACK_SOURCES)}",
+        )
+    _require(len(set(fv.attack_source)) == len(fv.attack_source), "--attack_source: a source twice")
     distinct_numbers("staleness", fv.staleness)
     distinct_numbers("batch_sizes", fv.batch_sizes)
     _require(fv.num_cpu_devices >= 1, "--num_cpu_devices must be at least 1")

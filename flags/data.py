@@ -18,6 +18,14 @@ def define(fv):
         "num_classes", None, "Number of classes (default: the dataset's).", flag_values=fv
     )
     absl_flags.DEFINE_integer(
+        "train_examples",
+        None,
+        "Train on a subset of this many training examples, the same for every run: "
+        "stratified by class and drawn with a fixed seed (--dataset=digits). It defines the "
+        "run; train top-1 and precise BatchNorm statistics use the subset too.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
         "batch_size",
         256,
         "Global training batch size: the examples of one optimizer step, over all replicas "

@@ -5,6 +5,8 @@ from absl import flags as absl_flags
 #: The methods and update passes ``conadv/steps.py`` implements (tests/test_layout.py checks).
 METHODS = ("vanilla", "disadv", "conadv")
 UPDATE_PASSES = ("concatenated", "separate")
+#: Where the adversarial images come from (conadv/free_attack.py).
+ATTACK_SOURCES = ("separate", "clean_pass")
 
 
 def define(fv):
@@ -51,6 +53,21 @@ def define(fv):
         "untargeted",
         ["untargeted", "random"],
         "Raise the true label's loss, or lower a random wrong label's.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_enum(
+        "attack_source",
+        "separate",
+        list(ATTACK_SOURCES),
+        "separate: DisAdv and ConAdv attack with passes of their own (the paper). "
+        "clean_pass: the free attack, from the input gradient of the update's clean pass "
+        "(no attack pass: 6 units of work per image instead of 8); it is a 1-step attack "
+        "from the clean image through the main BatchNorm (it sets --attack_steps=1 "
+        "--attack_init=zero --attack_bn=main, and refuses other values), and it takes the "
+        "sign of the label-smoothed training loss's gradient (with --label_smoothing=0, "
+        "the separate attack's). ConAdv then trains step t+tau on the adversarial images "
+        "of step t's clean batch beside step t+tau's own clean batch, where the paper "
+        "pairs each clean batch with its own adversarial copy.",
         flag_values=fv,
     )
     absl_flags.DEFINE_float(

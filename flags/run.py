@@ -9,10 +9,13 @@ def define(fv):
     absl_flags.DEFINE_enum(
         "mode",
         "train_and_eval",
-        ["train", "eval", "train_and_eval", "export", "dry_run"],
+        ["train", "eval", "train_and_eval", "export", "sharpness", "dry_run"],
         "train: train only; eval: evaluate the latest checkpoint; "
         "train_and_eval: train with periodic evaluation; export: write the latest "
         "checkpoint's model.keras and serving SavedModel (also done after training); "
+        "sharpness: measure the latest checkpoint's top Hessian eigenvalue and ε-sharpness "
+        "into sharpness.json (--sharpness_*); eval, export and sharpness on an existing "
+        "--model_dir take every flag not given from its run_config.json; "
         "dry_run: print the configuration the flags give (batches per replica and BatchNorm "
         "group, steps, learning rates, ring-buffer bytes, parameters) without reading data.",
         flag_values=fv,
@@ -32,7 +35,8 @@ def define(fv):
         "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
         "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --jit_compile, --update_pass, "
         "--mlperf_log, --mlperf_org, --mlperf_division, --mlperf_platform, --target_accuracy, "
-        "--verbosity. "
+        "--sharpness_examples, --sharpness_iterations, --sharpness_tolerance, --sharpness_eps, "
+        "--sharpness_steps, --verbosity. "
         "Default: <tmp>/conadv/<dataset>_<model>_<method>_<hash of the defining flags>.",
         flag_values=fv,
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from absl import flags as absl_flags
+
 
 class FlagError(ValueError):
     """A bad flag value or combination; the message is one line."""
@@ -18,6 +20,40 @@ class FlagError(ValueError):
 def _require(condition: bool, message: str):
     if not condition:
         raise FlagError(message)
+
+
+#: The attack the free attack (--attack_source=clean_pass) computes, and the defaults
+#: of those flags, which it replaces.
+CLEAN_PASS_ATTACK = {
+    "attack_steps": (1, 1),
+    "attack_init": ("zero", "random"),
+    "attack_bn": ("main", "aux"),
+    "attack_target": ("untargeted", "untargeted"),
+}
+
+
+def settle_attack_source(values):
+    """``--attack_source=clean_pass`` is a 1-step untargeted attack from the clean image
+    through the main BatchNorm: sets the attack flags left at their defaults to it, and
+    refuses one given otherwise (absl FLAGS know what was given; for other objects a
+    value other than the default counts as given)."""
+    if getattr(values, "attack_source", "separate") != "clean_pass":
+        return
+    for name, (needed, default) in CLEAN_PASS_ATTACK.items():
+        value = getattr(values, name)
+        if value == needed:
+            continue
+        if isinstance(values, absl_flags.FlagValues):
+            given = bool(values[name].present)
+        else:
+            given = value != default
+        _require(
+            not given,
+            f"--attack_source=clean_pass is a 1-step untargeted attack from the clean image "
+            f"through the main BatchNorm, not --{name}={value}: drop --{name} "
+            "(or use --attack_source=separate)",
+        )
+        setattr(values, name, needed)
 
 
 def distinct_numbers(flag: str, values, kind=int, positive: bool = True) -> list:
@@ -84,6 +120,7 @@ def validate(values, num_replicas: int = 1):
     from official import resnet
 
     v = values
+    settle_attack_source(v)
     validate_batch_sizes(v, num_replicas)
     _require(
         v.model in resnet.MODEL_NAMES,
@@ -105,6 +142,15 @@ def validate(values, num_replicas: int = 1):
         validate_image_size(v.model, v.image_size)
     if v.num_classes is not None:
         _require(v.num_classes >= 2, f"--num_classes={v.num_classes} must be at least 2")
+    if v.train_examples is not None:
+        _require(
+            v.dataset == "digits",
+            f"--train_examples is for --dataset=digits (in memory), not {v.dataset}",
+        )
+        _require(
+            v.train_examples >= 10,
+            f"--train_examples={v.train_examples} must be at least 10 (one per class)",
+        )
     _require(v.width_multiplier > 0, f"--width_multiplier={v.width_multiplier} must be > 0")
 
     _require(

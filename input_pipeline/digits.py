@@ -44,9 +44,12 @@ class DigitsSource(DataSource):
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
         if num_classes not in (None, 10):
             raise DataError(f"--num_classes={num_classes}: the digits dataset has 10 classes")
-        return super().create(
+        source = super().create(
             name=name, image_size=image_size, data_dir=data_dir, num_classes=None, options=options
         )
+        if kwargs.get("train_examples") is not None:
+            source.keep_training_subset(kwargs["train_examples"])
+        return source
 
     def __init__(self, image_size, options=None):
         self._splits = load_digits_split()
@@ -59,6 +62,25 @@ class DigitsSource(DataSource):
         )
         self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
         self.class_names = [str(digit) for digit in range(10)]
+
+    def keep_training_subset(self, count: int):
+        """Keeps ``count`` training examples, stratified by class, drawn with a fixed seed
+        (the same subset for every run; ``--train_examples``)."""
+        images, labels = self._splits[TRAIN]
+        if not 10 <= count <= len(labels):
+            raise DataError(
+                f"--train_examples={count}: the digits training set has {len(labels)} examples"
+            )
+        if count < len(labels):
+            from sklearn.model_selection import train_test_split
+
+            keep, _ = train_test_split(
+                np.arange(len(labels)), train_size=count, stratify=labels, random_state=_SPLIT_SEED
+            )
+            keep = np.sort(keep)
+            self._splits[TRAIN] = (images[keep], labels[keep])
+            self._pixels[TRAIN] = self._pixels[TRAIN][keep]
+            self.num_train_examples = count
 
     def _resize(self, images: np.ndarray) -> np.ndarray:
         """Resizes once, up front: the whole set is a few MB at 32×32."""

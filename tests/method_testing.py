@@ -59,6 +59,7 @@ def make_context(
     update_pass=steps_lib.CONCATENATED,
     accumulation_steps=1,
     dtype_policy=precision.FLOAT32,
+    attack_source=steps_lib.SEPARATE_ATTACK,
 ):
     """A step context like the trainer's, with its ring buffer if ``staleness``
     (τ·N micro-batch slots under ``accumulation_steps`` N); under
@@ -82,7 +83,12 @@ def make_context(
     if staleness:
         micro = batch_size // strategy.num_replicas_in_sync // accumulation_steps
         ring = RingBuffer(
-            strategy, staleness * accumulation_steps, micro, IMAGE_SIZE, dtype=compute_dtype
+            strategy,
+            staleness * accumulation_steps,
+            micro,
+            IMAGE_SIZE,
+            dtype=compute_dtype,
+            clean_images=attack_source == steps_lib.SEPARATE_ATTACK,
         )
     return steps_lib.StepContext(
         model=model,
@@ -98,6 +104,7 @@ def make_context(
         accumulation_steps=accumulation_steps,
         accumulator=accumulator,
         compute_dtype=compute_dtype,
+        attack_source=attack_source,
     )
 
 

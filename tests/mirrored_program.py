@@ -283,6 +283,59 @@ def keras_fit_live_batch_norm(mirrored):
     }
 
 
+def sharpness_on_two_replicas(mirrored):
+    """The top Hessian eigenvalue of a small split-BatchNorm network's loss on 2 replicas and
+    on one device: the all-reduced loss's, so the replica count must not change it."""
+    from conadv.studies import sharpness
+    from tests import test_sharpness as ts
+
+    rng = np.random.default_rng(6)
+    x = rng.uniform(0, 1, (24, 6, 6, 3)).astype("float32")
+    y = rng.integers(0, 3, 24).astype("int32")
+    out = {}
+    for name, strategy in (("mirrored", mirrored), ("single", tf.distribute.get_strategy())):
+        with strategy.scope():
+            model = ts.small_network()
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        loss = sharpness.TrainingLoss(
+            model, strategy, strategy.experimental_distribute_dataset(dataset), len(y), 0.1
+        )
+        out[name] = sharpness.top_eigenvalue(loss, iterations=200, tolerance=1e-7)
+    return out
+
+
+def free_attack_on_two_replicas(mirrored, images, labels):
+    """DisAdv with the free attack and with the separate attack (1 step from the clean
+    image, main branch, no smoothing) on 2 replicas, each normalising by its own half:
+    the largest difference of any variable and of the losses after 3 steps."""
+    out = {}
+    for source in (steps_lib.CLEAN_PASS, steps_lib.SEPARATE_ATTACK):
+        model = model_for(mirrored, synchronized=False)
+        ctx = mt.make_context(
+            model,
+            weight_decay=WD,
+            batch_size=BATCH,
+            strategy=mirrored,
+            attack=attack_lib.AttackConfig(eps=EPS, random_init=False, bn_branch="main"),
+            attack_source=source,
+        )
+        initial = mt.snapshot(model)
+        iterator = mt.batch_iterator(images, labels, mirrored)
+        run = mt.step_runner(ctx, "disadv", mirrored)
+        for _ in range(3):
+            run(iterator)
+        totals = ctx.sums.totals()
+        out[source] = (mt.snapshot(model), [totals["clean_loss"], totals["adv_loss"]], initial)
+    free, separate = out[steps_lib.CLEAN_PASS], out[steps_lib.SEPARATE_ATTACK]
+    return {
+        "max_variable_difference": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(free[0], separate[0])
+        ),
+        "max_loss_difference": max(abs(a - b) for a, b in zip(free[1], separate[1])),
+        "moved": max(float(np.max(np.abs(a - b))) for a, b in zip(free[0], free[2])),
+    }
+
+
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = tf.distribute.OneDeviceStrategy("/cpu:0")
@@ -372,6 +425,8 @@ def main():
     }
     out["keras_fit"] = keras_fit(mirrored)
     out["keras_fit_live_batch_norm"] = keras_fit_live_batch_norm(mirrored)
+    out["sharpness"] = sharpness_on_two_replicas(mirrored)
+    out["free_attack"] = free_attack_on_two_replicas(mirrored, images, labels)
     print("RESULT " + json.dumps(out))
 
 

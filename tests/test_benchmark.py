@@ -50,10 +50,13 @@ class ThroughputSweepTest(tf.test.TestCase):
             self.assertEqual(row["images_per_second"], statistics.median(row["rounds"]))
             self.assertGreater(row["images_per_second"], 0)
 
-    def test_rounds_interleave_the_methods(self):
-        """Catches: each setting timed in its own block, one after another."""
+    def test_rounds_interleave_the_methods_and_rotate(self):
+        """Catches: each setting timed in its own block, one after another; every round
+        in the same order (a position effect would favour the same settings each time)."""
         keys = [r["key"] for r in self.written["results"]]
-        self.assertEqual(self.written["timing_order"], keys * 3)
+        n = len(keys)
+        rotated = [keys[(r + i) % n] for r in range(3) for i in range(n)]
+        self.assertEqual(self.written["timing_order"], rotated)
         # Within one batch, a round goes vanilla, DisAdv, ConAdv.
         self.assertEqual(keys, [f"{m}/batch={b}" for b in BATCHES for m in METHODS])
 
@@ -116,3 +119,31 @@ class BenchmarkFlagsTest(tf.test.TestCase):
             message = str(raised.exception.code)
             self.assertIn(flag, message, argv)
             self.assertNotIn("\n", message, argv)
+
+
+class AttackSourceTest(tf.test.TestCase):
+    """``--attack_source separate,clean_pass``: both timed per method, and the free
+    attack's speed over the separate attack's as the median of per-round ratios."""
+
+    def test_clean_pass_beside_separate(self):
+        result = benchmark.main(
+            [
+                "--model=resnet8",
+                "--width_multiplier=0.25",
+                "--image_size=16",
+                "--batch_sizes=2",
+                "--loops=2",
+                "--steps_per_loop=1",
+                "--methods=vanilla,conadv",
+                "--attack_source=separate,clean_pass",
+            ]
+        )
+        rows = {r["key"]: r["rounds"] for r in result["results"]}
+        self.assertCountEqual(rows, ["vanilla", "conadv/separate", "conadv/clean_pass"])
+        expected = float(
+            np.median(np.array(rows["conadv/clean_pass"]) / np.array(rows["conadv/separate"]))
+        )
+        name = "conadv/clean_pass_over_conadv/separate"
+        self.assertAllClose(result["ratios"][name], expected, rtol=1e-12)
+        self.assertIn("conadv/clean_pass_over_vanilla", result["ratios"])
+        self.assertEqual(result["ideal_clean_pass_conadv_over_vanilla"], 0.5)

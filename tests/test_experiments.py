@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from conadv.studies import experiments, grid, statistics
-from tests.child_process import ROOT, TINY_RESNET
+from tests.child_process import ROOT, TINY_RESNET, run_main
 
 # Student's t, 0.975 quantile, 2 and 3 degrees of freedom (published tables).
 T975 = {2: 4.302652729911275, 3: 3.182446305284263}
@@ -98,7 +98,7 @@ class ReportArithmeticTest(tf.test.TestCase):
                         )
         # An unfinished run (no summary.json) is left out of everything.
         os.makedirs(os.path.join(cls.out, "runs", "vanilla_b1024_seed0"))
-        cls.report = experiments.write_report(cls.out)
+        [cls.report] = experiments.write_report(cls.out)
 
     def seeds_of(self, method, batch, eps, index):
         return [self.values[(method, batch, eps, s)][index] for s in (0, 1, 2)]
@@ -254,7 +254,7 @@ class TrainingCurvesTest(tf.test.TestCase):
                         tf.summary.scalar(tag, value, step=step)
                         logged[(subdir, seed, step)] = value
                 writer.close()
-        report = experiments.write_report(out)
+        [report] = experiments.write_report(out)
         loss = report.figures["training_curves.png"].axes[0].lines
         top1 = report.figures["training_curves.png"].axes[1].lines
         for lines, subdir in ((loss, "train"), (top1, "eval")):
@@ -332,6 +332,18 @@ def hparams_sessions(out):
     return sessions
 
 
+def kill_runs_of(out):
+    """SIGKILL to every process whose command line names ``out`` (the sweep's runs)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().decode(errors="replace")
+            if out in command and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 class SweepKilledAndResumedTest(tf.test.TestCase):
     """2 batch sizes × 2 methods of tiny main.py runs (seed 7, so a seed that is not
     passed on shows), killed with SIGKILL after the first run finished and while the
@@ -358,9 +370,17 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
             "--epochs_between_evals=1000",
             "--precise_bn_batches=1",
             "--learning_rate=0.5",
+            "--warmup_epochs=0",
         ]
-        runs = ["vanilla_b16_seed7", "conadv_b16_seed7"]
-        first, second = (os.path.join(out, "runs", name) for name in runs)
+        # Each run's directory ends in the hash of its whole configuration.
+        _, fv, main_fv, main_args = experiments.parse(argv[3:])
+        run_names = {
+            run.name.rsplit("_", 1)[0]: run.name for run in experiments.plan(fv, main_fv, main_args)
+        }
+        first, second = (
+            os.path.join(out, "runs", run_names[key])
+            for key in ("vanilla_b16_seed7", "conadv_b16_seed7")
+        )
         log_path = os.path.join(out, "sweep.log")
         os.makedirs(out, exist_ok=True)
         with open(log_path, "w") as log:
@@ -375,7 +395,8 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
                 ):
                     break
                 time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its main.py
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep
+            kill_runs_of(out)  # and its main.py, in a session of its own
         finally:
             proc.wait()
         with open(log_path) as f:
@@ -386,7 +407,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         restarted = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
         self.assertEqual(restarted.returncode, 0, restarted.stderr[-3000:])
         self.assertIn("1 finished run(s) skipped", restarted.stdout)
-        self.assertIn("resumed conadv_b16_seed7", restarted.stdout)
+        self.assertIn(f"resumed {run_names['conadv_b16_seed7']}", restarted.stdout)
         self.assertRegex(restarted.stdout, r"ETA \d+:\d\d:\d\d")
 
         # The finished run was not trained again.
@@ -410,13 +431,154 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
                 summary = json.load(f)
             self.assertEqual(summary["train_steps"], 12)
             [(params, top1)] = sessions[name]  # one session per run, even across restarts
-            method, batch, seed = re.fullmatch(r"(\w+?)_b(\d+)_seed(\d)", name).groups()
+            method, batch, seed = re.fullmatch(r"(\w+?)_b(\d+)_seed(\d)_[0-9a-f]{8}", name).groups()
             self.assertEqual(params["method"], method)
             self.assertEqual(params["batch_size"], int(batch))
             self.assertEqual(params["seed"], int(seed))
             # Linear scaling from 0.5 at batch 16.
             self.assertAllClose(params["learning_rate"], 0.5 * int(batch) / 16)
             self.assertAllClose(top1, summary["eval_top1"])
-        with open(os.path.join(out, "runs", "conadv_b32_seed7", "run_config.json")) as f:
+        with open(os.path.join(out, "runs", run_names["conadv_b32_seed7"], "run_config.json")) as f:
             flags = json.load(f)["flags"]
         self.assertEqual((flags["batch_size"], flags["learning_rate"]), (32, 1.0))
+
+
+def summary_of(top1, train):
+    return {"eval_top1": top1, "train_top1": train, "train_steps": 10, "epochs": 2.0}
+
+
+class ConfigurationTest(tf.test.TestCase):
+    """A sweep's run is its whole configuration.
+
+    Catches: a run reused after a changed --lr_scaling or main.py flag (its directory
+    named by the grid point alone), and a report that pools the runs of two
+    configurations in one cell."""
+
+    def plan_of(self, out, *extra):
+        _, fv, main_fv, main_args = experiments.parse(
+            [
+                "sweep",
+                f"--out={out}",
+                "--methods=vanilla,conadv",
+                "--batch_sizes=16,64",
+                "--seeds=0,1",
+                "--base_batch_size=16",
+                "--dataset=digits",
+                *extra,
+            ]
+        )
+        return experiments.plan(fv, main_fv, main_args)
+
+    def test_another_configuration_trains_runs_of_its_own_and_is_reported_apart(self):
+        from conadv.studies import runner
+
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        linear = self.plan_of(out)
+        for index, run in enumerate(linear):
+            write_run(out, run, summary_of(0.5 + 0.01 * index, 0.9))
+        again = self.plan_of(out)
+        self.assertEqual([r.name for r in again], [r.name for r in linear])
+        self.assertTrue(all(runner.is_finished(out, run) for run in again))  # skipped
+        for extra in (["--lr_scaling=sqrt"], ["--label_smoothing=0.2"], ["--train_epochs=8"]):
+            other = self.plan_of(out, *extra)
+            self.assertFalse(any(runner.is_finished(out, run) for run in other), extra)
+            self.assertEqual(
+                experiments.other_configurations(out, other), sorted(r.name for r in linear)
+            )
+        sqrt = self.plan_of(out, "--lr_scaling=sqrt")
+        for index, run in enumerate(sqrt):
+            write_run(out, run, summary_of(0.2 + 0.01 * index, 0.9))
+        reports = experiments.write_report(out)
+        self.assertEqual([r.title for r in reports], ["lr_scaling=linear", "lr_scaling=sqrt"])
+        for report, runs, base in zip(reports, (linear, sqrt), (0.5, 0.2)):
+            self.assertIn(f"# Sweep report: {report.title}", report.markdown)
+            for method in ("vanilla", "conadv"):
+                for batch in (16, 64):
+                    want = [
+                        base + 0.01 * i
+                        for i, r in enumerate(runs)
+                        if (r.method, r.batch_size) == (method, batch)
+                    ]
+                    cell = report.top1[(method, batch)]
+                    self.assertEqual(cell.n, 2)
+                    self.assertAllClose(cell.mean, plain_mean(want))
+
+
+class SweepChecksTest(tf.test.TestCase):
+    def test_a_warmup_as_long_as_the_run_is_a_one_line_error(self):
+        """Linear scaling from batch 256 to 4096 makes main.py's 2 warmup epochs 32, of a
+        run of 16 epochs: refused in the sweep and in main.py's dry run."""
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        _, fv, main_fv, main_args = experiments.parse(
+            [
+                "sweep",
+                f"--out={out}",
+                "--methods=vanilla",
+                "--batch_sizes=256,4096",
+                "--seeds=0",
+                "--dataset=synthetic",
+                "--dry_run",
+            ]
+        )
+        with self.assertRaisesRegex(Exception, "--warmup_epochs=32 is") as caught:
+            experiments.sweep(fv, main_fv, main_args)
+        self.assertNotIn("\n", str(caught.exception))
+        self.assertIn("vanilla_b4096_seed0", str(caught.exception))
+        proc = run_main(
+            "--mode=dry_run",
+            "--dataset=synthetic",
+            "--warmup_epochs=16",
+            "--train_epochs=16",
+            expect_ok=False,
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("error: --warmup_epochs=16 is", proc.stderr)
+
+    def test_eta_counts_parallel_runs_once(self):
+        """4 runs of 100 s left at --parallel 2 take 200 s (they finish two at a time), at
+        --parallel 1 400 s. Catches the ETA divided by --parallel a second time."""
+        import datetime
+        import io
+
+        from conadv.studies import runner
+
+        for parallel in (1, 2):
+            now = [0.0]
+            progress = runner.Progress(6, 0, parallel, io.StringIO(), clock=lambda now=now: now[0])
+            self.assertEqual(progress.eta(), "unknown")
+            now[0] = 100.0
+            for _ in range(parallel):  # the first runs, finished together
+                progress.finished("run", 100.0, {})
+            left = 6 - parallel
+            want = datetime.timedelta(seconds=round(left * 100.0 / parallel))
+            self.assertEqual(progress.eta(), str(want))
+            if parallel == 2:
+                self.assertEqual(progress.eta(), "0:03:20")
+
+
+class SourceDifferencesTest(tf.test.TestCase):
+    """``report.source_differences``: clean_pass − separate, paired by seed. Catches the
+    difference inverted and seeds paired wrongly (the interval of unpaired values)."""
+
+    def test_pairs_clean_pass_with_separate_of_the_same_seed(self):
+        from conadv.studies import report as report_lib
+
+        rows = []
+        for seed, (separate, free) in enumerate([(0.90, 0.93), (0.80, 0.82), (0.85, 0.86)]):
+            for source, top1 in (("separate", separate), ("clean_pass", free)):
+                rows.append(
+                    dict(
+                        method="conadv",
+                        batch_size=64,
+                        seed=seed,
+                        attack_source=source,
+                        eval_top1=top1,
+                    )
+                )
+        [(key, (separate, free, difference))] = report_lib.source_differences(rows).items()
+        self.assertEqual(key, ("conadv", 64, ()))
+        self.assertAllClose(separate.mean, 0.85)
+        self.assertAllClose(free.mean, 0.87)
+        self.assertAllClose(difference.mean, 0.02)
+        # Differences 0.03, 0.02, 0.01: std 0.01, half-width t(0.975, 2)·0.01/√3.
+        self.assertAllClose(difference.high - difference.mean, 4.302653 * 0.01 / 3**0.5, rtol=1e-4)

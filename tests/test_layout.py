@@ -31,7 +31,10 @@ CLASS_LIMIT = 260
 METHOD_FILES = {
     "attack.py",
     "ring_buffer.py",
+    "step_context.py",
+    "objective.py",
     "steps.py",
+    "free_attack.py",
     "trainer.py",
     "evaluation.py",
     "run_config.py",

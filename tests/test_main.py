@@ -73,6 +73,23 @@ class TrainAndResumeTest(tf.test.TestCase):
             self.assertTrue(progress[0].startswith("step 30/30"), progress[0])
             self.assertEqual(checkpoint_steps(model_dir)[-1], 30)
 
+        # A trained run read with --model_dir alone: its flags come from run_config.json.
+        proc = run_main("--mode=sharpness", "--sharpness_examples=48", f"--model_dir={model_dir}")
+        self.assertIn("top Hessian eigenvalue", proc.stdout)
+        with open(os.path.join(model_dir, "sharpness.json")) as f:
+            measured = json.load(f)
+        self.assertEqual(measured["global_step"], 30)
+        self.assertTrue(np.isfinite(measured["top_eigenvalue"]), measured)
+        self.assertGreater(measured["eps_sharpness"], 0.0)
+        self.assertEqual(measured["examples"], 48)
+        proc = run_main("--mode=eval", f"--model_dir={model_dir}")
+        self.assertIn("eval at step 30", proc.stdout)
+        proc = run_main(
+            "--mode=eval", "--attack_eps=2", f"--model_dir={model_dir}", expect_ok=False
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("was trained with --attack_eps=", proc.stderr)
+
         # Another architecture on this model_dir is refused in one line, not a
         # traceback: by the run identity, and (for a directory without
         # run_config.json, e.g. from an older version) by the checkpoint itself.

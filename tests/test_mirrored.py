@@ -107,6 +107,22 @@ class MirroredTest(tf.test.TestCase):
         self.assertIn("activity regularizer", info["activity_refusal"])
         self.assertNotIn("\n", info["activity_refusal"])
 
+    def test_the_top_hessian_eigenvalue_does_not_depend_on_the_replicas(self):
+        """Catches a Hessian-vector product of one replica's loss (not all-reduced), or
+        of each replica's mean (the sum over replicas would double it)."""
+        mirrored, single = (self.result["sharpness"][k] for k in ("mirrored", "single"))
+        self.assertTrue(mirrored[2] and single[2])  # both converged
+        self.assertAllClose(mirrored[0], single[0], rtol=1e-4)
+        self.assertGreater(single[0], 0.0)
+
+    def test_disadv_free_attack_equals_the_separate_attack_on_two_replicas(self):
+        """--attack_source clean_pass against --attack_steps 1 --attack_init zero
+        --attack_bn main (smoothing 0): weights, statistics and losses to 1e-6."""
+        info = self.result["free_attack"]
+        self.assertLess(info["max_variable_difference"], 1e-6)
+        self.assertLess(info["max_loss_difference"], 1e-6)
+        self.assertGreater(info["moved"], 1e-3)
+
     def test_loss_scaling_skips_on_every_replica_when_one_overflows(self):
         ours = self.result["overflow"]["ours"]
         self.assertTrue(ours["unchanged"])  # the step was skipped everywhere

@@ -166,6 +166,7 @@ class FitState:
                     dtype=model.network.compute_dtype,
                     label_shape=shapes[1],
                     label_dtype=labels.dtype,
+                    clean_images=model.attack_source == steps_lib.SEPARATE_ATTACK,
                 )
                 self.ring_ready = False
         self.context = steps_lib.StepContext(
@@ -179,6 +180,7 @@ class FitState:
             ring=self.ring,
             update_pass=model.update_pass,
             compute_dtype=tf.as_dtype(model.network.compute_dtype),
+            attack_source=model.attack_source,
         )
         self.replica_step = steps_lib.build_step(model.method, self.context)
         self._prologue = None

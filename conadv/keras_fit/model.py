@@ -72,6 +72,32 @@ def _split_network(model: keras.Model) -> tuple[keras.Model, dict | None]:
     return logits, final_softmax
 
 
+def _attack_config(source, eps, steps, step_size, random_init, input_range):
+    """The attack of ``ConAdvModel``'s arguments: by default from a random start; the
+    free attack (``attack_source="clean_pass"``, ``conadv/free_attack.py``) is 1 step from
+    the clean image through the main BatchNorm, and refuses other settings."""
+    if source not in steps_lib.ATTACK_SOURCES:
+        raise ValueError(
+            f"attack_source={source!r} is unknown; choose one of "
+            f"{', '.join(steps_lib.ATTACK_SOURCES)}"
+        )
+    free = source == steps_lib.CLEAN_PASS
+    if free and (int(steps) != 1 or random_init):
+        raise ValueError(
+            "attack_source='clean_pass' is a 1-step attack from the clean image: "
+            "leave attack_steps at 1 and attack_random_init unset (or False)"
+        )
+    return attack_lib.AttackConfig(
+        float(eps),
+        step_size,
+        int(steps),
+        not free if random_init is None else bool(random_init),
+        bn_branch="main" if free else "aux",
+        input_min=float(input_range[0]),
+        input_max=float(input_range[1]),
+    )
+
+
 @keras.saving.register_keras_serializable(package="conadv")
 class ConAdvModel(keras.Model):
     """A Keras model that trains ``model`` with vanilla, DisAdv or ConAdv steps.
@@ -80,9 +106,8 @@ class ConAdvModel(keras.Model):
     logits or a softmax (keras.applications' default head). Its BatchNorm
     layers are made split BatchNorms (``_split_network``). ``attack_eps`` and
     ``attack_step_size`` are in the units of the model's input, and
-    ``input_range`` is the range of a valid input; ``attack_random_init=False``
-    starts the attack at the clean image. The other arguments are
-    ``main.py``'s flags of the same names.
+    ``input_range`` is the range of a valid input (``_attack_config``). The other
+    arguments are ``main.py``'s flags of the same names.
     """
 
     def __init__(
@@ -96,9 +121,10 @@ class ConAdvModel(keras.Model):
         input_range: tuple[float, float] = (0.0, 255.0),
         label_smoothing: float = 0.1,
         *,
-        attack_random_init: bool = True,
+        attack_random_init: bool | None = None,
         seed: int = 0,
         update_pass: str = steps_lib.CONCATENATED,
+        attack_source: str = steps_lib.SEPARATE_ATTACK,
         name: str | None = None,
         **kwargs,
     ):
@@ -110,13 +136,14 @@ class ConAdvModel(keras.Model):
         super().__init__(name=name or f"{method}_{model.name}", **kwargs)
         self.method, self.staleness, self.seed = method, int(staleness), int(seed)
         self.label_smoothing, self.update_pass = float(label_smoothing), update_pass
-        self.attack_config = attack_lib.AttackConfig(
-            float(attack_eps),
+        self.attack_source = attack_source
+        self.attack_config = _attack_config(
+            attack_source,
+            attack_eps,
+            attack_steps,
             attack_step_size,
-            int(attack_steps),
-            bool(attack_random_init),
-            input_min=float(input_range[0]),
-            input_max=float(input_range[1]),
+            attack_random_init,
+            input_range,
         )
         self.clean_loss_tracker = keras.metrics.Mean(name="clean_loss")
         self.adv_loss_tracker = None
@@ -144,6 +171,7 @@ class ConAdvModel(keras.Model):
             "attack_random_init": config.random_init,
             "seed": self.seed,
             "update_pass": self.update_pass,
+            "attack_source": self.attack_source,
         }
 
     @classmethod

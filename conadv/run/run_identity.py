@@ -31,6 +31,7 @@ DEFINING_FLAGS = (
     "dataset",
     "image_size",
     "num_classes",
+    "train_examples",
     "one_based_labels",
     "augment",
     "autoaugment_policy",
@@ -50,6 +51,7 @@ DEFINING_FLAGS = (
     "attack_init",
     "attack_bn",
     "attack_target",
+    "attack_source",
     "batch_size",
     "accumulation_steps",
     "optimizer",
@@ -97,8 +99,19 @@ RESUMABLE_FLAGS = (
     "mlperf_division",
     "mlperf_platform",
     "target_accuracy",
+    "sharpness_examples",
+    "sharpness_iterations",
+    "sharpness_tolerance",
+    "sharpness_eps",
+    "sharpness_steps",
     "verbosity",
 )
+
+#: Modes that read a trained run: flags not given are the run's own (``fill_from_record``).
+READING_MODES = ("eval", "export", "sharpness")
+
+#: Flags a reading mode never takes from the record.
+_NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity")
 
 
 class RunMismatchError(ValueError):
@@ -112,8 +125,18 @@ def defining_values(values) -> dict:
     return {name: getattr(values, name) for name in DEFINING_FLAGS}
 
 
+#: Defining flags added after runs had been recorded, with the value those runs had: at
+#: that value a flag is left out of the hash, so older runs keep their directories.
+ADDED_LATER = {"train_examples": None, "attack_source": "separate"}
+
+
 def run_hash(defining: dict) -> str:
-    text = json.dumps(defining, sort_keys=True, default=str)
+    kept = {
+        name: value
+        for name, value in defining.items()
+        if name not in ADDED_LATER or value != ADDED_LATER[name]
+    }
+    text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -128,6 +151,30 @@ def _show(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return "(default)" if value is None else str(value)
+
+
+def fill_from_record(values) -> list[str]:
+    """For ``--mode`` eval, export or sharpness on a ``--model_dir`` with a
+    ``run_config.json``: every flag not given on the command line takes the run's
+    recorded value, so no flag has to be repeated (one given that contradicts a defining
+    one is then refused by ``check_or_record``). Returns the names filled in."""
+    import tensorflow as tf  # not at import: main.py imports this before TensorFlow
+
+    if values.mode not in READING_MODES or not values.model_dir:
+        return []
+    path = os.path.join(values.model_dir, RUN_CONFIG)
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        recorded = json.load(f).get("flags", {})
+    filled = []
+    for name, value in recorded.items():
+        if name in _NOT_FILLED or name not in values or values[name].present:
+            continue
+        if values[name].value != value:
+            values[name].value = value
+            filled.append(name)
+    return filled
 
 
 def check_or_record(run, record: bool = True) -> dict:

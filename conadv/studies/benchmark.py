@@ -5,12 +5,15 @@
     python -m conadv.benchmark --update_pass concatenated,separate --methods conadv
     python -m conadv.benchmark --precision mixed_bfloat16 --num_cpu_devices 2 --bn_group_size 1
     python -m conadv.benchmark --methods conadv --staleness 1,8,32
+    python -m conadv.benchmark --attack_source separate,clean_pass --batch_sizes 256
 
 Every setting (method × update pass × ConAdv's τ × per-replica batch) gets
 its own model, optimizer, ring and compiled loop of the trainer's step
 functions on synthetic in-device batches, and one warm-up loop. Then each
 round times one loop of every setting in turn (vanilla, DisAdv, ConAdv,
-vanilla, …), so slow phases of a shared machine fall on all settings alike;
+vanilla, …), starting one setting later than the round before, so slow
+phases of a shared machine fall on all settings alike and no setting always
+follows the same one;
 a setting's speed is the median of its rounds in clean images per second,
 and a ratio between two settings is the median of their per-round ratios.
 Every setting's state is alive at once: on an accelerator, time fewer
@@ -21,7 +24,10 @@ pass costs 1, an input-gradient backward pass 1 (activations only) and a full
 backward pass 2 (activations and weights). Vanilla does 3 per image; ConAdv
 does 2 (the attack on B) plus 6 (the update on 2B) per clean image; DisAdv
 does the same work as ConAdv but in two dependent halves, so ConAdv can beat
-it only where the processor has room to run both halves at once.
+it only where the processor has room to run both halves at once. With
+``--attack_source clean_pass`` (the free attack, ``conadv/free_attack.py``)
+the attack's 2 units go: both do 6, ConAdv/vanilla is ideally 1/2 and
+clean_pass/separate 4/3, on any processor.
 
 ``--update_pass`` times the adversarial update as one pass over 2B rows
 (concatenated) and as two passes of B rows (separate); ``--num_cpu_devices``
@@ -63,6 +69,10 @@ FORWARD, INPUT_GRADIENT, FULL_BACKWARD = 1.0, 1.0, 2.0
 VANILLA_WORK = FORWARD + FULL_BACKWARD
 ADVERSARIAL_WORK = (FORWARD + INPUT_GRADIENT) + 2 * (FORWARD + FULL_BACKWARD)
 IDEAL_CONADV_OVER_VANILLA = VANILLA_WORK / ADVERSARIAL_WORK
+#: The free attack: the update's two passes only (its input gradient is a by-product).
+FREE_ATTACK_WORK = 2 * (FORWARD + FULL_BACKWARD)
+IDEAL_FREE_CONADV_OVER_VANILLA = VANILLA_WORK / FREE_ATTACK_WORK
+IDEAL_CLEAN_PASS_OVER_SEPARATE = ADVERSARIAL_WORK / FREE_ATTACK_WORK
 
 
 def _device_name(device: str) -> str:
@@ -79,26 +89,34 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def _baselines(setting: Setting, passes) -> list[Setting]:
+    """What a ConAdv setting is compared with: DisAdv (same source) and vanilla."""
+    return [
+        Setting(steps_lib.DISADV, setting.update_pass, 1, setting.batch, setting.attack_source),
+        Setting(steps_lib.VANILLA, passes[0], 1, setting.batch),
+    ]
+
+
 def ratios(rounds: dict[Setting, list[float]], fv) -> dict[str, float]:
-    """ConAdv over DisAdv and vanilla, concatenated over separate, and each τ over the
-    first, per batch; each the median of per-round ratios."""
+    """ConAdv over DisAdv and vanilla, concatenated over separate, each τ over the first,
+    and clean_pass over separate, per batch; each the median of per-round ratios."""
     passes, taus = fv.update_pass, [int(s) for s in fv.staleness]
-    batches = [int(b) for b in fv.batch_sizes]
+    batches, sources = [int(b) for b in fv.batch_sizes], fv.attack_source
 
     def name(setting):
-        return setting.key(passes, taus, batches)
+        return setting.key(passes, taus, batches, sources)
 
     out = {}
     for setting, speeds in rounds.items():
         others = []
         if setting.method == steps_lib.CONADV:
-            for method in (steps_lib.DISADV, steps_lib.VANILLA):
-                update_pass = setting.update_pass if method != steps_lib.VANILLA else passes[0]
-                others.append(Setting(method, update_pass, 1, setting.batch))
+            others.extend(_baselines(setting, passes))
             if setting.staleness != taus[0]:
                 others.append(dataclasses.replace(setting, staleness=taus[0]))
         if setting.method != steps_lib.VANILLA and setting.update_pass == "concatenated":
             others.append(dataclasses.replace(setting, update_pass="separate"))
+        if setting.attack_source == steps_lib.CLEAN_PASS:
+            others.append(dataclasses.replace(setting, attack_source=steps_lib.SEPARATE_ATTACK))
         for other in others:
             if other in rounds:
                 label = f"{name(setting)}_over_{name(other)}"
@@ -107,9 +125,14 @@ def ratios(rounds: dict[Setting, list[float]], fv) -> dict[str, float]:
 
 
 def ring_buffer_bytes_per_replica(fv, batch: int, staleness: int) -> int:
-    """What ConAdv's ring holds per replica in this configuration (τ slots)."""
+    """What ConAdv's ring holds per replica in this configuration (τ slots; the free
+    attack's keeps no clean images)."""
     return ring_buffer.bytes_per_replica(
-        staleness, batch, fv.image_size, precision.compute_dtype(fv.precision)
+        staleness,
+        batch,
+        fv.image_size,
+        precision.compute_dtype(fv.precision),
+        clean_images=steps_lib.SEPARATE_ATTACK in fv.attack_source,
     )
 
 
@@ -155,21 +178,22 @@ def run(fv) -> dict:
         strategy = tf.distribute.OneDeviceStrategy(_device_name(fv.device))
     replicas = strategy.num_replicas_in_sync
     passes, taus = fv.update_pass, [int(s) for s in fv.staleness]
-    batches = [int(b) for b in fv.batch_sizes]
+    batches, sources = [int(b) for b in fv.batch_sizes], fv.attack_source
     all_settings = settings(fv)
     tf.get_logger().addFilter(OwnFunctionsFilter)
     loops = []
     for setting in all_settings:
-        print(f"building {setting.key(passes, taus, batches)}", flush=True)
+        print(f"building {setting.key(passes, taus, batches, sources)}", flush=True)
         loops.append(TimedLoop(setting, fv, strategy))
     speeds, order = interleaved_rounds(loops, fv.loops)
     rounds = dict(zip(all_settings, speeds))
     results = [
         {
-            "key": setting.key(passes, taus, batches),
-            "series": setting.series(passes, taus),
+            "key": setting.key(passes, taus, batches, sources),
+            "series": setting.series(passes, taus, sources),
             "method": setting.method,
             "update_pass": setting.update_pass,
+            "attack_source": setting.attack_source,
             "staleness": setting.staleness,
             "batch_per_replica": setting.batch,
             "global_batch": setting.batch * replicas,
@@ -182,13 +206,11 @@ def run(fv) -> dict:
     for setting in all_settings:
         if setting.method != steps_lib.CONADV:
             continue
-        for method in (steps_lib.DISADV, steps_lib.VANILLA):
-            update_pass = setting.update_pass if method != steps_lib.VANILLA else passes[0]
-            other = Setting(method, update_pass, 1, setting.batch)
+        for other in _baselines(setting, passes):
             if other in rounds:
                 ratio_rows.append(
                     {
-                        "series": f"{setting.series(passes, taus)} / {method}",
+                        "series": f"{setting.series(passes, taus, sources)} / {other.method}",
                         "batch_per_replica": setting.batch,
                         "ratio": median_ratio(rounds[setting], rounds[other]),
                     }
@@ -206,6 +228,7 @@ def run(fv) -> dict:
         "precision",
         "update_pass",
         "staleness",
+        "attack_source",
         "num_cpu_devices",
     )
     return {
@@ -220,6 +243,8 @@ def run(fv) -> dict:
         "ratio_rows": ratio_rows,
         "timing_order": [results[i]["key"] for i in order],
         "ideal_conadv_over_vanilla": IDEAL_CONADV_OVER_VANILLA,
+        "ideal_clean_pass_conadv_over_vanilla": IDEAL_FREE_CONADV_OVER_VANILLA,
+        "ideal_clean_pass_over_separate": IDEAL_CLEAN_PASS_OVER_SEPARATE,
     }
 
 
@@ -239,6 +264,12 @@ def report(result: dict, fv):
     for name, ratio in result["ratios"].items():
         print(f"{name}: {ratio:.3f}")
     print(f"ideal conadv_over_vanilla from counted work: {IDEAL_CONADV_OVER_VANILLA:.3f}")
+    if steps_lib.CLEAN_PASS in fv.attack_source:
+        print(
+            "ideal from counted work with clean_pass: conadv_over_vanilla "
+            f"{IDEAL_FREE_CONADV_OVER_VANILLA:.3f}, clean_pass_over_separate "
+            f"{IDEAL_CLEAN_PASS_OVER_SEPARATE:.3f}"
+        )
     batch = max(int(b) for b in fv.batch_sizes)
     for staleness, size in result["ring_buffer_bytes_per_replica_by_staleness"].items():
         print(f"ring buffer: {size} bytes per replica (τ = {staleness}, {batch} images each)")

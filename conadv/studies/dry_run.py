@@ -43,6 +43,8 @@ def _dataset_sizes(run: RunConfig) -> tuple[int, int, int, int]:
     cls = registry.source_class(run.data.dataset)
     if cls.nominal_sizes is not None:
         classes, train, evaluation = cls.nominal_sizes
+        if run.data.train_examples is not None:
+            train = min(train, run.data.train_examples)
         return (
             run.data.image_size or cls.default_image_size,
             run.data.num_classes or classes,
@@ -89,6 +91,19 @@ def planned_length(run: RunConfig, train_examples: int) -> tuple[int, int, int]:
     return steps_per_epoch, total_steps, warmup_steps
 
 
+def check_warmup(run: RunConfig, steps_per_epoch: int, total_steps: int, what: str = "the run"):
+    """A one-line ``FlagError`` if the warmup would last as long as ``what`` or longer: the
+    learning rate would never reach its peak, and the decay never start."""
+    warmup = run.train.warmup_epochs * steps_per_epoch
+    if warmup >= total_steps > 0:
+        raise validation.FlagError(
+            f"--warmup_epochs={run.train.warmup_epochs:g} is {warmup:g} steps, not shorter than "
+            f"{what}'s {total_steps}: train longer (--train_epochs), warm up less (in a "
+            "sweep, the base --warmup_epochs), or scale the warmup less with the batch "
+            "(--lr_scaling sqrt)"
+        )
+
+
 def training_set_size(run: RunConfig) -> int:
     """The training set's size, from the source's nominal sizes or its metadata."""
     return _dataset_sizes(run)[2]
@@ -114,6 +129,7 @@ def describe(run: RunConfig) -> dict:
         group, group_reason = group_moments.default_group_size(micro, replicas)
         group = group or replicas  # 0: all replicas
     steps_per_epoch, total_steps, warmup_steps = planned_length(run, train_examples)
+    check_warmup(run, steps_per_epoch, total_steps)
     schedule = schedules.from_config(train, steps_per_epoch, total_steps)
     key_steps = sorted(
         {0, warmup_steps, total_steps // 4, total_steps // 2, 3 * total_steps // 4, total_steps - 1}
@@ -126,6 +142,7 @@ def describe(run: RunConfig) -> dict:
             micro,
             image_size,
             precision.compute_dtype(train.precision),
+            clean_images=train.attack_source == "separate",
         )
     parameters, inference_parameters = parameter_counts(
         train.model, num_classes, train.width_multiplier, image_size

@@ -23,6 +23,7 @@ plots (``conadv/studies/report.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -30,7 +31,13 @@ from absl import flags as absl_flags
 
 import flags as main_flags
 from conadv.studies import grid
-from flags.validation import FlagError, distinct_numbers
+from flags.method import ATTACK_SOURCES
+from flags.validation import (
+    CLEAN_PASS_ATTACK,
+    FlagError,
+    distinct_numbers,
+    settle_attack_source,
+)
 
 COMMANDS = ("sweep", "report")
 
@@ -54,6 +61,13 @@ def define(fv: absl_flags.FlagValues):
     absl_flags.DEFINE_list(
         "staleness", None, "ConAdv τ values to sweep (default: main.py's).", flag_values=fv
     )
+    absl_flags.DEFINE_list(
+        "attack_source",
+        None,
+        "Attack sources to sweep for DisAdv and ConAdv: separate, clean_pass (default: "
+        "main.py's --attack_source, not swept).",
+        flag_values=fv,
+    )
     absl_flags.DEFINE_enum(
         "lr_scaling",
         "linear",
@@ -72,6 +86,13 @@ def define(fv: absl_flags.FlagValues):
         "dry_run",
         False,
         "List the runs, their learning rates and lengths; train nothing.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_bool(
+        "sharpness",
+        False,
+        "After each run, measure the sharpness of its weights (main.py --mode sharpness): "
+        "the top Hessian eigenvalue and the ε-sharpness of the training loss.",
         flag_values=fv,
     )
 
@@ -108,6 +129,11 @@ def parse(argv: list[str]):
         distinct_numbers("attack_eps", fv.attack_eps, float, positive=False)
     if fv.staleness:
         distinct_numbers("staleness", fv.staleness, int)
+    for name in fv.attack_source or []:
+        _require(
+            name in ATTACK_SOURCES,
+            f"--attack_source: {name!r} is not one of {', '.join(ATTACK_SOURCES)}",
+        )
     _require(fv.base_batch_size > 0, "--base_batch_size must be positive")
     _require(fv.parallel >= 1, "--parallel must be at least 1")
     main_fv = absl_flags.FlagValues()
@@ -127,33 +153,74 @@ def parse(argv: list[str]):
     return command, fv, main_fv, unparsed
 
 
-def plan(fv, main_fv) -> list[grid.Run]:
-    return grid.plan(
+def _main_values(main_args: list[str], run: grid.Run) -> absl_flags.FlagValues:
+    """main.py's flags for ``run``: the sweep's main.py flags, then the run's own."""
+    values = absl_flags.FlagValues()
+    main_flags.define_all(values)
+    values(["main.py", *main_args, *run.flags(), "--model_dir=/nonexistent"])
+    settle_attack_source(values)  # as main.py does, before its identity is taken
+    return values
+
+
+def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
+    """Every run of the sweep, each with its identity and configuration (``grid.Run``)."""
+    from conadv.run import run_identity
+
+    runs = grid.plan(
         fv.methods,
         [int(b) for b in fv.batch_sizes],
         [int(s) for s in fv.seeds],
         [float(e) for e in fv.attack_eps] if fv.attack_eps else None,
         [int(t) for t in fv.staleness] if fv.staleness else None,
+        fv.attack_source or None,
         lr_scaling=fv.lr_scaling,
         base_batch_size=fv.base_batch_size,
         base_learning_rate=main_fv.learning_rate,
         base_warmup_epochs=main_fv.warmup_epochs,
     )
+    scaling = {
+        "lr_scaling": fv.lr_scaling,
+        "base_batch_size": fv.base_batch_size,
+        "base_learning_rate": main_fv.learning_rate,
+        "base_warmup_epochs": main_fv.warmup_epochs,
+    }
+    identified = []
+    for run in runs:
+        values = _main_values(main_args, run)
+        defining = run_identity.defining_values(values)
+        defining.update({name: values[name].value for name in grid.RESULT_FLAGS})
+        config = {k: v for k, v in defining.items() if k not in grid.GRID_FLAGS}
+        # An ε or τ the sweep does not vary is part of its configuration.
+        swept_values = [
+            ("attack_eps", run.attack_eps),
+            ("staleness", run.staleness),
+            ("attack_source", run.attack_source),
+        ]
+        for name, swept in swept_values:
+            if swept is None:
+                config[name] = defining[name]
+        if fv.attack_source:  # the source decides these (flags/validation.py)
+            for name in CLEAN_PASS_ATTACK:
+                config.pop(name, None)
+        config.update(scaling)
+        identity = run_identity.run_hash({**defining, **scaling})
+        identified.append(
+            dataclasses.replace(run, identity=identity, config=tuple(sorted(config.items())))
+        )
+    return identified
 
 
 def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
-    """One row per run: learning rate, warmup and length (from the data's size)."""
+    """One row per run: learning rate, warmup and length (from the data's size); a warmup
+    as long as the run is a one-line error."""
     from conadv.run_config import RunConfig
     from conadv.studies import dry_run
 
     sizes = {}
     rows = []
     for run in runs:
-        values = absl_flags.FlagValues()
-        main_flags.define_all(values)
-        values(["main.py", *main_args, *run.flags(), "--model_dir=/nonexistent"])
-        config = RunConfig.from_flags(values)
-        key = (config.data.dataset, config.data.data_dir)
+        config = RunConfig.from_flags(_main_values(main_args, run))
+        key = (config.data.dataset, config.data.data_dir, config.data.train_examples)
         if key not in sizes:
             sizes[key] = dry_run.training_set_size(config)
         per_epoch, steps, warmup = dry_run.planned_length(config, sizes[key])
@@ -161,6 +228,7 @@ def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
             run.batch_size <= sizes[key],
             f"--batch_sizes: {run.batch_size} is larger than the {sizes[key]} training images",
         )
+        dry_run.check_warmup(config, per_epoch, steps, f"run {run.name}")
         rows.append(
             {
                 "name": run.name,
@@ -186,21 +254,39 @@ def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
     return rows
 
 
+def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
+    """The runs under ``OUT/runs`` that are not this sweep's (another configuration)."""
+    directory = os.path.join(out, "runs")
+    if not os.path.isdir(directory):
+        return []
+    mine = {run.name for run in runs}
+    return sorted(name for name in os.listdir(directory) if name not in mine)
+
+
 def sweep(fv, main_fv, main_args: list[str]):
     from conadv.studies import hparams, runner
 
-    runs = plan(fv, main_fv)
+    runs = plan(fv, main_fv, main_args)
     print(
         f"{len(runs)} runs; learning rate {main_fv.learning_rate:g} and warmup "
         f"{main_fv.warmup_epochs:g} epochs at batch {fv.base_batch_size}, "
         f"scaled {fv.lr_scaling}"
     )
     rows = describe(runs, main_fv, main_args)
+    others = other_configurations(fv.out, runs)
+    if others:
+        print(
+            f"note: {len(others)} run(s) in {os.path.join(fv.out, 'runs')} were made with "
+            "other flags or another --lr_scaling; this sweep trains its own beside them, and "
+            "the report keeps each configuration apart"
+        )
     if fv.dry_run:
         return rows
     os.makedirs(fv.out, exist_ok=True)
     hparams.write_config(fv.out, runs)
-    summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel)
+    summaries = runner.train_all(
+        fv.out, runs, main_args, parallel=fv.parallel, sharpness=fv.sharpness
+    )
     print(
         f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
         f"python -m conadv.experiments report --out {fv.out}"
@@ -208,9 +294,10 @@ def sweep(fv, main_fv, main_args: list[str]):
     return summaries
 
 
-def write_report(out: str):
-    """results.csv, report.md and the plots of the sweep in ``out``; returns the report."""
-    from conadv.studies import figures
+def write_report(out: str) -> list:
+    """results.csv, report.md and the plots of the sweep in ``out``; returns one report per
+    configuration (``report.configurations``: runs of other flags are kept apart)."""
+    from conadv.studies import figures, tables
     from conadv.studies import report as report_lib
 
     rows = report_lib.collect(out)
@@ -219,20 +306,26 @@ def write_report(out: str):
             f"no finished run under {os.path.join(out, 'runs')} (no summary.json); "
             "run `python -m conadv.experiments sweep --out DIR ...` first"
         )
-    report = report_lib.build(rows)
+    reports = report_lib.build_all(rows)
     report_lib.write_csv(rows, os.path.join(out, "results.csv"))
-    report.figures = figures.plot_all(report, out)
-    images = "\n".join(f"![{name}]({name})" for name in report.figures)
+    sections = []
+    for index, report in enumerate(reports):
+        report.markdown = tables.markdown(report)
+        prefix = f"config{index + 1}_" if len(reports) > 1 else ""
+        report.figures = figures.plot_all(report, out, prefix)
+        images = "\n".join(f"![{name}]({name})" for name in report.figures)
+        sections.append(report.markdown + "\n## Plots\n\n" + images + "\n")
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report.markdown + "\n## Plots\n\n" + images + "\n")
-    return report
+        f.write("\n".join(sections))
+    return reports
 
 
 def report(fv):
-    result = write_report(fv.out)
-    print(result.markdown)
+    reports = write_report(fv.out)
+    for result in reports:
+        print(result.markdown)
     print(f"\nwritten: {os.path.join(fv.out, 'report.md')}, results.csv and the plots")
-    return result
+    return reports
 
 
 def main(argv=None):

@@ -80,8 +80,8 @@ def curve_series(report: Report, subdir: str, tag: str) -> dict:
     return out
 
 
-def plot_all(report: Report, out: str) -> dict:
-    """Writes the PNGs; returns {file name: figure}."""
+def plot_all(report: Report, out: str, prefix: str = "") -> dict:
+    """Writes the PNGs (their names begin with ``prefix``); returns {file name: figure}."""
     figures = {}
     figure, (axes,) = plots.new_figure()
     plots.series_with_error_bars(
@@ -117,6 +117,20 @@ def plot_all(report: Report, out: str) -> dict:
             axes.legend(fontsize="small")
     figures["training_curves.png"] = figure
 
+    if report.top_eigenvalue:
+        figure, (sharp_axes, gap_axes) = plots.new_figure(2)
+        plots.series_with_error_bars(
+            sharp_axes,
+            _series(report, report.top_eigenvalue),
+            "global batch size",
+            "top Hessian eigenvalue",
+        )
+        plots.series_with_error_bars(
+            gap_axes, _series(report, report.gap), "global batch size", "train − test top-1"
+        )
+        figures["sharpness_vs_batch.png"] = figure
+
+    figures = {prefix + name: figure for name, figure in figures.items()}
     for name, figure in figures.items():
         plots.save(figure, os.path.join(out, name))
     return figures

@@ -9,6 +9,14 @@ k = b / b₀ (``linear``; Goyal et al. 2017), k = √(b / b₀) (``sqrt``; Krizh
 ``linear`` the warmup then lasts the same number of steps at every batch).
 The training length is main.py's, in epochs unless ``--train_steps`` is
 given, so every batch size sees the same number of images by default.
+
+A run is its whole configuration: its directory name ends in a hash of every
+main.py flag that defines it (main.py's own run identity,
+``conadv/run/run_identity.py``), of those that change what it reports
+(``RESULT_FLAGS``: its length, its evaluation) and of the sweep's scaling
+rule, so a sweep started again with another ``--lr_scaling`` or main.py flag
+trains new runs beside the old ones instead of taking the old ones for its
+own.
 """
 
 from __future__ import annotations
@@ -22,7 +30,31 @@ from conadv import steps as steps_lib
 LR_SCALING = ("linear", "sqrt", "none")
 
 #: main.py flags the sweep sets itself, per run.
-SWEEP_OWNED_FLAGS = ("method", "batch_size", "seed", "model_dir", "warmup_epochs")
+SWEEP_OWNED_FLAGS = ("method", "batch_size", "seed", "model_dir")
+
+#: main.py flags that are not part of a run's identity for main.py (a run may be extended
+#: or evaluated otherwise) but change what a sweep reports: a sweep's run includes them.
+RESULT_FLAGS = (
+    "train_steps",
+    "train_epochs",
+    "precise_bn_batches",
+    "eval_attack_eps",
+    "eval_attack_steps",
+    "eval_attack_step_size",
+)
+
+#: What varies inside one sweep by design (its axes, and the learning rate and warmup
+#: its scaling rule gives each batch); every other defining flag is its configuration.
+GRID_FLAGS = (
+    "method",
+    "batch_size",
+    "seed",
+    "attack_eps",
+    "staleness",
+    "attack_source",
+    "learning_rate",
+    "warmup_epochs",
+)
 
 
 def scale_factor(rule: str, batch_size: int, base_batch_size: int) -> float:
@@ -52,6 +84,12 @@ class Run:
     staleness: int | None  # None: not swept, or not ConAdv
     learning_rate: float
     warmup_epochs: float
+    #: A hash of the run's whole configuration (``experiments.identify``); "" until known.
+    identity: str = ""
+    #: The sweep's configuration: every defining main.py flag that is not a grid axis,
+    #: and the scaling rule, as sorted (name, value) pairs.
+    config: tuple = ()
+    attack_source: str | None = None  # None: not swept, or vanilla
 
     @property
     def name(self) -> str:
@@ -61,7 +99,10 @@ class Run:
             name += f"_eps{_number(self.attack_eps)}"
         if self.staleness is not None:
             name += f"_tau{self.staleness}"
-        return f"{name}_seed{self.seed}"
+        if self.attack_source is not None:
+            name += f"_{self.attack_source}"
+        name += f"_seed{self.seed}"
+        return f"{name}_{self.identity}" if self.identity else name
 
     def flags(self) -> list[str]:
         """main.py flags of this grid point (the model directory is added by the runner)."""
@@ -76,11 +117,16 @@ class Run:
             flags.append(f"--attack_eps={self.attack_eps!r}")
         if self.staleness is not None:
             flags.append(f"--staleness={self.staleness}")
+        if self.attack_source is not None:
+            flags.append(f"--attack_source={self.attack_source}")
         return flags
 
     def record(self) -> dict:
-        """What ``run.json`` keeps: the grid point and the learning rate it got."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """What ``run.json`` keeps: the grid point, the learning rate it got and the
+        sweep's configuration."""
+        record = {"name": self.name, **dataclasses.asdict(self)}
+        record["config"] = dict(self.config)
+        return record
 
 
 def plan(
@@ -89,6 +135,7 @@ def plan(
     seeds,
     attack_eps=None,
     staleness=None,
+    attack_sources=None,
     *,
     lr_scaling: str,
     base_batch_size: int,
@@ -102,7 +149,9 @@ def plan(
         k = scale_factor(lr_scaling, batch_size, base_batch_size)
         adversarial = method != steps_lib.VANILLA
         for eps in attack_eps if (attack_eps and adversarial) else [None]:
-            for tau in staleness if (staleness and method == steps_lib.CONADV) else [None]:
+            taus = staleness if (staleness and method == steps_lib.CONADV) else [None]
+            sources = attack_sources if (attack_sources and adversarial) else [None]
+            for tau, source in itertools.product(taus, sources):
                 runs.append(
                     Run(
                         method=method,
@@ -112,6 +161,7 @@ def plan(
                         staleness=None if tau is None else int(tau),
                         learning_rate=base_learning_rate * k,
                         warmup_epochs=base_warmup_epochs * k,
+                        attack_source=source,
                     )
                 )
     return runs

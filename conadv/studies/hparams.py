@@ -35,6 +35,7 @@ HPARAM_NAMES = (
     "seed",
     "attack_eps",
     "staleness",
+    "attack_source",
     "learning_rate",
     "warmup_epochs",
 )

@@ -33,6 +33,7 @@ CSV_COLUMNS = (
     "seed",
     "attack_eps",
     "staleness",
+    "attack_source",
     "learning_rate",
     "warmup_epochs",
     "train_steps",
@@ -42,9 +43,14 @@ CSV_COLUMNS = (
     "train_top1",
     "generalization_gap",
     "robust_top1",
+    "top_eigenvalue",
+    "eps_sharpness",
     "images_per_second",
     "wall_time_s",
 )
+
+#: Paired differences reported for each of these metrics (and top-1's, Table 1's).
+DIFFERENCES = ("conadv - vanilla", "disadv - vanilla", "conadv - disadv")
 
 
 # ----------------------------------------------------------------- collecting
@@ -59,6 +65,10 @@ def collect(out: str) -> list[dict]:
             run = json.load(f)
         with open(path) as f:
             summary = json.load(f)
+        sharpness = {}
+        if os.path.exists(os.path.join(directory, "sharpness.json")):
+            with open(os.path.join(directory, "sharpness.json")) as f:
+                sharpness = json.load(f)
         train, test = summary.get("train_top1"), summary.get("eval_top1")
         rows.append(
             {
@@ -71,11 +81,39 @@ def collect(out: str) -> list[dict]:
                 "train_top1": train,
                 "generalization_gap": None if train is None or test is None else train - test,
                 "robust_top1": summary.get("eval_robust_top1"),
+                "top_eigenvalue": sharpness.get("top_eigenvalue"),
+                "eps_sharpness": sharpness.get("eps_sharpness"),
                 "images_per_second": summary.get("images_per_second"),
                 "wall_time_s": summary.get("wall_time_s"),
+                # The sweep's configuration (every flag but the grid's axes), if recorded.
+                "config": run.get("config") or {},
             }
         )
     return rows
+
+
+def configurations(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows of each configuration, with a title naming what sets it apart from the
+    others ("" when there is one): runs of different configurations never share a cell."""
+    groups = {}
+    for row in rows:
+        key = json.dumps(row["config"], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(row)
+    if len(groups) == 1:
+        return [("", rows)]
+    configs = [json.loads(key) for key in groups]
+    names = sorted({name for config in configs for name in config})
+    differing = [n for n in names if len({json.dumps(c.get(n)) for c in configs}) > 1]
+    titled = []
+    for config, group in zip(configs, groups.values()):
+        title = ", ".join(
+            f"{name}={config[name]:g}"
+            if isinstance(config.get(name), float)
+            else f"{name}={config.get(name)}"
+            for name in differing
+        )
+        titled.append((title, group))
+    return sorted(titled)
 
 
 def write_csv(rows: list[dict], path: str):
@@ -114,8 +152,12 @@ class Cell:
 
     def text(self, digits: int = 4) -> str:
         spread = "" if self.std is None else f" ± {self.std:.{digits}f}"
-        chosen = ", ".join(f"{name}={value:g}" for name, value in self.setting)
+        chosen = ", ".join(f"{name}={short(value)}" for name, value in self.setting)
         return f"{self.mean:.{digits}f}{spread} (n={self.n}{', ' + chosen if chosen else ''})"
+
+
+def short(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def setting_of(row: dict) -> tuple:
@@ -124,6 +166,8 @@ def setting_of(row: dict) -> tuple:
         out.append(("ε", row["attack_eps"]))
     if row.get("staleness") is not None:
         out.append(("τ", row["staleness"]))
+    if row.get("attack_source") is not None:
+        out.append(("source", row["attack_source"]))
     return tuple(out)
 
 
@@ -168,24 +212,6 @@ def batches_in(rows) -> list[int]:
 # -------------------------------------------------------------------- tables
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.4f}"
-
-
-def difference_text(d: stats.PairedDifference | None) -> str:
-    if d is None:
-        return "—"
-    if d.low is None:
-        return f"{_signed(d.mean)} (n={d.n}, no interval)"
-    return f"{_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}] (n={d.n})"
-
-
 @dataclasses.dataclass
 class Report:
     """The numbers of every table (for plots and tests) and the Markdown."""
@@ -200,10 +226,56 @@ class Report:
     eps_cells: dict  # (method, batch, setting) -> Cell, ConAdv only
     throughput: dict  # (method, batch) -> Cell of images/s
     throughput_ratios: dict  # (batch, "conadv / disadv") -> ratio of means
+    #: (method, batch) -> Cell, for the sharpness metrics where measured
+    top_eigenvalue: dict = dataclasses.field(default_factory=dict)
+    eps_sharpness: dict = dataclasses.field(default_factory=dict)
+    #: (metric, batch, "conadv - vanilla") -> PairedDifference | None, for the gap and sharpness
+    metric_differences: dict = dataclasses.field(default_factory=dict)
+    #: (method, batch) -> (separate Cell, clean_pass Cell, PairedDifference | None) of
+    #: eval top-1, where the sweep swept --attack_source (``source_differences``).
+    source_differences: dict = dataclasses.field(default_factory=dict)
+    #: What sets this configuration apart from the sweep's others ("" if it is the only one).
+    title: str = ""
     markdown: str = ""
 
 
-def build(rows: list[dict]) -> Report:
+def build_all(rows: list[dict]) -> list[Report]:
+    """One report per configuration (``configurations``)."""
+    return [build(group, title) for title, group in configurations(rows)]
+
+
+def _paired(cells: dict, batch: int, name: str):
+    first, second = name.split(" - ")
+    if (first, batch) in cells and (second, batch) in cells:
+        return stats.paired_difference(
+            cells[(first, batch)].by_seed, cells[(second, batch)].by_seed
+        )
+    return None
+
+
+def source_differences(rows: list[dict], metric: str = "eval_top1") -> dict:
+    """The free attack against the separate one: per method and batch (and any other
+    swept setting equal), ``metric`` of each and clean_pass − separate paired over seeds."""
+    cells = _cells(rows, metric)
+    out = {}
+    for (method, batch, setting), cell in cells.items():
+        if ("source", "clean_pass") not in setting:
+            continue
+        other = tuple(
+            ("source", "separate") if item == ("source", "clean_pass") else item for item in setting
+        )
+        if (method, batch, other) in cells:
+            separate = cells[(method, batch, other)]
+            rest = tuple(item for item in setting if item[0] != "source")
+            out[(method, batch, rest)] = (
+                separate,
+                cell,
+                stats.paired_difference(cell.by_seed, separate.by_seed),
+            )
+    return out
+
+
+def build(rows: list[dict], title: str = "") -> Report:
     best = best_settings(rows)
     top1 = table_cells(rows, "eval_top1", best)
     differences = {}
@@ -235,107 +307,18 @@ def build(rows: list[dict]) -> Report:
         eps_cells={k: c for k, c in _cells(rows, "eval_top1").items() if k[0] == "conadv"},
         throughput=throughput,
         throughput_ratios=ratios,
+        top_eigenvalue=table_cells(rows, "top_eigenvalue", best),
+        eps_sharpness=table_cells(rows, "eps_sharpness", best),
+        source_differences=source_differences(rows),
+        title=title,
     )
-    report.markdown = markdown(report)
+    for metric, cells in (
+        ("generalization_gap", report.gap),
+        ("top_eigenvalue", report.top_eigenvalue),
+    ):
+        for batch in batches_in(rows):
+            for name in DIFFERENCES:
+                difference = _paired(cells, batch, name)
+                if difference is not None:
+                    report.metric_differences[(metric, batch, name)] = difference
     return report
-
-
-def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
-    batches = batches_in(report.rows)
-    body = []
-    for method in methods_in(report.rows):
-        body.append(
-            [METHOD_NAMES.get(method, method)]
-            + [cells[(method, b)].text(digits) if (method, b) in cells else "—" for b in batches]
-        )
-    return _table(["method"] + [f"batch {b}" for b in batches], body)
-
-
-def markdown(report: Report) -> str:
-    rows = report.rows
-    batches = batches_in(rows)
-    swept = sorted({name for setting in report.best.values() for name, _ in setting})
-    lines = [
-        "# Sweep report",
-        "",
-        f"{len(rows)} finished runs. Cells are mean ± sample standard deviation over seeds "
-        "(n seeds).",
-        "",
-        "## Top-1 by method and batch size (Table 1)",
-        "",
-        *_method_by_batch(report, report.top1),
-        "",
-    ]
-    if swept:
-        lines += [
-            f"Where {' and '.join(swept)} were swept, each cell is the setting with the best "
-            "mean top-1 (named in the cell), chosen on these same runs: optimistic.",
-            "",
-        ]
-    lines += [
-        "## ConAdv against the baselines, paired over seeds",
-        "",
-        "Mean of the per-seed difference of top-1 (same seed: same initial weights and "
-        "data order) and its Student-t 95 % interval.",
-        "",
-    ]
-    body = [
-        [f"batch {b}"]
-        + [
-            difference_text(report.differences.get((b, name)))
-            for name in ("conadv - vanilla", "conadv - disadv")
-        ]
-        for b in batches
-    ]
-    lines += _table(["", "ConAdv − vanilla", "ConAdv − DisAdv"], body) + [""]
-
-    lines += ["## Generalization gap: train top-1 − test top-1 (Table 4)", ""]
-    body = []
-    for method in methods_in(rows):
-        for b in batches:
-            if (method, b) in report.gap:
-                body.append(
-                    [
-                        METHOD_NAMES.get(method, method),
-                        str(b),
-                        report.train_top1[(method, b)].text(),
-                        report.top1[(method, b)].text(),
-                        report.gap[(method, b)].text(),
-                    ]
-                )
-    lines += _table(["method", "batch", "train top-1", "test top-1", "gap"], body) + [""]
-
-    if report.eps_cells:
-        lines += ["## ConAdv top-1 by ε and batch size (Table 5)", ""]
-        settings = sorted({k[2] for k in report.eps_cells}, key=str)
-        body = []
-        for setting in settings:
-            label = ", ".join(f"{n}={v:g}" for n, v in setting) or "main.py's ε"
-            cells = [report.eps_cells.get(("conadv", b, setting)) for b in batches]
-            body.append([label] + [c.text() if c else "—" for c in cells])
-        lines += _table(["setting"] + [f"batch {b}" for b in batches], body) + [""]
-
-    lines += [
-        "## Throughput: clean images per second (Table 3)",
-        "",
-        "Measured inside the training runs, one after another: for a controlled "
-        "comparison use `python -m conadv.benchmark`, which interleaves the methods.",
-        "",
-        *_method_by_batch(report, report.throughput, digits=1),
-        "",
-    ]
-    ratio_names = ("conadv / disadv", "conadv / vanilla")
-    body = [
-        [f"batch {b}"]
-        + [
-            f"{report.throughput_ratios[(b, n)]:.3f}" if (b, n) in report.throughput_ratios else "—"
-            for n in ratio_names
-        ]
-        for b in batches
-    ]
-    lines += _table(["", "ConAdv / DisAdv", "ConAdv / vanilla"], body) + [""]
-
-    if report.robust:
-        lines += ["## Robust top-1 (evaluated under attack)", ""]
-        lines += _method_by_batch(report, report.robust) + [""]
-    return "\n".join(lines)

@@ -10,7 +10,12 @@ same command, redoes only what was lost.
 
 SIGTERM or Ctrl-C stops the sweep and passes SIGTERM to the running
 processes, which save a checkpoint at their current step and exit
-(main.py's preemption handling).
+(main.py's preemption handling). The runs are started in sessions of their
+own, so the terminal's Ctrl-C (SIGINT, which main.py does not checkpoint on)
+reaches the sweep only, and the sweep's SIGTERM reaches each run.
+
+With ``sharpness``, a finished run is then measured by ``main.py --mode
+sharpness`` on its directory (``sharpness.json``), once.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ def run_dir(out: str, run: Run) -> str:
     return os.path.join(out, "runs", run.name)
 
 
-def is_finished(out: str, run: Run) -> bool:
-    return os.path.exists(os.path.join(run_dir(out, run), "summary.json"))
+def is_finished(out: str, run: Run, sharpness: bool = False) -> bool:
+    """Trained (``summary.json``) and, if asked, measured (``sharpness.json``)."""
+    files = ["summary.json"] + (["sharpness.json"] if sharpness else [])
+    return all(os.path.exists(os.path.join(run_dir(out, run), name)) for name in files)
 
 
 class RunFailedError(RuntimeError):
@@ -42,12 +49,14 @@ class RunFailedError(RuntimeError):
 
 
 class Progress:
-    """One line per started or finished run: a bar over runs and an ETA from the
-    mean time of the runs this invocation trained."""
+    """One line per started or finished run: a bar over runs and an ETA from the rate
+    at which this invocation has finished runs (``parallel`` of them at a time: that rate
+    already counts them, so it is not divided again)."""
 
-    def __init__(self, total: int, done: int, parallel: int, stream=None):
+    def __init__(self, total: int, done: int, parallel: int, stream=None, clock=time.time):
         self.total, self.done, self.parallel = total, done, parallel
-        self.start = time.time()
+        self.clock = clock
+        self.start = clock()
         self.trained = 0
         self.stream = stream or sys.stdout
 
@@ -58,8 +67,8 @@ class Progress:
     def eta(self) -> str:
         if not self.trained:
             return "unknown"
-        per_run = (time.time() - self.start) / self.trained
-        remaining = (self.total - self.done) * per_run / self.parallel
+        seconds_per_run = (self.clock() - self.start) / self.trained
+        remaining = (self.total - self.done) * seconds_per_run
         return str(datetime.timedelta(seconds=round(remaining)))
 
     def line(self, message: str):
@@ -77,16 +86,23 @@ class Progress:
         self.line(f"finished {name} in {seconds:.0f} s: eval top-1 {top1}")
 
 
-def _start(out: str, run: Run, main_flags: list[str]) -> subprocess.Popen:
+def _start(out: str, run: Run, main_flags: list[str], sharpness: bool) -> subprocess.Popen:
+    """main.py on the run's directory: training if it has no summary yet, else (with
+    ``sharpness``) the measurement of its weights."""
     directory = run_dir(out, run)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "run.json"), "w") as f:
         json.dump(run.record(), f, indent=2)
-    command = [sys.executable, MAIN, *main_flags, *run.flags(), f"--model_dir={directory}"]
+    if os.path.exists(os.path.join(directory, "summary.json")) and sharpness:
+        # The run's configuration comes from its run_config.json.
+        command = [sys.executable, MAIN, "--mode=sharpness", f"--model_dir={directory}"]
+    else:
+        command = [sys.executable, MAIN, *main_flags, *run.flags(), f"--model_dir={directory}"]
     log = open(os.path.join(directory, "console.log"), "a")  # noqa: SIM115 (closed in wait)
     log.write(f"+ {' '.join(command[1:])}\n")
     log.flush()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own: the terminal's Ctrl-C goes to the sweep, which sends SIGTERM.
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log = log
     proc.started = time.time()
     return proc
@@ -98,13 +114,16 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 1) -> dict:
-    """Trains every unfinished run; returns {name: summary} of all runs.
+def train_all(
+    out: str, runs: list[Run], main_flags: list[str], parallel: int = 1, sharpness: bool = False
+) -> dict:
+    """Trains (and with ``sharpness`` measures) every unfinished run; returns
+    {name: summary} of all runs.
 
     Raises ``RunFailedError`` naming the first run that failed, after the
     others in flight have finished.
     """
-    pending = [run for run in runs if not is_finished(out, run)]
+    pending = [run for run in runs if not is_finished(out, run, sharpness)]
     for run in runs:
         if run not in pending:  # finished earlier: its session, if a kill came first
             hparams.write_session(run_dir(out, run), run, read_summary(out, run))
@@ -113,6 +132,7 @@ def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 
     if skipped:
         progress.line(f"{skipped} finished run(s) skipped")
     running: dict[Run, subprocess.Popen] = {}
+    started: dict[Run, float] = {}  # training and measuring count as one run's time
     failures = []
 
     def stop(signum, _frame):
@@ -127,9 +147,13 @@ def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 
         while pending or running:
             while pending and len(running) < parallel and not failures:
                 run = pending.pop(0)
-                resuming = os.path.isdir(run_dir(out, run))
-                running[run] = _start(out, run, main_flags)
-                progress.line(f"{'resumed' if resuming else 'started'} {run.name}")
+                if is_finished(out, run):
+                    verb = "measuring the sharpness of"
+                else:
+                    verb = "resumed" if os.path.isdir(run_dir(out, run)) else "started"
+                running[run] = _start(out, run, main_flags, sharpness)
+                started.setdefault(run, running[run].started)
+                progress.line(f"{verb} {run.name}")
             if not running:
                 break
             time.sleep(0.2)
@@ -142,9 +166,12 @@ def train_all(out: str, runs: list[Run], main_flags: list[str], parallel: int = 
                 if proc.returncode != 0 or not is_finished(out, run):
                     failures.append(f"{run.name} failed: {_last_line(log)} (log: {log})")
                     continue
+                if not is_finished(out, run, sharpness):  # trained: now measure it
+                    pending.insert(0, run)
+                    continue
                 summary = read_summary(out, run)
                 hparams.write_session(run_dir(out, run), run, summary)
-                progress.finished(run.name, time.time() - proc.started, summary)
+                progress.finished(run.name, time.time() - started[run], summary)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,7 +1,7 @@
 """The benchmark's settings and their timed loops (``conadv/studies/benchmark.py`` runs them).
 
 A ``Setting`` is one timed configuration (method × update pass × ConAdv's τ ×
-per-replica batch); a ``TimedLoop`` is its own model, optimizer, ring and
+attack source × per-replica batch); a ``TimedLoop`` is its own model, optimizer, ring and
 compiled loop of the trainer's step functions on synthetic in-device
 batches, warmed up once; ``interleaved_rounds`` times one loop of every
 setting per round.
@@ -29,10 +29,13 @@ class Setting:
     update_pass: str
     staleness: int
     batch: int
+    attack_source: str = steps_lib.SEPARATE_ATTACK
 
-    def key(self, passes, stalenesses, batches) -> str:
+    def key(self, passes, stalenesses, batches, sources=()) -> str:
         """Its name in the output: the method and what varies between the settings."""
         key = self.method
+        if len(sources) > 1 and self.method != steps_lib.VANILLA:
+            key += f"/{self.attack_source}"
         if len(passes) > 1 and self.method != steps_lib.VANILLA:
             key += f"/{self.update_pass}"
         if len(stalenesses) > 1 and self.method == steps_lib.CONADV:
@@ -41,9 +44,9 @@ class Setting:
             key += f"/batch={self.batch}"
         return key
 
-    def series(self, passes, stalenesses) -> str:
+    def series(self, passes, stalenesses, sources=()) -> str:
         """The key without the batch: one line of the throughput plot."""
-        return self.key(passes, stalenesses, [self.batch])
+        return self.key(passes, stalenesses, [self.batch], sources)
 
 
 def settings(fv) -> list[Setting]:
@@ -54,9 +57,11 @@ def settings(fv) -> list[Setting]:
     out = []
     for batch in (int(b) for b in fv.batch_sizes):
         for method in fv.methods:
-            for update_pass in passes if method != steps_lib.VANILLA else passes[:1]:
-                for staleness in taus if method == steps_lib.CONADV else [1]:
-                    out.append(Setting(method, update_pass, staleness, batch))
+            adversarial = method != steps_lib.VANILLA
+            for source in fv.attack_source if adversarial else [steps_lib.SEPARATE_ATTACK]:
+                for update_pass in passes if adversarial else passes[:1]:
+                    for staleness in taus if method == steps_lib.CONADV else [1]:
+                        out.append(Setting(method, update_pass, staleness, batch, source))
     return out
 
 
@@ -95,9 +100,15 @@ class TimedLoop:
         self.optimizer = optimizer
         compute_dtype = precision.compute_dtype(fv.precision)
         ring = None
+        free = setting.attack_source == steps_lib.CLEAN_PASS
         if setting.method == steps_lib.CONADV:
             ring = RingBuffer(
-                strategy, setting.staleness, setting.batch, fv.image_size, dtype=compute_dtype
+                strategy,
+                setting.staleness,
+                setting.batch,
+                fv.image_size,
+                dtype=compute_dtype,
+                clean_images=not free,
             )
         ctx = steps_lib.StepContext(
             model=model,
@@ -105,11 +116,14 @@ class TimedLoop:
             global_batch_size=self.global_batch,
             num_classes=fv.num_classes,
             label_smoothing=0.1,
-            attack=attack_lib.AttackConfig(eps=fv.attack_eps),
+            attack=attack_lib.AttackConfig(
+                eps=fv.attack_eps, random_init=not free, bn_branch="main" if free else "aux"
+            ),
             sums=sums,
             ring=ring,
             update_pass=setting.update_pass,
             compute_dtype=compute_dtype,
+            attack_source=setting.attack_source,
         )
         shape = [self.global_batch, fv.image_size, fv.image_size, 3]
         images = tf.random.stateless_uniform(shape, [1, 2], 0.0, 255.0)
@@ -158,11 +172,18 @@ class OwnFunctionsFilter:
 
 
 def interleaved_rounds(loops: list[TimedLoop], rounds: int):
-    """Per-setting speeds of each round, and the order the loops were timed in."""
+    """Per-setting speeds of each round, and the order the loops were timed in.
+
+    Round r starts at setting r mod n and goes round from there, so each
+    setting is timed in every position equally often (given n rounds): a
+    position effect (the loop after a slow one, a cache warmed by the one
+    before) does not favour one setting in every round.
+    """
     speeds = [[] for _ in loops]
     order = []
-    for _ in range(rounds):
-        for index, loop in enumerate(loops):
-            speeds[index].append(loop.time_once())
+    for round_index in range(rounds):
+        first = round_index % len(loops)
+        for index in [*range(first, len(loops)), *range(first)]:
+            speeds[index].append(loops[index].time_once())
             order.append(index)
     return speeds, order

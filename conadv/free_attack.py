@@ -1,0 +1,172 @@
+"""The free attack (``--attack_source clean_pass``): adversarial images from the clean
+pass's input gradient.
+
+The update's clean pass already runs a backward pass through the whole
+network on the clean batch; one more layer of it is ∇ₓL(θ_t; x, y), the
+gradient a 1-step attack from the clean image through the main BatchNorm
+computes. One ``GradientTape.gradient`` call returns the weights' gradients
+and the input's, so the attack needs no pass of its own: per clean image 6
+units of work (forward 1, backward 2, for the clean and the adversarial
+rows) instead of 8 — the idea of "free" adversarial training (Shafahi et
+al., NeurIPS 2019), applied to ConAdv's stale examples.
+
+How it differs from the separate attack (``conadv/attack.py``):
+
+- Its loss is the training loss: label-smoothed, over the global batch, ½ of
+  the objective. Only the gradient's sign is used, so only the smoothing
+  matters: with ``--label_smoothing 0`` it is the separate attack's
+  gradient (1 step, no random start, main branch: the flags it needs).
+- It normalises with the clean pass's statistics: those of the BatchNorm
+  group (the separate attack uses the replica's own batch; the same with
+  the default groups of one replica).
+- DisAdv: step t's clean pass gives batch t's x_adv(θ_t), then the
+  adversarial pass runs (two passes where the separate attack makes three).
+- ConAdv: step t's clean pass is on the batch it reads from the stream; its
+  x_adv(θ_t) goes into the ring with its labels, and step t+τ trains on it as
+  its adversarial batch beside that step's own clean batch. The stale
+  adversarial images are thus another batch's than the clean ones, made τ
+  steps earlier; the paper pairs each clean batch with its own adversarial
+  copy. The ring keeps labels and adversarial images only, and the prologue
+  reads the first τ batches of the stream only to make their adversarial
+  images (with the input gradient of the same loss, without an update).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from conadv import objective
+from conadv.step_context import StepContext, StepGradients, as_stored
+from official import losses, precision
+from official.model_losses import additional_loss
+from official.split_batch_norm import call_model
+
+
+def unscaled(ctx: StepContext, input_gradient) -> tf.Tensor:
+    """The input gradient of the scaled loss, unscaled: float16 training scales the loss
+    (small gradients would flush to zero before their sign is taken); an
+    overflowed pixel's gradient has no usable sign and is left at 0."""
+    if input_gradient is None:  # the loss does not reach the input
+        raise ValueError("the clean pass's loss does not depend on the input images")
+    input_gradient = tf.cast(input_gradient, tf.float32)
+    finite = tf.math.is_finite(input_gradient)
+    input_gradient = tf.where(finite, input_gradient, tf.zeros_like(input_gradient))
+    scale = tf.cast(ctx.optimizer.scale_loss(tf.constant(1.0, tf.float32)), tf.float32)
+    return input_gradient / scale
+
+
+def adversarial_from_gradient(ctx: StepContext, images, input_gradient) -> tf.Tensor:
+    """x + α·sign(∇ₓL), clipped to the ε-ball and the valid range; a pixel whose gradient
+    is 0 stays. Under a 16-bit compute dtype the images are rounded to it inside
+    those bounds, as the separate attack's are."""
+    config = ctx.attack
+    lower = tf.maximum(images - config.eps, config.input_min)
+    upper = tf.minimum(images + config.eps, config.input_max)
+    adversarial = tf.clip_by_value(images + config.alpha * tf.sign(input_gradient), lower, upper)
+    adversarial = tf.stop_gradient(adversarial)
+    if ctx.compute_dtype == tf.float32:
+        return adversarial
+    return precision.round_within(adversarial, lower, upper, ctx.compute_dtype)
+
+
+def _weights_and_input(ctx: StepContext, tape, scaled_loss, images):
+    """One backward pass: d loss / d trainable variables (zeros where unused) and the
+    unscaled d loss / d images."""
+    variables = ctx.model.trainable_variables
+    *grads, input_gradient = tape.gradient(scaled_loss, [*variables, images])
+    grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+    return grads, unscaled(ctx, input_gradient)
+
+
+def _disadv_half(ctx: StepContext, inputs, labels, branch: str, input_gradient: bool):
+    """One of DisAdv's two passes (training mode, through ``branch``): the gradients of
+    its half of the objective, ½·(CE + that network's regularizers), the unscaled input
+    gradient if asked (else None), the logits, the per-example losses and the
+    regularizers' loss (or None)."""
+    with tf.GradientTape() as tape:
+        if input_gradient:
+            tape.watch(inputs)
+        logits = call_model(ctx.model, inputs, True, branch)
+        extra = additional_loss(ctx.model, {branch: 1.0})
+        per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+        loss = 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
+        half_extra = None if extra is None else 0.5 * extra
+        scaled_loss = ctx.optimizer.scale_loss(objective.with_extra(ctx, loss, half_extra))
+    if input_gradient:
+        grads, gradient = _weights_and_input(ctx, tape, scaled_loss, inputs)
+    else:
+        grads, gradient = objective.weight_gradients(ctx, tape, scaled_loss), None
+    return grads, gradient, logits, per_example, extra
+
+
+def clean_pass(ctx: StepContext, images, labels):
+    """DisAdv's clean pass through the main branch, with the input gradient (as
+    ``_disadv_half`` returns them)."""
+    return _disadv_half(ctx, images, labels, "main", input_gradient=True)
+
+
+def _add_sums(ctx, labels, logits, clean, adv_labels, adv, adversarial, attacked):
+    if ctx.sums is not None:
+        distance = tf.reduce_max(tf.abs(adversarial - attacked), axis=[1, 2, 3])
+        ctx.sums.add(
+            **objective.clean_statistics(labels, logits, clean),
+            adv_examples=tf.shape(adv_labels)[0],
+            adv_loss=tf.reduce_sum(adv),
+            adv_linf=tf.reduce_sum(distance),
+        )
+
+
+def disadv_gradients(ctx: StepContext, images, labels, index):
+    """DisAdv on (micro-)batch ``index``: its clean pass gives x_adv(θ_t), then the
+    adversarial pass; the gradient of ½·(CE_clean + CE_adv) is the two passes' sum."""
+    images = as_stored(ctx, images)
+    grads, input_gradient, logits, clean, clean_extra = clean_pass(ctx, images, labels)
+    adversarial = adversarial_from_gradient(ctx, images, input_gradient)
+    adv_grads, _, _, adv, adv_extra = _disadv_half(ctx, adversarial, labels, "aux", False)
+    grads = [a + b for a, b in zip(grads, adv_grads)]
+    extra = objective.mean_of_present(clean_extra, adv_extra)
+    _add_sums(ctx, labels, logits, clean, labels, adv, adversarial, images)
+    return StepGradients(grads, [], labels, logits, clean, adv, extra)
+
+
+def conadv_gradients(ctx: StepContext, images, labels, index):
+    """ConAdv on (micro-)batch ``index``: the update on its clean batch and the ring's
+    adversarial batch (made τ steps ago from another batch), whose clean pass makes
+    this batch's x_adv(θ_t) and writes it, with its labels, where that slot was."""
+    images = as_stored(ctx, images)
+    slot = tf.cast(index % ctx.ring.staleness, tf.int32)
+    _, adv_labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        loss, logits, clean, adv, extra = objective.adversarial_loss(
+            ctx, images, labels, adversarial, adversarial_labels=adv_labels
+        )
+        scaled_loss = ctx.optimizer.scale_loss(loss)
+    grads, input_gradient = _weights_and_input(ctx, tape, scaled_loss, images)
+    next_adversarial = adversarial_from_gradient(ctx, images, input_gradient)
+    with tf.control_dependencies(grads):
+        ctx.ring.write(slot, None, labels, next_adversarial)
+    _add_sums(ctx, labels, logits, clean, adv_labels, adv, next_adversarial, images)
+    # The gradients (hence the write) have read θ_t before the update.
+    return StepGradients(grads, [], labels, logits, clean, adv, extra)
+
+
+def build_prologue(ctx: StepContext):
+    """ConAdv's prologue: micro-batch ``index``'s x_adv from the input gradient of the
+    clean pass's loss at the current weights (main branch, statistics not updated, no
+    weight gradient), with its labels, into its slot."""
+
+    def prologue_step(batch, index):
+        images, labels = batch
+        images = as_stored(ctx, images)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(images)
+            logits = call_model(ctx.model, images, True, "main", update_stats=False)
+            per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+            loss = 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
+            scaled_loss = ctx.optimizer.scale_loss(loss)
+        input_gradient = unscaled(ctx, tape.gradient(scaled_loss, images))
+        slot = tf.cast(index % ctx.ring.staleness, tf.int32)
+        ctx.ring.write(slot, None, labels, adversarial_from_gradient(ctx, images, input_gradient))
+
+    return prologue_step

@@ -1,0 +1,172 @@
+"""A sweep report's Markdown: the paper's tables with spreads over seeds and paired
+intervals (the numbers: ``conadv/studies/report.py``)."""
+
+from __future__ import annotations
+
+from conadv.studies import statistics as stats
+from conadv.studies.report import DIFFERENCES, METHOD_NAMES, Report, batches_in, methods_in, short
+
+
+def difference_text(d: stats.PairedDifference | None) -> str:
+    if d is None:
+        return "—"
+    if d.low is None:
+        return f"{_signed(d.mean)} (n={d.n}, no interval)"
+    return f"{_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}] (n={d.n})"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return lines
+
+
+def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
+    batches = batches_in(report.rows)
+    body = []
+    for method in methods_in(report.rows):
+        body.append(
+            [METHOD_NAMES.get(method, method)]
+            + [cells[(method, b)].text(digits) if (method, b) in cells else "—" for b in batches]
+        )
+    return _table(["method"] + [f"batch {b}" for b in batches], body)
+
+
+def markdown(report: Report) -> str:
+    rows = report.rows
+    batches = batches_in(rows)
+    swept = sorted({name for setting in report.best.values() for name, _ in setting})
+    heading = f"# Sweep report: {report.title}" if report.title else "# Sweep report"
+    lines = [
+        heading,
+        "",
+        f"{len(rows)} finished runs. Cells are mean ± sample standard deviation over seeds "
+        "(n seeds).",
+        "",
+        "## Top-1 by method and batch size (Table 1)",
+        "",
+        *_method_by_batch(report, report.top1),
+        "",
+    ]
+    if swept:
+        lines += [
+            f"Where {' and '.join(swept)} were swept, each cell is the setting with the best "
+            "mean top-1 (named in the cell), chosen on these same runs: optimistic.",
+            "",
+        ]
+    lines += [
+        "## ConAdv against the baselines, paired over seeds",
+        "",
+        "Mean of the per-seed difference of top-1 (same seed: same initial weights and "
+        "data order) and its Student-t 95 % interval.",
+        "",
+    ]
+    body = [
+        [f"batch {b}"]
+        + [
+            difference_text(report.differences.get((b, name)))
+            for name in ("conadv - vanilla", "conadv - disadv")
+        ]
+        for b in batches
+    ]
+    lines += _table(["", "ConAdv − vanilla", "ConAdv − DisAdv"], body) + [""]
+
+    lines += ["## Generalization gap: train top-1 − test top-1 (Table 4)", ""]
+    body = []
+    for method in methods_in(rows):
+        for b in batches:
+            if (method, b) in report.gap:
+                body.append(
+                    [
+                        METHOD_NAMES.get(method, method),
+                        str(b),
+                        report.train_top1[(method, b)].text(),
+                        report.top1[(method, b)].text(),
+                        report.gap[(method, b)].text(),
+                    ]
+                )
+    lines += _table(["method", "batch", "train top-1", "test top-1", "gap"], body) + [""]
+
+    if report.eps_cells:
+        lines += ["## ConAdv top-1 by ε and batch size (Table 5)", ""]
+        settings = sorted({k[2] for k in report.eps_cells}, key=str)
+        body = []
+        for setting in settings:
+            label = ", ".join(f"{n}={short(v)}" for n, v in setting) or "main.py's ε"
+            cells = [report.eps_cells.get(("conadv", b, setting)) for b in batches]
+            body.append([label] + [c.text() if c else "—" for c in cells])
+        lines += _table(["setting"] + [f"batch {b}" for b in batches], body) + [""]
+
+    lines += [
+        "## Throughput: clean images per second (Table 3)",
+        "",
+        "Measured inside the training runs, one after another: for a controlled "
+        "comparison use `python -m conadv.benchmark`, which interleaves the methods.",
+        "",
+        *_method_by_batch(report, report.throughput, digits=1),
+        "",
+    ]
+    ratio_names = ("conadv / disadv", "conadv / vanilla")
+    body = [
+        [f"batch {b}"]
+        + [
+            f"{report.throughput_ratios[(b, n)]:.3f}" if (b, n) in report.throughput_ratios else "—"
+            for n in ratio_names
+        ]
+        for b in batches
+    ]
+    lines += _table(["", "ConAdv / DisAdv", "ConAdv / vanilla"], body) + [""]
+
+    if report.top_eigenvalue or report.eps_sharpness:
+        lines += [
+            "## Sharpness of the trained weights",
+            "",
+            "The top eigenvalue of the Hessian of the training loss and Keskar et al.'s "
+            "ε-sharpness (`sharpness.json`, `main.py --mode sharpness`), then the paired "
+            "differences of the gap and the eigenvalue.",
+            "",
+            "Top Hessian eigenvalue:",
+            "",
+            *_method_by_batch(report, report.top_eigenvalue, digits=3),
+            "",
+            "ε-sharpness:",
+            "",
+            *_method_by_batch(report, report.eps_sharpness, digits=3),
+            "",
+        ]
+        body = [
+            [metric, f"batch {b}"]
+            + [difference_text(report.metric_differences.get((metric, b, n))) for n in DIFFERENCES]
+            for metric in ("generalization_gap", "top_eigenvalue")
+            for b in batches
+        ]
+        lines += _table(["metric", "", *DIFFERENCES], body) + [""]
+
+    if report.source_differences:
+        lines += [
+            "## The free attack against the separate attack, paired over seeds",
+            "",
+            "Eval top-1 with `--attack_source separate` and `clean_pass`, and the mean of "
+            "the per-seed difference clean_pass − separate with its Student-t 95 % interval.",
+            "",
+        ]
+        body = []
+        for (method, batch, rest), (separate, free, difference) in sorted(
+            report.source_differences.items(), key=lambda item: str(item[0])
+        ):
+            label = ", ".join(f"{n}={short(v)}" for n, v in rest)
+            body.append(
+                [METHOD_NAMES.get(method, method) + (f" ({label})" if label else ""), str(batch)]
+                + [separate.text(), free.text(), difference_text(difference)]
+            )
+        header = ["method", "batch", "separate", "clean_pass", "clean_pass − separate"]
+        lines += _table(header, body) + [""]
+
+    if report.robust:
+        lines += ["## Robust top-1 (evaluated under attack)", ""]
+        lines += _method_by_batch(report, report.robust) + [""]
+    return "\n".join(lines)

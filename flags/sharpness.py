@@ -1,0 +1,40 @@
+"""How ``--mode sharpness`` measures a trained run (``conadv/studies/sharpness.py``)."""
+
+from absl import flags as absl_flags
+
+
+def define(fv):
+    absl_flags.DEFINE_integer(
+        "sharpness_examples",
+        1024,
+        "--mode sharpness: the first N training images (evaluation preprocessing, fixed "
+        "order) the training loss is taken over.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "sharpness_iterations",
+        30,
+        "--mode sharpness: at most this many power iterations (Hessian-vector products, "
+        "about 2 gradient evaluations each) for the top Hessian eigenvalue.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "sharpness_tolerance",
+        1e-3,
+        "--mode sharpness: stop the power iteration when the eigenvalue changes by less than "
+        "this, relative.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "sharpness_eps",
+        1e-3,
+        "--mode sharpness: ε of Keskar et al.'s ε-sharpness (the box |z_i| <= ε(|θ_i| + 1)).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "sharpness_steps",
+        10,
+        "--mode sharpness: projected sign-gradient ascent steps for the ε-sharpness (one "
+        "gradient evaluation each).",
+        flag_values=fv,
+    )

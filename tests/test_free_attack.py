@@ -1,0 +1,373 @@
+"""The free attack (--attack_source clean_pass) on one device: DisAdv's equivalence with
+the separate attack, ConAdv against an eager reference, float16, resume and Keras."""
+
+import dataclasses
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from conadv import attack as attack_lib
+from conadv import free_attack
+from conadv import steps as steps_lib
+from official import precision
+from official.model_conversion import split_batch_norm
+from official.split_batch_norm import call_model
+from tests import method_testing as mt
+
+BATCH = 8
+EPS, STEP = 8.0, 12.0
+LR, WD, MOMENTUM, SMOOTHING = 0.1, 5e-4, 0.9, 0.1
+
+#: What --attack_source=clean_pass computes with the separate attack's machinery.
+ONE_STEP_FROM_CLEAN = attack_lib.AttackConfig(eps=EPS, random_init=False, bn_branch="main")
+
+
+def run_steps(ctx, method, images, labels, steps, strategy=None):
+    iterator = mt.batch_iterator(images, labels, strategy)
+    if method == steps_lib.CONADV:
+        mt.fill_ring(ctx, iterator, strategy)
+    run = mt.step_runner(ctx, method, strategy)
+    for _ in range(steps):
+        run(iterator)
+    return ctx.sums.totals()
+
+
+class DisAdvCleanPassTest(tf.test.TestCase):
+    """DisAdv + clean_pass computes DisAdv with a 1-step attack from the clean image through
+    the main branch, without the attack's pass: with --label_smoothing 0 the same x_adv
+    (∇ₓ of the same loss), so the same weights, statistics and losses, to 1e-6."""
+
+    def _train(self, source, update_pass, smoothing=0.0):
+        images, labels = mt.fixed_batches(3, BATCH, seed=41)
+        model = mt.small_model(seed=7, width=0.25)
+        ctx = mt.make_context(
+            model,
+            learning_rate=LR,
+            weight_decay=WD,
+            batch_size=BATCH,
+            label_smoothing=smoothing,
+            attack=ONE_STEP_FROM_CLEAN,
+            update_pass=update_pass,
+            attack_source=source,
+        )
+        totals = run_steps(ctx, steps_lib.DISADV, images, labels, 3)
+        return mt.snapshot(model), totals
+
+    def test_equals_the_separate_attack(self):
+        for update_pass in steps_lib.UPDATE_PASSES:
+            free, free_sums = self._train(steps_lib.CLEAN_PASS, update_pass)
+            separate, sums = self._train(steps_lib.SEPARATE_ATTACK, update_pass)
+            for got, want in zip(free, separate):  # weights and both branches' statistics
+                self.assertAllClose(got, want, rtol=1e-6, atol=1e-6, msg=update_pass)
+            for key in ("clean_loss", "adv_loss", "adv_linf", "clean_correct"):
+                self.assertAllClose(free_sums[key], sums[key], rtol=1e-6, msg=key)
+            self.assertGreater(free_sums["adv_linf"] / free_sums["adv_examples"], EPS - 1e-3)
+
+    def test_differs_from_vanilla(self):
+        """The adversarial half is trained on: the comparison above can fail."""
+        free, _ = self._train(steps_lib.CLEAN_PASS, steps_lib.CONCATENATED)
+        images, labels = mt.fixed_batches(3, BATCH, seed=41)
+        model = mt.small_model(seed=7, width=0.25)
+        ctx = mt.make_context(model, learning_rate=LR, weight_decay=WD, batch_size=BATCH)
+        run_steps(ctx, steps_lib.VANILLA, images, labels, 3)
+        self.assertGreater(max(np.abs(a - b).max() for a, b in zip(free, mt.snapshot(model))), 1e-3)
+
+
+# --------------------------------------------------------------------------
+# An independent eager reference of ConAdv with the free attack, written from the
+# description (conadv/free_attack.py's docstring), not from its code.
+
+
+def cropped_model(seed: int):
+    """A small split-BatchNorm network that never sees the 2-pixel border of its input: those
+    pixels' input gradient is exactly 0, so the free attack must leave them."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3))
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = keras.layers.Cropping2D(2)(x)
+    for filters in (8, 8):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(mt.NUM_CLASSES)(x)
+    return split_batch_norm(keras.Model(inputs, outputs))
+
+
+def smoothed_ce(labels, logits):
+    targets = tf.one_hot(labels, mt.NUM_CLASSES) * (1.0 - SMOOTHING) + SMOOTHING / mt.NUM_CLASSES
+    return -tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1)
+
+
+def reference_free_attack(x, gradient):
+    """x + α·sign(g) in the ε-ball and [0, 255] (α = 12 > ε = 8: the ball clips)."""
+    step = x + STEP * np.sign(gradient)
+    return np.clip(step, np.maximum(x - EPS, 0.0), np.minimum(x + EPS, 255.0)).astype(np.float32)
+
+
+def reference_prologue_attack(model, x, y):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(smoothed_ce(y, call_model(model, x, True, "main", update_stats=False)))
+    return reference_free_attack(x.numpy(), tape.gradient(loss, x).numpy())
+
+
+def reference_conadv(model, images, labels, staleness, steps):
+    """Step t trains batch t+τ clean (main) and the adversarial images of batch t, made
+    from batch t's input gradient at θ_{t−τ} (the prologue's with θ_0), labelled by batch
+    t; its own input gradient makes batch t+τ's. Momentum SGD, decay on rank > 1."""
+    velocity = [np.zeros(v.shape, np.float32) for v in model.trainable_variables]
+    adversarial = {
+        k: reference_prologue_attack(model, images[k], labels[k]) for k in range(staleness)
+    }
+    for t in range(steps):
+        clean = tf.constant(images[t + staleness])
+        with tf.GradientTape() as tape:
+            tape.watch(clean)
+            clean_logits = call_model(model, clean, True, "main")
+            adv_logits = call_model(model, tf.constant(adversarial[t]), True, "aux")
+            loss = (
+                0.5
+                * (
+                    tf.reduce_sum(smoothed_ce(labels[t + staleness], clean_logits))
+                    + tf.reduce_sum(smoothed_ce(labels[t], adv_logits))
+                )
+                / BATCH
+            )
+        *grads, input_gradient = tape.gradient(loss, [*model.trainable_variables, clean])
+        adversarial[t + staleness] = reference_free_attack(
+            images[t + staleness], input_gradient.numpy()
+        )
+        for i, (var, g) in enumerate(zip(model.trainable_variables, grads)):
+            w = var.numpy()
+            g = np.zeros(w.shape, np.float32) if g is None else g.numpy()
+            decay = WD * w if w.ndim > 1 else 0.0
+            velocity[i] = MOMENTUM * velocity[i] + LR * (g + decay)
+            var.assign(w - velocity[i])
+    return adversarial
+
+
+class ConAdvCleanPassTest(tf.test.TestCase):
+    STEPS = 4
+    TOLERANCE = 1e-5
+
+    def _check(self, staleness):
+        images, labels = mt.fixed_batches(self.STEPS + staleness, BATCH, seed=50 + staleness)
+        model = cropped_model(seed=8)
+        initial = mt.snapshot(model)
+        ctx = mt.make_context(
+            model,
+            learning_rate=LR,
+            weight_decay=WD,
+            staleness=staleness,
+            batch_size=BATCH,
+            label_smoothing=SMOOTHING,
+            attack=dataclasses.replace(ONE_STEP_FROM_CLEAN, step_size=STEP),
+            attack_source=steps_lib.CLEAN_PASS,
+        )
+        run_steps(ctx, steps_lib.CONADV, images, labels, self.STEPS)
+        got = mt.snapshot(model)
+        mt.restore(model, initial)
+        adversarial = reference_conadv(model, images, labels, staleness, self.STEPS)
+        want = mt.snapshot(model)
+        error = max(
+            float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6)) for a, b in zip(got, want)
+        )
+        self.assertLess(error, self.TOLERANCE)
+        self.assertGreater(mt.update_error(initial, initial, want), 0.5)  # the weights moved
+        # The ring holds the last τ batches' adversarial images, labelled by their batch.
+        for k in range(self.STEPS, self.STEPS + staleness):
+            slot = k % staleness
+            ring_adv = ctx.ring.local_slots("adversarial")[0][slot].numpy()
+            self.assertAllEqual(ctx.ring.local_slots("labels")[0][slot].numpy(), labels[k])
+            self.assertAllClose(ring_adv, adversarial[k], atol=1e-4)
+            border = np.ones(ring_adv.shape[1:3], bool)
+            border[2:-2, 2:-2] = False
+            self.assertAllEqual(ring_adv[:, border], images[k][:, border])  # gradient 0
+            moved = np.abs(ring_adv - images[k])[:, ~border]
+            self.assertLessEqual(moved.max(), EPS + 1e-4)
+            self.assertGreater(np.mean(np.abs(moved - EPS) < 1e-4), 0.5)
+
+    def test_staleness_one(self):
+        self._check(1)
+
+    def test_staleness_two(self):
+        self._check(2)
+
+
+class Float16InputGradientTest(tf.test.TestCase):
+    """Under float16 the input gradient comes from the scaled loss, then is unscaled.
+
+    At a large global batch the clean pass's loss (divided by the batch) has pixel
+    gradients below float16's smallest number: from the unscaled loss they flush to 0.
+    """
+
+    def test_scaled_then_unscaled(self):
+        images, labels = mt.fixed_batches(1, BATCH, seed=60)
+        model16 = mt.small_model(seed=9, width=0.25, dtype_policy=precision.MIXED_FLOAT16)
+        model32 = mt.small_model(seed=9, width=0.25)
+        mt.restore(model32, mt.snapshot(model16))
+        ctx = mt.make_context(
+            model16,
+            batch_size=BATCH,
+            attack=ONE_STEP_FROM_CLEAN,
+            dtype_policy=precision.MIXED_FLOAT16,
+            attack_source=steps_lib.CLEAN_PASS,
+        )
+        ctx = dataclasses.replace(ctx, global_batch_size=32768)
+        x = tf.constant(images[0])
+
+        @tf.function
+        def free_gradient():
+            return free_attack.clean_pass(ctx, x, tf.constant(labels[0]))[1]
+
+        def unscaled_float16_gradient():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                logits = call_model(model16, x, True, "main", update_stats=False)
+                loss = 0.5 * tf.reduce_sum(smoothed_ce(labels[0], logits)) / 32768
+            return tape.gradient(loss, x).numpy()
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logits = call_model(model32, x, True, "main", update_stats=False)
+            loss = 0.5 * tf.reduce_sum(smoothed_ce(labels[0], tf.cast(logits, tf.float32))) / 32768
+        want = tape.gradient(loss, x).numpy()
+        got = free_gradient().numpy()
+        clear = np.abs(want) > 1e-2 * np.abs(want).max()
+        self.assertGreater(np.mean(np.sign(got[clear]) == np.sign(want[clear])), 0.95)
+        ratio = np.median(np.abs(got[clear]) / np.abs(want[clear]))
+        self.assertBetween(ratio, 0.5, 2.0)  # unscaled: the gradient's own size
+        # Without the scale most of the gradient is lost (the test can tell).
+        self.assertGreater(np.mean(unscaled_float16_gradient() == 0.0), 0.5)
+
+
+class ResumeTest(tf.test.TestCase):
+    """A ConAdv + clean_pass run stopped after a checkpoint and restarted in a new trainer
+    (as after SIGKILL) ends with the uninterrupted run's weights: the ring's labels and
+    adversarial images are restored and the stream continues after them."""
+
+    def _trainer(self, model_dir, steps):
+        return mt.small_trainer(
+            model_dir,
+            train_steps=steps,
+            staleness=2,
+            attack=dataclasses.replace(ONE_STEP_FROM_CLEAN, step_size=STEP),
+            attack_source=steps_lib.CLEAN_PASS,
+            lr_schedule="step",  # boundaries in epochs: the same rates whatever the length
+            checkpoint_steps=1,
+        )
+
+    def test_resume_matches_uninterrupted(self):
+        whole = self._trainer(tempfile.mkdtemp(dir=self.get_temp_dir()), 5)
+        initial = mt.snapshot(whole.model)
+        whole.train(evaluate=False)
+        want = mt.snapshot(whole.model)
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        self._trainer(model_dir, 2).train(evaluate=False)
+        resumed = self._trainer(model_dir, 5)
+        resumed.train(evaluate=False)
+        self.assertEqual(resumed.global_step, 5)
+        for got, expected in zip(mt.snapshot(resumed.model), want):
+            self.assertAllClose(got, expected, rtol=1e-6, atol=1e-6)
+        self.assertGreater(mt.update_error(initial, initial, want), 0.5)
+
+
+class KerasCleanPassTest(tf.test.TestCase):
+    """``ConAdvModel(attack_source="clean_pass")``: DisAdv equals DisAdv with the separate
+    attack's matching settings (smoothing 0); other attack settings are refused."""
+
+    def _fit(self, source):
+        from conadv.keras import ConAdvModel
+
+        images, labels = mt.fixed_batches(1, 24, seed=70)
+        keras.utils.set_random_seed(3)
+        inner = keras.Sequential(
+            [
+                keras.Input((mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3)),
+                keras.layers.Rescaling(1.0 / 255.0),
+                keras.layers.Conv2D(4, 3, use_bias=False),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(mt.NUM_CLASSES),
+            ]
+        )
+        settings = {} if source == steps_lib.CLEAN_PASS else {"attack_random_init": False}
+        model = ConAdvModel(
+            inner,
+            method="disadv",
+            attack_eps=EPS,
+            label_smoothing=0.0,
+            attack_source=source,
+            **settings,
+        )
+        if source == steps_lib.SEPARATE_ATTACK:  # the main branch, as the free attack's
+            model.attack_config = dataclasses.replace(model.attack_config, bn_branch="main")
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        model.fit(images[0], labels[0], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return [v.numpy() for v in model.network.variables]
+
+    def test_disadv_equals_separate(self):
+        free, separate = self._fit(steps_lib.CLEAN_PASS), self._fit(steps_lib.SEPARATE_ATTACK)
+        for got, want in zip(free, separate):
+            self.assertAllClose(got, want, rtol=1e-6, atol=1e-6)
+
+    def test_refuses_other_attacks(self):
+        from conadv.keras import ConAdvModel
+
+        inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        for settings in ({"attack_steps": 2}, {"attack_random_init": True}):
+            with self.assertRaisesRegex(ValueError, "1-step attack from the clean image"):
+                ConAdvModel(inner, attack_source="clean_pass", **settings)
+
+
+class TrainerPathsTest(tf.test.TestCase):
+    """ConAdv with the free attack through the trainer: XLA computes what the default path
+    does (a TPU-compatibility check), and accumulation with bfloat16 trains with the
+    ring's τ·N micro-batch slots holding each micro-batch's adversarial images."""
+
+    def _trainer(self, **overrides):
+        settings = dict(
+            method="conadv",
+            attack=ONE_STEP_FROM_CLEAN,
+            attack_source=steps_lib.CLEAN_PASS,
+            optimizer="lars",
+            weight_decay=5e-4,
+            learning_rate=2.0,
+        )
+        settings.update(overrides)
+        return mt.small_trainer(tempfile.mkdtemp(dir=self.get_temp_dir()), **settings)
+
+    def test_xla_matches_the_default_path(self):
+        results = {}
+        for jit in (False, True):
+            trainer = self._trainer(jit_compile=jit)
+            initial = mt.snapshot(trainer.model)
+            trainer.train(evaluate=False)
+            results[jit] = mt.snapshot(trainer.model)
+        error = max(
+            float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6))
+            for a, b in zip(results[True], results[False])
+        )
+        self.assertLess(error, 1e-4)
+        self.assertGreater(mt.update_error(initial, initial, results[False]), 0.5)
+
+    def test_accumulation_with_bfloat16(self):
+        trainer = self._trainer(accumulation_steps=2, precision="mixed_bfloat16", staleness=2)
+        initial = mt.snapshot(trainer.model)
+        trainer.train(evaluate=False)
+        self.assertEqual(trainer.global_step, 3)
+        self.assertEqual(trainer.ring.staleness, 4)  # τ·N micro-batch slots
+        self.assertEqual(trainer.train_sums.totals()["examples"], 24)
+        final = mt.snapshot(trainer.model)
+        self.assertTrue(all(np.all(np.isfinite(v)) for v in final))
+        self.assertGreater(mt.update_error(initial, initial, final), 0.5)
+        adversarial = tf.cast(trainer.ring.local_slots("adversarial")[0], tf.float32).numpy()
+        self.assertEqual(trainer.ring.local_slots("adversarial")[0].dtype, tf.bfloat16)
+        self.assertBetween(float(adversarial.min()), 0.0, 255.0)
+        self.assertLessEqual(float(adversarial.max()), 255.0)
+        self.assertEqual(trainer.ring.fields, ("labels", "adversarial"))

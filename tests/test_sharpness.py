@@ -1,0 +1,192 @@
+"""Sharpness of trained weights (conadv/studies/sharpness.py) against closed forms.
+
+Catches: power iteration without normalisation (its estimate grows or shrinks
+with ‖v‖); a Hessian-vector product that is not the Hessian's (against the
+exact Hessian of a linear softmax model, and finite differences of gradients
+through BatchNorm); the loss taken with BatchNorm in training mode (batch
+statistics) instead of the evaluation statistics; the augmented training
+stream instead of the clean training images; an ε-sharpness box, ascent or
+formula other than Keskar et al.'s (against a separable quadratic's maximum).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import conadv.keras as conadv_keras
+from conadv.studies import sharpness
+from input_pipeline.base import TRAIN, TRAIN_EVAL
+from input_pipeline.digits import DigitsSource
+from official import losses
+from official.split_batch_norm import call_model
+
+
+class QuadraticLoss:
+    """½·θᵀAθ + bᵀθ of one variable: Hessian A."""
+
+    def __init__(self, a, theta, b):
+        self.a, self.b = tf.constant(a, tf.float32), tf.constant(b, tf.float32)
+        self.variables = [tf.Variable(theta, dtype=tf.float32)]
+
+    def value_and_gradient(self):
+        theta = self.variables[0]
+        value = 0.5 * tf.tensordot(theta, tf.linalg.matvec(self.a, theta), 1)
+        value += tf.tensordot(self.b, theta, 1)
+        return float(value), [tf.linalg.matvec(self.a, theta) + self.b]
+
+    def hessian_vector_product(self, vector):
+        return [tf.linalg.matvec(self.a, vector[0])]
+
+
+def dataset_of(images, labels, batch):
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
+    return tf.distribute.get_strategy().experimental_distribute_dataset(ds)
+
+
+def linear_softmax(features=5, classes=4, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,))
+    return keras.Model(inputs, keras.layers.Dense(classes, name="dense")(inputs))
+
+
+def exact_hessian(model, x, y):
+    """The Hessian of the mean CE of a linear softmax model w.r.t. (kernel, bias), in the
+    order of their flattened values: Σ_i (diag p − ppᵀ) ⊗ [x; 1][x; 1]ᵀ / N."""
+    kernel, bias = (v.numpy().astype(np.float64) for v in model.trainable_variables)
+    features, classes = kernel.shape
+    hessian = np.zeros((features * classes + classes,) * 2)
+    for xi in x.astype(np.float64):
+        logits = xi @ kernel + bias
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        block = np.diag(p) - np.outer(p, p)
+        # kernel[j, c] is index j·C + c; bias[c] is F·C + c.
+        jacobian = np.zeros((classes, features * classes + classes))
+        for c in range(classes):
+            jacobian[c, c : features * classes : classes] = xi
+            jacobian[c, features * classes + c] = 1.0
+        hessian += jacobian.T @ block @ jacobian
+    return hessian / len(x)
+
+
+def flat(tensors):
+    return np.concatenate([np.asarray(t, np.float64).reshape(-1) for t in tensors])
+
+
+class PowerIterationTest(tf.test.TestCase):
+    def test_top_eigenvalue_of_a_quadratic(self):
+        rng = np.random.default_rng(0)
+        q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+        eigenvalues = np.array([5.0, 2.0, 1.5, 1.0, 0.5, 0.3, 0.2, 0.1])
+        a = q @ np.diag(eigenvalues) @ q.T
+        loss = QuadraticLoss(a, rng.normal(size=8), rng.normal(size=8))
+        value, iterations, converged = sharpness.top_eigenvalue(
+            loss, iterations=300, tolerance=1e-9
+        )
+        self.assertTrue(converged)
+        self.assertAllClose(value, np.linalg.eigvalsh(a).max(), rtol=1e-3)
+        self.assertGreater(iterations, 2)
+
+    def test_top_eigenvalue_of_a_linear_softmax_model(self):
+        rng = np.random.default_rng(1)
+        x = rng.normal(0, 1.5, (40, 5)).astype("float32")
+        y = rng.integers(0, 4, 40).astype("int32")
+        model = linear_softmax()
+        loss = sharpness.TrainingLoss(
+            model, tf.distribute.get_strategy(), dataset_of(x, y, 16), len(y)
+        )
+        hessian = exact_hessian(model, x, y)
+        vector = [tf.constant(rng.normal(size=v.shape), tf.float32) for v in loss.variables]
+        self.assertAllClose(
+            flat(loss.hessian_vector_product(vector)), hessian @ flat(vector), atol=1e-5
+        )
+        value, _, converged = sharpness.top_eigenvalue(loss, iterations=500, tolerance=1e-9)
+        self.assertTrue(converged)
+        self.assertAllClose(value, np.linalg.eigvalsh(hessian).max(), rtol=1e-3)
+
+
+def small_network():
+    """Conv → BatchNorm → tanh (smooth, for finite differences) → pool → dense, split, with
+    moving statistics far from any batch's (so training-mode BatchNorm gives another loss)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("tanh")(h))
+    net = keras.Model(inputs, keras.layers.Dense(3, name="dense")(h))
+    net.get_layer("bn").moving_mean.assign([0.5, -0.3, 0.2, 0.1])
+    net.get_layer("bn").moving_variance.assign([2.0, 0.5, 1.5, 0.8])
+    return conadv_keras.split_batch_norm(net)
+
+
+class TrainingLossTest(tf.test.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        rng = np.random.default_rng(2)
+        cls.x = rng.uniform(0, 1, (24, 6, 6, 3)).astype("float32")
+        cls.y = rng.integers(0, 3, 24).astype("int32")
+        cls.model = small_network()
+        cls.loss = sharpness.TrainingLoss(
+            cls.model, tf.distribute.get_strategy(), dataset_of(cls.x, cls.y, 10), 24, 0.1
+        )
+
+    def test_the_loss_is_the_evaluated_main_branch_on_the_clean_images(self):
+        logits = call_model(self.model, self.x, False, "main")
+        want = losses.cross_entropy(self.y, logits, 0.1).numpy().mean()
+        self.assertAllClose(self.loss.value_and_gradient()[0], want, rtol=1e-6)
+        aux = {
+            id(v)
+            for v in self.model.get_layer("bn").branch_variables("aux").values()
+            if v is not None
+        }
+        self.assertFalse(any(id(v) in aux for v in self.loss.variables))
+
+    def test_hessian_vector_product_against_finite_differences_of_gradients(self):
+        rng = np.random.default_rng(4)
+        vector = [tf.constant(rng.normal(size=v.shape), tf.float32) for v in self.loss.variables]
+        product = flat(self.loss.hessian_vector_product(vector))
+        theta = [tf.convert_to_tensor(v) for v in self.loss.variables]
+        h = 1e-2
+        gradients = []
+        for sign in (1.0, -1.0):
+            for var, t, v in zip(self.loss.variables, theta, vector):
+                var.assign(t + sign * h * v)
+            gradients.append(flat(self.loss.value_and_gradient()[1]))
+        for var, t in zip(self.loss.variables, theta):
+            var.assign(t)
+        difference = (gradients[0] - gradients[1]) / (2 * h)
+        error = np.linalg.norm(product - difference) / np.linalg.norm(product)
+        self.assertLess(error, 1e-2)
+
+
+class EpsSharpnessTest(tf.test.TestCase):
+    def test_a_separable_quadratic_against_its_maximum_over_the_box(self):
+        """½·Σ a_i θ_i² (a_i > 0) is largest in the box at θ_i + sign(θ_i)·ε(|θ_i| + 1)."""
+        a = np.array([3.0, 1.0, 0.5, 2.0])
+        theta = np.array([0.7, -1.2, 0.05, -0.3])
+        epsilon = 0.05
+        loss = QuadraticLoss(np.diag(a), theta, np.zeros(4))
+        got, base = sharpness.eps_sharpness(loss, epsilon, steps=5)
+        corner = np.abs(theta) + epsilon * (np.abs(theta) + 1)
+        best, value = 0.5 * np.sum(a * corner**2), 0.5 * np.sum(a * theta**2)
+        self.assertAllClose(base, value, rtol=1e-6)
+        self.assertAllClose(got, 100 * (best - value) / (1 + value), rtol=1e-5)
+        self.assertAllClose(loss.variables[0], theta)  # the weights are put back
+
+
+class CleanTrainingImagesTest(tf.test.TestCase):
+    def test_the_first_training_images_as_evaluated_in_order(self):
+        source = DigitsSource(16)
+        strategy = tf.distribute.get_strategy()
+        dataset, count = sharpness.clean_training_images(source, strategy, 100, 32)
+        self.assertEqual(count, 100)
+        got = np.concatenate([images.numpy() for images, _ in dataset])
+        want = np.concatenate([i.numpy() for i, _ in source.dataset(TRAIN_EVAL, 50)])[:100]
+        self.assertAllEqual(got, want)
+        stream = next(iter(source.dataset(TRAIN, 100)))[0].numpy()
+        self.assertGreater(np.abs(stream - got).max(), 0)  # the training stream differs
+
+
+if __name__ == "__main__":
+    tf.test.main()
