@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
-from input_pipeline import augment
+from input_pipeline import augment, image_ops
 
 
 def natural_image(height, width, seed):
@@ -57,24 +57,24 @@ class PointwiseOpsTest(tf.test.TestCase):
     def test_integer_exact_ops(self):
         for i, image in enumerate(example_images()):
             t = tf.constant(image)
-            self.assert_exact(augment.invert(t).numpy(), pillow(ImageOps.invert, image), i)
+            self.assert_exact(image_ops.invert(t).numpy(), pillow(ImageOps.invert, image), i)
             self.assert_exact(
-                augment.autocontrast(t).numpy(),
+                image_ops.autocontrast(t).numpy(),
                 pillow(ImageOps.autocontrast, image),
                 f"autocontrast {i}",
             )
             self.assert_exact(
-                augment.equalize(t).numpy(), pillow(ImageOps.equalize, image), f"equalize {i}"
+                image_ops.equalize(t).numpy(), pillow(ImageOps.equalize, image), f"equalize {i}"
             )
             for bits in (1, 4, 7, 8):
                 self.assert_exact(
-                    augment.posterize(t, bits).numpy(),
+                    image_ops.posterize(t, bits).numpy(),
                     pillow(ImageOps.posterize, image, bits),
                     f"posterize {bits}",
                 )
             for threshold in (0, 100, 128, 255, 256):
                 self.assert_exact(
-                    augment.solarize(t, threshold).numpy(),
+                    image_ops.solarize(t, threshold).numpy(),
                     pillow(ImageOps.solarize, image, threshold),
                     f"solarize {threshold}",
                 )
@@ -84,15 +84,15 @@ class PointwiseOpsTest(tf.test.TestCase):
             for addition, threshold in [(30, 128), (-40, 200), (110, 256)]:
                 x = image.astype(int)
                 want = np.where(x < threshold, np.clip(x + addition, 0, 255), x)
-                got = augment.solarize_add(tf.constant(image), addition, threshold).numpy()
+                got = image_ops.solarize_add(tf.constant(image), addition, threshold).numpy()
                 self.assertAllEqual(got, want)
 
     def test_enhance_ops_within_one_grey_level(self):
         pairs = [
-            (augment.color, ImageEnhance.Color),
-            (augment.contrast, ImageEnhance.Contrast),
-            (augment.brightness, ImageEnhance.Brightness),
-            (augment.sharpness, ImageEnhance.Sharpness),
+            (image_ops.color, ImageEnhance.Color),
+            (image_ops.contrast, ImageEnhance.Contrast),
+            (image_ops.brightness, ImageEnhance.Brightness),
+            (image_ops.sharpness, ImageEnhance.Sharpness),
         ]
         for i, image in enumerate(example_images()):
             for ours, theirs in pairs:
@@ -106,8 +106,8 @@ class PointwiseOpsTest(tf.test.TestCase):
         images = np.stack([natural_image(24, 24, s) for s in range(4)])
 
         def chain(x):
-            x = augment.equalize(augment.autocontrast(x))
-            return augment.sharpness(augment.contrast(augment.color(x, 1.5), 0.5), 1.8)
+            x = image_ops.equalize(image_ops.autocontrast(x))
+            return image_ops.sharpness(image_ops.contrast(image_ops.color(x, 1.5), 0.5), 1.8)
 
         out = [x.numpy() for x in tf.data.Dataset.from_tensor_slices(images).map(chain)]
         self.assertEqual(out[0].dtype, np.uint8)
@@ -156,23 +156,23 @@ class GeometricOpsTest(tf.test.TestCase):
             t = tf.constant(image)
             for level in (-0.3, -0.11, 0.17, 0.3):
                 self.assert_mostly_equal(
-                    augment.shear_x(t, level, fill).numpy(),
+                    image_ops.shear_x(t, level, fill).numpy(),
                     pillow_affine(image, (1, level, 0, 0, 1, 0), fill),
                     f"shear_x {level} image {i} fill {fill}",
                 )
                 self.assert_mostly_equal(
-                    augment.shear_y(t, level, fill).numpy(),
+                    image_ops.shear_y(t, level, fill).numpy(),
                     pillow_affine(image, (1, 0, 0, level, 1, 0), fill),
                     f"shear_y {level} image {i} fill {fill}",
                 )
             for pixels in (-13, -4.4, 3, 9.6):
                 self.assert_mostly_equal(
-                    augment.translate_x(t, pixels, fill).numpy(),
+                    image_ops.translate_x(t, pixels, fill).numpy(),
                     pillow_affine(image, (1, 0, pixels, 0, 1, 0), fill),
                     f"translate_x {pixels} image {i} fill {fill}",
                 )
                 self.assert_mostly_equal(
-                    augment.translate_y(t, pixels, fill).numpy(),
+                    image_ops.translate_y(t, pixels, fill).numpy(),
                     pillow_affine(image, (1, 0, 0, 0, 1, pixels), fill),
                     f"translate_y {pixels} image {i} fill {fill}",
                 )
@@ -180,7 +180,7 @@ class GeometricOpsTest(tf.test.TestCase):
     def test_rotate_matches_pillow(self):
         for i, image, width, height, fill in self.cases():
             for degrees in (-30, -7.5, 12, 29, 90):
-                ours = augment.rotate(tf.constant(image), degrees, fill).numpy()
+                ours = image_ops.rotate(tf.constant(image), degrees, fill).numpy()
                 matrix = pillow_rotation_matrix(width, height, degrees)
                 self.assert_mostly_equal(
                     ours, pillow_affine(image, matrix, fill), f"rotate {degrees} image {i}"
@@ -193,16 +193,16 @@ class GeometricOpsTest(tf.test.TestCase):
 
     def test_fill_outside_and_identity_inside(self):
         image = natural_image(20, 30, 5)
-        moved = augment.translate_x(tf.constant(image), 7, (1, 2, 3)).numpy()
+        moved = image_ops.translate_x(tf.constant(image), 7, (1, 2, 3)).numpy()
         self.assertAllEqual(moved[:, :-7], image[:, 7:])
         self.assertAllEqual(moved[:, -7:], np.broadcast_to([1, 2, 3], (20, 7, 3)))
-        self.assertAllEqual(augment.rotate(tf.constant(image), 0.0, 9).numpy(), image)
+        self.assertAllEqual(image_ops.rotate(tf.constant(image), 0.0, 9).numpy(), image)
 
     def test_cutout_paints_one_clipped_square(self):
         image = natural_image(24, 32, 6)
         for s in range(20):
             seed = tf.constant([s, 7])
-            out = augment.cutout(tf.constant(image), 10, 77, seed=seed).numpy()
+            out = image_ops.cutout(tf.constant(image), 10, 77, seed=seed).numpy()
             changed = np.any(out != image, axis=-1)
             painted = np.all(out == 77, axis=-1)
             rows, cols = np.nonzero(painted)
@@ -218,7 +218,7 @@ class GeometricOpsTest(tf.test.TestCase):
             if 0 < cols.min() and cols.max() < 31:
                 self.assertEqual(width, 10)
             self.assertFalse(np.any(changed & ~painted))
-            again = augment.cutout(tf.constant(image), 10, 77, seed=seed).numpy()
+            again = image_ops.cutout(tf.constant(image), 10, 77, seed=seed).numpy()
             self.assertAllEqual(out, again)
 
 
@@ -294,22 +294,22 @@ class PolicyTest(tf.test.TestCase):
         no = tf.constant(False)
         # Full-strength rotation is Pillow's 30° rotation; level 0 is the identity.
         self.assertAllEqual(
-            augment.apply_op(image, "Rotate", 1.0, no), augment.rotate(image, 30.0, 128)
+            augment.apply_op(image, "Rotate", 1.0, no), image_ops.rotate(image, 30.0, 128)
         )
         self.assertAllEqual(
             augment.apply_op(image, "Rotate", 1.0, tf.constant(True)),
-            augment.rotate(image, -30.0, 128),
+            image_ops.rotate(image, -30.0, 128),
         )
         self.assertAllEqual(augment.apply_op(image, "ShearX", 0.0, no), image)
         # Posterize: the paper's levels 0..9 give 8,8,7,7,6,6,5,5,4,4 bits.
         bits = [8, 8, 7, 7, 6, 6, 5, 5, 4, 4]
         for level, b in enumerate(bits):
             self.assertAllEqual(
-                augment.apply_op(image, "Posterize", level / 9, no), augment.posterize(image, b)
+                augment.apply_op(image, "Posterize", level / 9, no), image_ops.posterize(image, b)
             )
         self.assertAllEqual(
             augment.apply_op(image, "Solarize", 5 / 9, no),
-            augment.solarize(image, 256 * 4 / 9),
+            image_ops.solarize(image, 256 * 4 / 9),
         )
 
     def test_policies_in_a_dataset_map_keep_shape_and_dtype(self):
