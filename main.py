@@ -77,7 +77,9 @@ def run_main(values) -> dict | None:
             raise FlagError(
                 f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}; train first"
             )
-        trainer.restore()
+        # Sharpness is measured in float32: a float16 run's loss-scaled optimizer
+        # state does not fit the float32 optimizer, and the measurement needs none.
+        trainer.restore(weights_only=run.mode == "sharpness")
     if run.mode == "eval":
         result = trainer.evaluator.evaluate()
         result["global_step"] = trainer.global_step

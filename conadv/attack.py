@@ -60,6 +60,14 @@ class AttackConfig:
         if self.target not in (UNTARGETED, RANDOM_TARGET):
             raise ValueError(f"attack target must be 'untargeted' or 'random', got {self.target!r}")
 
+    def from_clean_pass(self) -> AttackConfig:
+        """This attack as the clean pass's input gradient gives it (``--attack_source
+        clean_pass``, ``conadv/free_attack.py``): one step of ``alpha`` from the clean
+        image, through the main BatchNorm, untargeted."""
+        return dataclasses.replace(
+            self, num_steps=1, random_init=False, bn_branch="main", target=UNTARGETED
+        )
+
     @property
     def alpha(self) -> float:
         """The step: ``step_size``, or by default ε for one step (it reaches the

@@ -138,6 +138,12 @@ def _gradients_fn(method: str, ctx: StepContext):
         raise ValueError(
             "ConAdv's ring keeps clean images for the separate attack, and only for it"
         )
+    free = method != VANILLA and ctx.attack_source == CLEAN_PASS
+    if free and ctx.attack != ctx.attack.from_clean_pass():
+        raise ValueError(
+            "the free attack (clean_pass) is one untargeted step from the clean image "
+            f"through the main BatchNorm, not {ctx.attack}: use AttackConfig.from_clean_pass()"
+        )
     return _GRADIENTS[method, ctx.attack_source]
 
 

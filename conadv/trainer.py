@@ -133,8 +133,11 @@ class Trainer:
     def global_step(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
-    def restore(self) -> int:
-        """Restores the latest complete checkpoint, if any; returns the step."""
+    def restore(self, weights_only: bool = False) -> int:
+        """Restores the latest complete checkpoint, if any (``weights_only``: the model's
+        weights and the step, for a measurement in another precision); returns the step."""
+        if weights_only:
+            return self.checkpoints.restore_weights()
         return self.checkpoints.restore()
 
     # ------------------------------------------------------------- the loop

@@ -2,6 +2,21 @@
 
 from absl import flags as absl_flags
 
+#: The flags that set a measurement: ``sharpness.json`` records them, and a sweep
+#: measures a run again when they change.
+SETTINGS = (
+    "sharpness_examples",
+    "sharpness_iterations",
+    "sharpness_tolerance",
+    "sharpness_eps",
+    "sharpness_steps",
+)
+
+
+def settings(values) -> dict:
+    """``SETTINGS`` as given in ``values`` (absl FLAGS or alike)."""
+    return {name: getattr(values, name) for name in SETTINGS}
+
 
 def define(fv):
     absl_flags.DEFINE_integer(

@@ -39,6 +39,11 @@ def settle_attack_source(values):
     value other than the default counts as given)."""
     if getattr(values, "attack_source", "separate") != "clean_pass":
         return
+    _require(
+        getattr(values, "method", None) != "vanilla",
+        "--attack_source=clean_pass has no meaning for --method=vanilla (it makes no "
+        "adversarial examples): drop --attack_source",
+    )
     for name, (needed, default) in CLEAN_PASS_ATTACK.items():
         value = getattr(values, name)
         if value == needed:
@@ -113,6 +118,20 @@ def validate_bn_group_size(values, num_replicas: int):
         )
 
 
+def validate_sharpness(v):
+    """The ``--sharpness_*`` settings of ``--mode sharpness`` (and a sweep's ``--sharpness``)."""
+    for name, least in (
+        ("sharpness_examples", 1),
+        ("sharpness_iterations", 1),
+        ("sharpness_steps", 0),
+    ):
+        value = getattr(v, name)
+        _require(value >= least, f"--{name}={value} must be at least {least}")
+    for name in ("sharpness_tolerance", "sharpness_eps"):
+        value = getattr(v, name)
+        _require(value > 0, f"--{name}={value} must be > 0")
+
+
 def validate(values, num_replicas: int = 1):
     """Raises ``FlagError`` for the first bad value in ``values`` (absl FLAGS or alike)."""
     from input_pipeline import registry
@@ -152,6 +171,7 @@ def validate(values, num_replicas: int = 1):
             f"--train_examples={v.train_examples} must be at least 10 (one per class)",
         )
     _require(v.width_multiplier > 0, f"--width_multiplier={v.width_multiplier} must be > 0")
+    validate_sharpness(v)
 
     _require(
         0 <= v.attack_eps <= 255,

@@ -67,9 +67,11 @@ class DigitsSource(DataSource):
         """Keeps ``count`` training examples, stratified by class, drawn with a fixed seed
         (the same subset for every run; ``--train_examples``)."""
         images, labels = self._splits[TRAIN]
-        if not 10 <= count <= len(labels):
+        # A stratified subset leaves at least one example of each class out, or none.
+        if not (10 <= count <= len(labels) - 10 or count == len(labels)):
             raise DataError(
-                f"--train_examples={count}: the digits training set has {len(labels)} examples"
+                f"--train_examples={count}: the digits training set has {len(labels)} "
+                f"examples; keep 10 to {len(labels) - 10} of them, or all {len(labels)}"
             )
         if count < len(labels):
             from sklearn.model_selection import train_test_split

@@ -178,13 +178,14 @@ def attack_in_replica(ctx, images, labels, batch_index):
     return fn().numpy()
 
 
-def small_trainer(model_dir, strategy=None, num_classes=NUM_CLASSES, **overrides):
-    """A real ``Trainer`` on synthetic 16-px data with a tiny ResNet-8."""
+def small_trainer(model_dir, strategy=None, num_classes=NUM_CLASSES, source=None, **overrides):
+    """A real ``Trainer`` with a tiny ResNet-8, on synthetic 16-px data (one batch,
+    repeated) unless another ``source`` is given."""
     from conadv.trainer import TrainConfig, Trainer
     from input_pipeline.base import PipelineOptions
     from input_pipeline.synthetic import SyntheticSource
 
-    source = SyntheticSource(
+    source = source or SyntheticSource(
         image_size=IMAGE_SIZE,
         options=PipelineOptions(seed=5),
         num_classes=num_classes,

@@ -52,11 +52,21 @@ class ThroughputSweepTest(tf.test.TestCase):
 
     def test_rounds_interleave_the_methods_and_rotate(self):
         """Catches: each setting timed in its own block, one after another; every round
-        in the same order (a position effect would favour the same settings each time)."""
+        in the same order (a position effect would favour the same settings each time);
+        every round going the same way round (each setting always timed after the same
+        one)."""
         keys = [r["key"] for r in self.written["results"]]
         n = len(keys)
-        rotated = [keys[(r + i) % n] for r in range(3) for i in range(n)]
-        self.assertEqual(self.written["timing_order"], rotated)
+        forward = [[keys[(r // 2 + i) % n] for i in range(n)] for r in range(3)]
+        rounds = [circle[::-1] if r % 2 else circle for r, circle in enumerate(forward)]
+        self.assertEqual(self.written["timing_order"], [key for r in rounds for key in r])
+        # Settings are timed after both their neighbours, not always after the same one
+        # (in 3 rounds, all but one; going one way round every round, none).
+        before = {key: set() for key in keys}
+        for r in rounds:
+            for previous, key in zip(r, r[1:]):
+                before[key].add(previous)
+        self.assertGreaterEqual(sum(len(b) == 2 for b in before.values()), n - 1, before)
         # Within one batch, a round goes vanilla, DisAdv, ConAdv.
         self.assertEqual(keys, [f"{m}/batch={b}" for b in BATCHES for m in METHODS])
 
@@ -147,3 +157,31 @@ class AttackSourceTest(tf.test.TestCase):
         self.assertAllClose(result["ratios"][name], expected, rtol=1e-12)
         self.assertIn("conadv/clean_pass_over_vanilla", result["ratios"])
         self.assertEqual(result["ideal_clean_pass_conadv_over_vanilla"], 0.5)
+
+    def test_disadv_with_the_free_attack_is_timed_once_whatever_the_update_pass(self):
+        """Catches: DisAdv with clean_pass (two passes whatever ``--update_pass`` says)
+        timed once per update pass, the same code twice and a meaningless ratio; and
+        ConAdv with the concatenated pass left without its DisAdv baseline."""
+        import types
+
+        from conadv.studies import timed_loop
+
+        fv = types.SimpleNamespace(
+            methods=["vanilla", "disadv", "conadv"],
+            update_pass=["concatenated", "separate"],
+            staleness=["1"],
+            batch_sizes=["2"],
+            attack_source=["separate", "clean_pass"],
+        )
+        passes = fv.update_pass, fv.staleness, fv.batch_sizes, fv.attack_source
+        keys = [s.key(*passes) for s in timed_loop.settings(fv)]
+        self.assertLen(keys, len(set(keys)))
+        self.assertEqual(
+            [k for k in keys if k.startswith("disadv/clean_pass")], ["disadv/clean_pass/separate"]
+        )
+        self.assertIn("conadv/clean_pass/concatenated", keys)
+        conadv = next(
+            s for s in timed_loop.settings(fv) if s.key(*passes) == "conadv/clean_pass/concatenated"
+        )
+        baselines = {s.key(*passes) for s in benchmark._baselines(conadv, fv.update_pass)}
+        self.assertEqual(baselines, {"disadv/clean_pass/separate", "vanilla"})

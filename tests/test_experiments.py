@@ -485,6 +485,8 @@ class ConfigurationTest(tf.test.TestCase):
             self.assertEqual(
                 experiments.other_configurations(out, other), sorted(r.name for r in linear)
             )
+        # A smaller grid of the same configuration: the other batch's runs are not "other".
+        self.assertEqual(experiments.other_configurations(out, self.plan_of(out, "--seeds=0")), [])
         sqrt = self.plan_of(out, "--lr_scaling=sqrt")
         for index, run in enumerate(sqrt):
             write_run(out, run, summary_of(0.2 + 0.01 * index, 0.9))
@@ -502,6 +504,49 @@ class ConfigurationTest(tf.test.TestCase):
                     cell = report.top1[(method, batch)]
                     self.assertEqual(cell.n, 2)
                     self.assertAllClose(cell.mean, plain_mean(want))
+
+    def test_swept_eps_staleness_and_source_keep_every_method_in_one_report(self):
+        """Catches: an axis the sweep varies taken as configuration for the methods it
+        does not apply to (vanilla has no ε or source, DisAdv no τ), which splits the
+        report into one table per method and loses every comparison between them."""
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        runs = self.plan_of(
+            out,
+            "--methods=vanilla,disadv,conadv",
+            "--attack_eps=2,4",
+            "--staleness=1,2",
+            "--attack_source=separate,clean_pass",
+        )
+        self.assertEqual({r.method for r in runs}, {"vanilla", "disadv", "conadv"})
+        for index, run in enumerate(runs):
+            write_run(out, run, summary_of(0.5 + 0.001 * index, 0.9))
+        reports = experiments.write_report(out)
+        self.assertEqual([r.title for r in reports], [""])
+        self.assertEqual({m for m, _ in reports[0].top1}, {"vanilla", "disadv", "conadv"})
+        # A τ the sweep does not vary stays in every run's configuration, vanilla's too.
+        unswept = self.plan_of(out)
+        self.assertEqual({dict(r.config).get("staleness") for r in unswept}, {1})
+
+
+class SharpnessSettingsTest(tf.test.TestCase):
+    def test_a_run_measured_with_other_settings_is_measured_again(self):
+        """Catches: a sweep that counts any ``sharpness.json`` as done, so its
+        ``--sharpness_*`` flags are silently ignored for runs measured before."""
+        from conadv.studies import runner
+        from flags import sharpness as sharpness_flags
+
+        _, _, main_fv, _ = experiments.parse(["sweep", "--out=/tmp/x", "--sharpness_eps=0.01"])
+        settings = sharpness_flags.settings(main_fv)
+        self.assertEqual(settings["sharpness_eps"], 0.01)
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        run = make_run("conadv", 16, 0)
+        directory = write_run(out, run, summary_of(0.5, 0.9))
+        self.assertTrue(runner.is_finished(out, run))
+        self.assertFalse(runner.is_finished(out, run, settings))  # not measured yet
+        for recorded, measured in ((settings, True), ({**settings, "sharpness_eps": 1e-3}, False)):
+            with open(os.path.join(directory, "sharpness.json"), "w") as f:
+                json.dump({"top_eigenvalue": 1.0, "settings": recorded}, f)
+            self.assertEqual(runner.is_finished(out, run, settings), measured)
 
 
 class SweepChecksTest(tf.test.TestCase):

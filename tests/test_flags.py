@@ -69,6 +69,12 @@ class ValidationTest(tf.test.TestCase):
         (["--num_classes=1"], "--num_classes"),
         (["--dataset=synthetic", "--augment=autoaugment"], "--augment"),
         (["--randaugment_magnitude=31"], "--randaugment_magnitude"),
+        (["--method=vanilla", "--attack_source=clean_pass"], "--attack_source"),
+        (["--sharpness_examples=0"], "--sharpness_examples"),
+        (["--sharpness_iterations=0"], "--sharpness_iterations"),
+        (["--sharpness_steps=-1"], "--sharpness_steps"),
+        (["--sharpness_eps=-0.001"], "--sharpness_eps"),
+        (["--sharpness_tolerance=0"], "--sharpness_tolerance"),
     ]
 
     def test_each_bad_value_names_its_flag_in_one_line(self):

@@ -11,6 +11,8 @@ import tensorflow as tf
 from conadv import attack as attack_lib
 from conadv import free_attack
 from conadv import steps as steps_lib
+from input_pipeline.base import TRAIN, PipelineOptions
+from input_pipeline.digits import DigitsSource
 from official import precision
 from official.model_conversion import split_batch_norm
 from official.split_batch_norm import call_model
@@ -216,6 +218,7 @@ class Float16InputGradientTest(tf.test.TestCase):
             attack=ONE_STEP_FROM_CLEAN,
             dtype_policy=precision.MIXED_FLOAT16,
             attack_source=steps_lib.CLEAN_PASS,
+            staleness=1,
         )
         ctx = dataclasses.replace(ctx, global_batch_size=32768)
         x = tf.constant(images[0])
@@ -243,6 +246,11 @@ class Float16InputGradientTest(tf.test.TestCase):
         self.assertBetween(ratio, 0.5, 2.0)  # unscaled: the gradient's own size
         # Without the scale most of the gradient is lost (the test can tell).
         self.assertGreater(np.mean(unscaled_float16_gradient() == 0.0), 0.5)
+        # ConAdv's prologue takes its input gradient the same way: the ring's first
+        # examples move by the sign of the float32 gradient where that gradient is clear.
+        tf.function(free_attack.build_prologue(ctx))((x, tf.constant(labels[0])), 0)
+        moved = tf.cast(ctx.ring.read(0)[2], tf.float32).numpy() - images[0]
+        self.assertGreater(np.mean(np.sign(moved[clear]) == np.sign(want[clear])), 0.95)
 
 
 class ResumeTest(tf.test.TestCase):
@@ -324,6 +332,23 @@ class KerasCleanPassTest(tf.test.TestCase):
             with self.assertRaisesRegex(ValueError, "1-step attack from the clean image"):
                 ConAdvModel(inner, attack_source="clean_pass", **settings)
 
+    def test_a_step_refuses_an_attack_the_clean_pass_cannot_give(self):
+        """Catches: a step context built by hand (not through the flags or ConAdvModel)
+        with the free attack and a random start or the auxiliary branch, trained
+        silently as if it were the attack it describes."""
+        model = mt.small_model(seed=9, width=0.25)
+        for attack in (
+            dataclasses.replace(ONE_STEP_FROM_CLEAN, random_init=True),
+            dataclasses.replace(ONE_STEP_FROM_CLEAN, bn_branch="aux"),
+            dataclasses.replace(ONE_STEP_FROM_CLEAN, num_steps=2),
+        ):
+            ctx = mt.make_context(model, attack=attack, attack_source=steps_lib.CLEAN_PASS)
+            with self.assertRaisesRegex(ValueError, "from_clean_pass") as caught:
+                steps_lib.build_step(steps_lib.DISADV, ctx)
+            self.assertNotIn("\n", str(caught.exception))
+        ctx = mt.make_context(model, attack=ONE_STEP_FROM_CLEAN, attack_source=steps_lib.CLEAN_PASS)
+        steps_lib.build_step(steps_lib.DISADV, ctx)  # the free attack itself is accepted
+
 
 class TrainerPathsTest(tf.test.TestCase):
     """ConAdv with the free attack through the trainer: XLA computes what the default path
@@ -357,17 +382,46 @@ class TrainerPathsTest(tf.test.TestCase):
         self.assertGreater(mt.update_error(initial, initial, results[False]), 0.5)
 
     def test_accumulation_with_bfloat16(self):
-        trainer = self._trainer(accumulation_steps=2, precision="mixed_bfloat16", staleness=2)
+        # Digits: every micro-batch of the stream differs (synthetic data repeats one).
+        digits = DigitsSource(mt.IMAGE_SIZE, PipelineOptions(seed=5, deterministic=True))
+        # 4 steps: every slot is written after the prologue (a ring of τ slots, not τ·N,
+        # would leave two of them as the prologue wrote them).
+        trainer = self._trainer(
+            accumulation_steps=2,
+            precision="mixed_bfloat16",
+            staleness=2,
+            source=digits,
+            train_steps=4,
+            steps_per_loop=4,
+        )
         initial = mt.snapshot(trainer.model)
         trainer.train(evaluate=False)
-        self.assertEqual(trainer.global_step, 3)
+        self.assertEqual(trainer.global_step, 4)
         self.assertEqual(trainer.ring.staleness, 4)  # τ·N micro-batch slots
-        self.assertEqual(trainer.train_sums.totals()["examples"], 24)
+        self.assertEqual(trainer.train_sums.totals()["examples"], 32)
         final = mt.snapshot(trainer.model)
         self.assertTrue(all(np.all(np.isfinite(v)) for v in final))
         self.assertGreater(mt.update_error(initial, initial, final), 0.5)
         adversarial = tf.cast(trainer.ring.local_slots("adversarial")[0], tf.float32).numpy()
+        ring_labels = trainer.ring.local_slots("labels")[0].numpy()
         self.assertEqual(trainer.ring.local_slots("adversarial")[0].dtype, tf.bfloat16)
-        self.assertBetween(float(adversarial.min()), 0.0, 255.0)
-        self.assertLessEqual(float(adversarial.max()), 255.0)
         self.assertEqual(trainer.ring.fields, ("labels", "adversarial"))
+        # Each slot k holds the labels and a perturbation (within ε, in [0, 255], up to
+        # bfloat16's rounding) of the stream's micro-batch j with j ≡ k (mod τ·N), each
+        # slot a micro-batch of its own.
+        stream = list(trainer.source.dataset(TRAIN, 4).take(4 * 4))
+        slots = len(ring_labels)
+        held = []
+        for k in range(slots):
+            matches = [
+                j
+                for j, (images, labels) in enumerate(stream)
+                if np.array_equal(labels.numpy(), ring_labels[k])
+                and np.abs(adversarial[k] - images.numpy()).max() <= EPS + 1.0
+            ]
+            self.assertLen(matches, 1, f"slot {k}")
+            self.assertEqual(matches[0] % slots, k)
+            self.assertGreater(np.abs(adversarial[k] - stream[matches[0]][0].numpy()).max(), 0)
+            held.append(matches[0])
+        self.assertLen(set(held), slots)
+        self.assertBetween(float(adversarial.min()), 0.0, 255.0)

@@ -6,8 +6,14 @@ exact Hessian of a linear softmax model, and finite differences of gradients
 through BatchNorm); the loss taken with BatchNorm in training mode (batch
 statistics) instead of the evaluation statistics; the augmented training
 stream instead of the clean training images; an ε-sharpness box, ascent or
-formula other than Keskar et al.'s (against a separable quadratic's maximum).
+formula other than Keskar et al.'s (against a separable quadratic's maximum);
+a float16 run that cannot be measured (its loss-scaled optimizer restored into
+the float32 one); a measurement with the moving averages instead of the run's
+precise statistics, or on the augmented stream.
 """
+
+import tempfile
+import types
 
 import keras
 import numpy as np
@@ -15,10 +21,11 @@ import tensorflow as tf
 
 import conadv.keras as conadv_keras
 from conadv.studies import sharpness
-from input_pipeline.base import TRAIN, TRAIN_EVAL
+from input_pipeline.base import TRAIN, TRAIN_EVAL, PipelineOptions
 from input_pipeline.digits import DigitsSource
 from official import losses
 from official.split_batch_norm import call_model
+from tests import method_testing as mt
 
 
 class QuadraticLoss:
@@ -186,6 +193,60 @@ class CleanTrainingImagesTest(tf.test.TestCase):
         self.assertAllEqual(got, want)
         stream = next(iter(source.dataset(TRAIN, 100)))[0].numpy()
         self.assertGreater(np.abs(stream - got).max(), 0)  # the training stream differs
+
+
+class MeasureRunTest(tf.test.TestCase):
+    """``measure_run`` on a run trained in float16 and restored in float32: the trained
+    weights and step, the run's precise statistics, the clean training images."""
+
+    def test_a_float16_run_measured_in_float32_with_its_evaluation_statistics(self):
+        from conadv.run.checkpoints import CheckpointMismatchError
+
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        # Digits: distinct images (synthetic data repeats one batch).
+        settings = dict(
+            method="conadv",
+            train_steps=2,
+            checkpoint_steps=1,
+            precise_bn_batches=2,
+            source=DigitsSource(mt.IMAGE_SIZE, PipelineOptions(seed=5, deterministic=True)),
+        )
+        trained = mt.small_trainer(model_dir, precision="mixed_float16", **settings)
+        trained.train(evaluate=False)
+        measured = mt.small_trainer(model_dir, precision="float32", **settings)
+        with self.assertRaises(CheckpointMismatchError):  # why only the weights are read
+            measured.restore()
+        self.assertEqual(measured.restore(weights_only=True), 2)
+        self.assertEqual(measured.global_step, 2)
+        for got, want in zip(mt.snapshot(measured.model), mt.snapshot(trained.model)):
+            self.assertAllEqual(got, want)
+        flags = types.SimpleNamespace(
+            sharpness_examples=24,
+            sharpness_iterations=3,
+            sharpness_tolerance=1e-3,
+            sharpness_eps=1e-3,
+            sharpness_steps=1,
+        )
+        result = sharpness.measure_run(measured, flags)
+        self.assertEqual((result["global_step"], result["examples"]), (2, 24))
+        self.assertEqual(result["bn_statistics"]["kind"], "precise")
+
+        # The loss measured is the main branch's on the first 24 training images with
+        # the evaluation preprocessing, under the precise statistics (not the moving
+        # averages, not the augmented stream): an eager reference.
+        def reference_loss(split):
+            images, labels = next(iter(measured.source.dataset(split, 24)))
+            logits = call_model(measured.model, images, False, "main")
+            ce = losses.cross_entropy(labels, logits, measured.config.label_smoothing)
+            return float(tf.reduce_mean(ce))
+
+        with measured.evaluator.evaluation_statistics():
+            want = reference_loss(TRAIN_EVAL)
+            augmented = reference_loss(TRAIN)
+        moving = reference_loss(TRAIN_EVAL)
+        self.assertAllClose(result["loss"], want, rtol=1e-5)
+        for other in (moving, augmented):  # the test can tell them apart
+            self.assertGreater(abs(other - want), 1e-3 * abs(want))
 
 
 if __name__ == "__main__":

@@ -87,15 +87,15 @@ def _attack_config(source, eps, steps, step_size, random_init, input_range):
             "attack_source='clean_pass' is a 1-step attack from the clean image: "
             "leave attack_steps at 1 and attack_random_init unset (or False)"
         )
-    return attack_lib.AttackConfig(
+    attack = attack_lib.AttackConfig(
         float(eps),
         step_size,
         int(steps),
-        not free if random_init is None else bool(random_init),
-        bn_branch="main" if free else "aux",
+        True if random_init is None else bool(random_init),
         input_min=float(input_range[0]),
         input_max=float(input_range[1]),
     )
+    return attack.from_clean_pass() if free else attack
 
 
 @keras.saving.register_keras_serializable(package="conadv")

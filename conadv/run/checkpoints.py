@@ -49,7 +49,8 @@ class RunCheckpoints:
         self.model_dir = model_dir
         #: The step of the latest complete checkpoint (-1: none).
         self.last_saved = -1
-        items = dict(model=model_state(model), optimizer=optimizer)
+        self.model_state = model_state(model)
+        items = dict(model=self.model_state, optimizer=optimizer)
         ring_key = None
         if ring is not None:
             ring_key = f"ring_w{files.worker_index}_{ring.layout}"
@@ -120,14 +121,7 @@ class RunCheckpoints:
         step = self.resume_step()
         if step >= 0:
             path = os.path.join(self.model_dir, f"ckpt-{step}")
-            try:
-                self.checkpoint.restore(path).expect_partial()
-            except (ValueError, tf.errors.InvalidArgumentError) as error:
-                raise CheckpointMismatchError(
-                    f"the checkpoint {path} does not fit this model "
-                    f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
-                    "flags it was trained with"
-                ) from None
+            _restore_into(self.checkpoint, path)
             if step > 0 and self.global_step == 0:
                 # The optimizer's state lives elsewhere in this checkpoint (for
                 # example it was saved with or without float16 loss scaling).
@@ -148,6 +142,19 @@ class RunCheckpoints:
             self.ring.reset()
         return self.global_step
 
+    def restore_weights(self) -> int:
+        """Only the model's weights of the checkpoint to resume from, and its step: for a
+        measurement in another precision than training's, whose optimizer (with or
+        without float16 loss scaling) need not fit the checkpoint's."""
+        self.files.remove_interrupted_writes()
+        step = self.resume_step()
+        if step >= 0:
+            path = os.path.join(self.model_dir, f"ckpt-{step}")
+            _restore_into(tf.train.Checkpoint(model=self.model_state), path)
+            self.optimizer.iterations.assign(step)
+            logging.info("Restored the weights of %s at step %d", path, step)
+        return step
+
     def save(self) -> str:
         """Every worker saves what is its own; returns the chief's checkpoint path."""
         step = self.global_step
@@ -159,3 +166,16 @@ class RunCheckpoints:
             logging.info("Saved checkpoint %s", path)
         self.last_saved = step
         return path
+
+
+def _restore_into(checkpoint: tf.train.Checkpoint, path: str):
+    """Restores what ``checkpoint`` holds from ``path``; a checkpoint of another model is
+    a one-line error."""
+    try:
+        checkpoint.restore(path).expect_partial()
+    except (ValueError, tf.errors.InvalidArgumentError) as error:
+        raise CheckpointMismatchError(
+            f"the checkpoint {path} does not fit this model "
+            f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "
+            "flags it was trained with"
+        ) from None

@@ -60,6 +60,7 @@ from conadv.studies.timed_loop import (
     bn_group_size,
     interleaved_rounds,
     settings,
+    update_passes,
 )
 from flags import benchmark as benchmark_flags
 from flags.validation import FlagError
@@ -91,8 +92,9 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 def _baselines(setting: Setting, passes) -> list[Setting]:
     """What a ConAdv setting is compared with: DisAdv (same source) and vanilla."""
+    [disadv_pass] = update_passes(steps_lib.DISADV, setting.attack_source, [setting.update_pass])
     return [
-        Setting(steps_lib.DISADV, setting.update_pass, 1, setting.batch, setting.attack_source),
+        Setting(steps_lib.DISADV, disadv_pass, 1, setting.batch, setting.attack_source),
         Setting(steps_lib.VANILLA, passes[0], 1, setting.batch),
     ]
 

@@ -24,6 +24,7 @@ plots (``conadv/studies/report.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -31,6 +32,7 @@ from absl import flags as absl_flags
 
 import flags as main_flags
 from conadv.studies import grid
+from flags import sharpness as sharpness_flags
 from flags.method import ATTACK_SOURCES
 from flags.validation import (
     CLEAN_PASS_ATTACK,
@@ -92,7 +94,8 @@ def define(fv: absl_flags.FlagValues):
         "sharpness",
         False,
         "After each run, measure the sharpness of its weights (main.py --mode sharpness): "
-        "the top Hessian eigenvalue and the ε-sharpness of the training loss.",
+        "the top Hessian eigenvalue and the ε-sharpness of the training loss, with the "
+        "--sharpness_* flags given to the sweep (a run measured with others is measured again).",
         flag_values=fv,
     )
 
@@ -190,14 +193,10 @@ def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
         defining = run_identity.defining_values(values)
         defining.update({name: values[name].value for name in grid.RESULT_FLAGS})
         config = {k: v for k, v in defining.items() if k not in grid.GRID_FLAGS}
-        # An ε or τ the sweep does not vary is part of its configuration.
-        swept_values = [
-            ("attack_eps", run.attack_eps),
-            ("staleness", run.staleness),
-            ("attack_source", run.attack_source),
-        ]
-        for name, swept in swept_values:
-            if swept is None:
+        # An ε, τ or source the sweep does not vary is part of its configuration; one it
+        # varies is a grid axis, for every method (vanilla has no ε, only ConAdv a τ).
+        for name in ("attack_eps", "staleness", "attack_source"):
+            if not getattr(fv, name):
                 config[name] = defining[name]
         if fv.attack_source:  # the source decides these (flags/validation.py)
             for name in CLEAN_PASS_ATTACK:
@@ -255,12 +254,22 @@ def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
 
 
 def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
-    """The runs under ``OUT/runs`` that are not this sweep's (another configuration)."""
+    """The runs under ``OUT/runs`` of another configuration than this sweep's (runs of
+    this configuration at other grid points, from a larger sweep, are not counted)."""
     directory = os.path.join(out, "runs")
     if not os.path.isdir(directory):
         return []
-    mine = {run.name for run in runs}
-    return sorted(name for name in os.listdir(directory) if name not in mine)
+    mine = {json.dumps(dict(run.config), sort_keys=True, default=str) for run in runs}
+    others = []
+    for name in sorted(os.listdir(directory)):
+        try:
+            with open(os.path.join(directory, name, "run.json")) as f:
+                config = json.load(f).get("config", {})
+        except (FileNotFoundError, ValueError):
+            continue  # not a run of a sweep
+        if json.dumps(config, sort_keys=True, default=str) not in mine:
+            others.append(name)
+    return others
 
 
 def sweep(fv, main_fv, main_args: list[str]):
@@ -284,9 +293,8 @@ def sweep(fv, main_fv, main_args: list[str]):
         return rows
     os.makedirs(fv.out, exist_ok=True)
     hparams.write_config(fv.out, runs)
-    summaries = runner.train_all(
-        fv.out, runs, main_args, parallel=fv.parallel, sharpness=fv.sharpness
-    )
+    measure = sharpness_flags.settings(main_fv) if fv.sharpness else None
+    summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel, sharpness=measure)
     print(
         f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
         f"python -m conadv.experiments report --out {fv.out}"

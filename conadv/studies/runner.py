@@ -38,10 +38,19 @@ def run_dir(out: str, run: Run) -> str:
     return os.path.join(out, "runs", run.name)
 
 
-def is_finished(out: str, run: Run, sharpness: bool = False) -> bool:
-    """Trained (``summary.json``) and, if asked, measured (``sharpness.json``)."""
-    files = ["summary.json"] + (["sharpness.json"] if sharpness else [])
-    return all(os.path.exists(os.path.join(run_dir(out, run), name)) for name in files)
+def is_finished(out: str, run: Run, sharpness: dict | None = None) -> bool:
+    """Trained (``summary.json``) and, if ``sharpness`` (the ``--sharpness_*`` settings)
+    is given, measured with those settings (``sharpness.json``)."""
+    directory = run_dir(out, run)
+    if not os.path.exists(os.path.join(directory, "summary.json")):
+        return False
+    if sharpness is None:
+        return True
+    try:
+        with open(os.path.join(directory, "sharpness.json")) as f:
+            return json.load(f).get("settings") == sharpness
+    except FileNotFoundError:
+        return False
 
 
 class RunFailedError(RuntimeError):
@@ -86,16 +95,17 @@ class Progress:
         self.line(f"finished {name} in {seconds:.0f} s: eval top-1 {top1}")
 
 
-def _start(out: str, run: Run, main_flags: list[str], sharpness: bool) -> subprocess.Popen:
+def _start(out: str, run: Run, main_flags: list[str], sharpness: dict | None) -> subprocess.Popen:
     """main.py on the run's directory: training if it has no summary yet, else (with
-    ``sharpness``) the measurement of its weights."""
+    ``sharpness``, the ``--sharpness_*`` settings) the measurement of its weights."""
     directory = run_dir(out, run)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "run.json"), "w") as f:
         json.dump(run.record(), f, indent=2)
-    if os.path.exists(os.path.join(directory, "summary.json")) and sharpness:
+    if sharpness is not None and is_finished(out, run):
         # The run's configuration comes from its run_config.json.
-        command = [sys.executable, MAIN, "--mode=sharpness", f"--model_dir={directory}"]
+        measure = [f"--{name}={value!r}" for name, value in sharpness.items()]
+        command = [sys.executable, MAIN, "--mode=sharpness", f"--model_dir={directory}", *measure]
     else:
         command = [sys.executable, MAIN, *main_flags, *run.flags(), f"--model_dir={directory}"]
     log = open(os.path.join(directory, "console.log"), "a")  # noqa: SIM115 (closed in wait)
@@ -115,10 +125,14 @@ def _last_line(path: str) -> str:
 
 
 def train_all(
-    out: str, runs: list[Run], main_flags: list[str], parallel: int = 1, sharpness: bool = False
+    out: str,
+    runs: list[Run],
+    main_flags: list[str],
+    parallel: int = 1,
+    sharpness: dict | None = None,
 ) -> dict:
-    """Trains (and with ``sharpness`` measures) every unfinished run; returns
-    {name: summary} of all runs.
+    """Trains (and with ``sharpness``, the ``--sharpness_*`` settings, measures) every
+    unfinished run; returns {name: summary} of all runs.
 
     Raises ``RunFailedError`` naming the first run that failed, after the
     others in flight have finished.

@@ -32,6 +32,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from flags import sharpness as sharpness_flags
 from input_pipeline.base import TRAIN_EVAL
 from official import losses
 from official.split_batch_norm import call_model, split_layers
@@ -211,7 +212,12 @@ def clean_training_images(source, strategy, examples: int, batch_size: int):
     global batches of ``batch_size``."""
     images = source.dataset(TRAIN_EVAL, batch_size).unbatch().take(examples)
     count = sum(1 for _ in images.map(lambda image, label: label))
-    return strategy.experimental_distribute_dataset(images.batch(batch_size)), count
+    # Shard each global batch among the workers: sharding the record files would give
+    # every worker ``examples`` images of its own, below the ``take``.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches = images.batch(batch_size).with_options(options)
+    return strategy.experimental_distribute_dataset(batches), count
 
 
 def measure_run(trainer, flags) -> dict:
@@ -239,4 +245,5 @@ def measure_run(trainer, flags) -> dict:
         "label_smoothing": trainer.config.label_smoothing,
         "bn_statistics": bn_statistics,
         "data": "the first training images, evaluation preprocessing",
+        "settings": sharpness_flags.settings(flags),
     }

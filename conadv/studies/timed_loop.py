@@ -49,6 +49,17 @@ class Setting:
         return self.key(passes, stalenesses, [self.batch], sources)
 
 
+def update_passes(method: str, source: str, passes: list[str]) -> list[str]:
+    """The ``--update_pass`` forms a method times: vanilla has one pass of B rows, and
+    DisAdv with the free attack two passes whatever is asked (the clean one gives the
+    attack's gradient before the adversarial one can run), so one form each."""
+    if method == steps_lib.VANILLA:
+        return passes[:1]
+    if method == steps_lib.DISADV and source == steps_lib.CLEAN_PASS:
+        return [steps_lib.SEPARATE]
+    return passes
+
+
 def settings(fv) -> list[Setting]:
     """Every setting, batch-major, the methods in ``--methods`` order within a batch
     (the order of one round)."""
@@ -59,7 +70,7 @@ def settings(fv) -> list[Setting]:
         for method in fv.methods:
             adversarial = method != steps_lib.VANILLA
             for source in fv.attack_source if adversarial else [steps_lib.SEPARATE_ATTACK]:
-                for update_pass in passes if adversarial else passes[:1]:
+                for update_pass in update_passes(method, source, passes):
                     for staleness in taus if method == steps_lib.CONADV else [1]:
                         out.append(Setting(method, update_pass, staleness, batch, source))
     return out
@@ -101,6 +112,7 @@ class TimedLoop:
         compute_dtype = precision.compute_dtype(fv.precision)
         ring = None
         free = setting.attack_source == steps_lib.CLEAN_PASS
+        attack = attack_lib.AttackConfig(eps=fv.attack_eps)
         if setting.method == steps_lib.CONADV:
             ring = RingBuffer(
                 strategy,
@@ -116,9 +128,7 @@ class TimedLoop:
             global_batch_size=self.global_batch,
             num_classes=fv.num_classes,
             label_smoothing=0.1,
-            attack=attack_lib.AttackConfig(
-                eps=fv.attack_eps, random_init=not free, bn_branch="main" if free else "aux"
-            ),
+            attack=attack.from_clean_pass() if free else attack,
             sums=sums,
             ring=ring,
             update_pass=setting.update_pass,
@@ -174,16 +184,18 @@ class OwnFunctionsFilter:
 def interleaved_rounds(loops: list[TimedLoop], rounds: int):
     """Per-setting speeds of each round, and the order the loops were timed in.
 
-    Round r starts at setting r mod n and goes round from there, so each
-    setting is timed in every position equally often (given n rounds): a
-    position effect (the loop after a slow one, a cache warmed by the one
-    before) does not favour one setting in every round.
+    Rounds come in pairs: round 2k goes round the settings from setting k, round
+    2k+1 goes the same circle backwards. Over 2n rounds each setting is timed in
+    every position equally often, and after each of its two neighbours, so neither a
+    position effect nor the setting timed just before (a slow one, a cache it
+    warmed) favours one setting in every round.
     """
     speeds = [[] for _ in loops]
     order = []
+    n = len(loops)
     for round_index in range(rounds):
-        first = round_index % len(loops)
-        for index in [*range(first, len(loops)), *range(first)]:
+        circle = [(round_index // 2 + i) % n for i in range(n)]
+        for index in reversed(circle) if round_index % 2 else circle:
             speeds[index].append(loops[index].time_once())
             order.append(index)
     return speeds, order
