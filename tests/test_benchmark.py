@@ -185,3 +185,8 @@ class AttackSourceTest(tf.test.TestCase):
         )
         baselines = {s.key(*passes) for s in benchmark._baselines(conadv, fv.update_pass)}
         self.assertEqual(baselines, {"disadv/clean_pass/separate", "vanilla"})
+        # DisAdv's free attack over its separate attack, in each update form timed.
+        rounds = {s: [1.0 + i] for i, s in enumerate(timed_loop.settings(fv))}
+        ratios = benchmark.ratios(rounds, fv)
+        for update_pass in fv.update_pass:
+            self.assertIn(f"disadv/clean_pass/separate_over_disadv/separate/{update_pass}", ratios)

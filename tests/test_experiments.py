@@ -523,6 +523,22 @@ class ConfigurationTest(tf.test.TestCase):
         reports = experiments.write_report(out)
         self.assertEqual([r.title for r in reports], [""])
         self.assertEqual({m for m, _ in reports[0].top1}, {"vanilla", "disadv", "conadv"})
+        # A sweep that adds a τ axis over runs an earlier sweep trained (DisAdv's run is
+        # the same: it has no τ) keeps them in one report with the new ConAdv runs.
+        from conadv.studies import runner
+
+        again = tempfile.mkdtemp(dir=self.get_temp_dir())
+        for run in self.plan_of(again, "--methods=disadv,conadv"):
+            write_run(again, run, summary_of(0.6, 0.9))
+        swept = self.plan_of(again, "--methods=disadv,conadv", "--staleness=1,2")
+        for run in swept:
+            if not runner.is_finished(again, run):
+                write_run(again, run, summary_of(0.7, 0.9))
+        runner.train_all(again, swept, [])  # every run finished: none trained
+        # The earlier sweep's ConAdv runs (τ = 1 unswept) stay a table of their own.
+        reports = {r.title: r for r in experiments.write_report(again)}
+        self.assertCountEqual(reports, ["staleness=1", "staleness=None"])
+        self.assertEqual({m for m, _ in reports["staleness=None"].top1}, {"disadv", "conadv"})
         # A τ the sweep does not vary stays in every run's configuration, vanilla's too.
         unswept = self.plan_of(out)
         self.assertEqual({dict(r.config).get("staleness") for r in unswept}, {1})

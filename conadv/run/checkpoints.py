@@ -150,7 +150,7 @@ class RunCheckpoints:
         step = self.resume_step()
         if step >= 0:
             path = os.path.join(self.model_dir, f"ckpt-{step}")
-            _restore_into(tf.train.Checkpoint(model=self.model_state), path)
+            _restore_into(tf.train.Checkpoint(model=self.model_state), path, every_weight=True)
             self.optimizer.iterations.assign(step)
             logging.info("Restored the weights of %s at step %d", path, step)
         return step
@@ -168,12 +168,16 @@ class RunCheckpoints:
         return path
 
 
-def _restore_into(checkpoint: tf.train.Checkpoint, path: str):
-    """Restores what ``checkpoint`` holds from ``path``; a checkpoint of another model is
-    a one-line error."""
+def _restore_into(checkpoint: tf.train.Checkpoint, path: str, every_weight: bool = False):
+    """Restores what ``checkpoint`` holds from ``path``; a checkpoint of another model
+    (with ``every_weight``: one that lacks any of ``checkpoint``'s variables) is a
+    one-line error."""
     try:
-        checkpoint.restore(path).expect_partial()
-    except (ValueError, tf.errors.InvalidArgumentError) as error:
+        status = checkpoint.restore(path)
+        if every_weight:
+            status.assert_existing_objects_matched()
+        status.expect_partial()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as error:
         raise CheckpointMismatchError(
             f"the checkpoint {path} does not fit this model "
             f"({str(error).splitlines()[0][:200]}); use a new --model_dir or the "

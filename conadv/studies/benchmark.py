@@ -118,7 +118,12 @@ def ratios(rounds: dict[Setting, list[float]], fv) -> dict[str, float]:
         if setting.method != steps_lib.VANILLA and setting.update_pass == "concatenated":
             others.append(dataclasses.replace(setting, update_pass="separate"))
         if setting.attack_source == steps_lib.CLEAN_PASS:
-            others.append(dataclasses.replace(setting, attack_source=steps_lib.SEPARATE_ATTACK))
+            # DisAdv's free attack has one update form; its separate attack has each.
+            compared = passes if setting.method == steps_lib.DISADV else [setting.update_pass]
+            others.extend(
+                dataclasses.replace(setting, attack_source=steps_lib.SEPARATE_ATTACK, update_pass=p)
+                for p in compared
+            )
         for other in others:
             if other in rounds:
                 label = f"{name(setting)}_over_{name(other)}"

@@ -95,13 +95,20 @@ class Progress:
         self.line(f"finished {name} in {seconds:.0f} s: eval top-1 {top1}")
 
 
-def _start(out: str, run: Run, main_flags: list[str], sharpness: dict | None) -> subprocess.Popen:
-    """main.py on the run's directory: training if it has no summary yet, else (with
-    ``sharpness``, the ``--sharpness_*`` settings) the measurement of its weights."""
+def _write_record(out: str, run: Run) -> str:
+    """``run.json``: the grid point and this sweep's view of its configuration (which axes
+    are swept is the sweep's, so a run another sweep trained is recorded again)."""
     directory = run_dir(out, run)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "run.json"), "w") as f:
         json.dump(run.record(), f, indent=2)
+    return directory
+
+
+def _start(out: str, run: Run, main_flags: list[str], sharpness: dict | None) -> subprocess.Popen:
+    """main.py on the run's directory: training if it has no summary yet, else (with
+    ``sharpness``, the ``--sharpness_*`` settings) the measurement of its weights."""
+    directory = _write_record(out, run)
     if sharpness is not None and is_finished(out, run):
         # The run's configuration comes from its run_config.json.
         measure = [f"--{name}={value!r}" for name, value in sharpness.items()]
@@ -140,7 +147,7 @@ def train_all(
     pending = [run for run in runs if not is_finished(out, run, sharpness)]
     for run in runs:
         if run not in pending:  # finished earlier: its session, if a kill came first
-            hparams.write_session(run_dir(out, run), run, read_summary(out, run))
+            hparams.write_session(_write_record(out, run), run, read_summary(out, run))
     progress = Progress(len(runs), len(runs) - len(pending), parallel)
     skipped = len(runs) - len(pending)
     if skipped:
@@ -148,6 +155,7 @@ def train_all(
     running: dict[Run, subprocess.Popen] = {}
     started: dict[Run, float] = {}  # training and measuring count as one run's time
     failures = []
+    measured: set[Run] = set()
 
     def stop(signum, _frame):
         for proc in running.values():
@@ -163,6 +171,7 @@ def train_all(
                 run = pending.pop(0)
                 if is_finished(out, run):
                     verb = "measuring the sharpness of"
+                    measured.add(run)
                 else:
                     verb = "resumed" if os.path.isdir(run_dir(out, run)) else "started"
                 running[run] = _start(out, run, main_flags, sharpness)
@@ -180,8 +189,11 @@ def train_all(
                 if proc.returncode != 0 or not is_finished(out, run):
                     failures.append(f"{run.name} failed: {_last_line(log)} (log: {log})")
                     continue
-                if not is_finished(out, run, sharpness):  # trained: now measure it
-                    pending.insert(0, run)
+                if not is_finished(out, run, sharpness):
+                    if run in measured:  # measured, yet sharpness.json says otherwise
+                        failures.append(f"{run.name}: sharpness not recorded (log: {log})")
+                    else:  # trained: now measure it
+                        pending.insert(0, run)
                     continue
                 summary = read_summary(out, run)
                 hparams.write_session(run_dir(out, run), run, summary)
