@@ -50,9 +50,11 @@ def run_main(values) -> dict | None:
         from conadv.studies import dry_run
 
         return dry_run.describe(run)
+    if run.mode in run_identity.READING_MODES:
+        _require_checkpoint(run)  # before anything is written to --model_dir
     strategy = run.devices.build_strategy()
     source = run.data.build_source()
-    run = run.for_strategy(strategy, source.image_size)
+    run = run.for_strategy(strategy, source.image_size).with_data(source)
 
     import tensorflow as tf
 
@@ -72,11 +74,7 @@ def run_main(values) -> dict | None:
     if files.is_chief and run.mode in ("train", "train_and_eval"):
         # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
         run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
-    if run.mode in ("eval", "export", "sharpness"):
-        if not trainer.checkpoints.has_checkpoint():
-            raise FlagError(
-                f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}; train first"
-            )
+    if run.mode in ("eval", "export", "sharpness"):  # a checkpoint is there (checked above)
         # Sharpness is measured in float32: a float16 run's loss-scaled optimizer
         # state does not fit the float32 optimizer, and the measurement needs none.
         trainer.restore(weights_only=run.mode == "sharpness")
@@ -146,6 +144,23 @@ def run_main(values) -> dict | None:
             flush=True,
         )
     return summary
+
+
+def _require_checkpoint(run):
+    """Refuses eval, export and sharpness on a --model_dir without a checkpoint.
+
+    Checked before anything is created there: the directory stays as it was (a
+    run_config.json left behind would refuse a later training with other flags).
+    """
+    import tensorflow as tf
+
+    if tf.train.latest_checkpoint(run.model_dir) is not None:
+        return
+    missing = "" if tf.io.gfile.isdir(run.model_dir) else " (the directory does not exist)"
+    raise FlagError(
+        f"--mode={run.mode}: no checkpoint in --model_dir={run.model_dir}{missing}; "
+        "train there first (--mode=train), or give the --model_dir of a trained run"
+    )
 
 
 def _finish(trainer, files, log_file):

@@ -4,7 +4,7 @@ TensorFlow is chosen by an extra because TPU VMs, GPU hosts and CPU machines
 each need a different wheel: ``pip install -e .[cpu]``, ``.[gpu]`` or ``.[tpu]``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 COMMON = [
     "absl-py>=1.0",
@@ -43,9 +43,16 @@ setup(
         "in TensorFlow 2 / Keras 3"
     ),
     python_requires=">=3.10",
-    packages=["official", "conadv", "conadv.run", "conadv.studies", "input_pipeline", "flags"],
+    packages=find_packages(exclude=["tests", "tests.*"]),  # every package but the tests
     py_modules=["main"],
     install_requires=COMMON,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["conadv-train=main:run"]},
+    entry_points={
+        "console_scripts": [
+            "conadv-train=main:run",
+            "conadv-benchmark=conadv.studies.commands:benchmark",
+            "conadv-experiments=conadv.studies.commands:experiments",
+            "conadv-bn-study=conadv.studies.commands:bn_study",
+        ]
+    },
 )

@@ -118,6 +118,16 @@ class Evaluator:
 
     def _replica(self, batch):
         images, labels = batch
+        # The last step of a pass leaves a replica no examples when the pass has fewer
+        # per-replica batches than a multiple of the replica count; that replica adds
+        # nothing (a convolution of an empty batch fails on the CPU).
+        tf.cond(
+            tf.size(labels) > 0,
+            lambda: self._replica_sums(images, labels),
+            lambda: tf.group(),
+        )
+
+    def _replica_sums(self, images, labels):
         k = min(5, self.source.num_classes)
 
         def sums(logits, prefix=""):
@@ -148,7 +158,7 @@ class Evaluator:
                 training=False,
             )
             values.update(sums(self.model(adversarial, training=False), prefix="robust_"))
-        self.sums.add(examples=tf.size(labels), **values)
+        return self.sums.add(examples=tf.size(labels), **values)
 
     def _loop_fn(self, dataset):
         for batch in dataset:

@@ -12,10 +12,15 @@ al., NeurIPS 2019), applied to ConAdv's stale examples.
 
 How it differs from the separate attack (``conadv/attack.py``):
 
-- Its loss is the training loss: label-smoothed, over the global batch, ½ of
-  the objective. Only the gradient's sign is used, so only the smoothing
-  matters: with ``--label_smoothing 0`` it is the separate attack's
-  gradient (1 step, no random start, main branch: the flags it needs).
+- Its loss is the clean pass's cross-entropy: label-smoothed as trained, over
+  the global batch, ½ of the objective's. Like the separate attack's it leaves
+  out the model's regularizers (``model.losses``; an activity regularizer's
+  penalty depends on the images too): they reach the weights by a second
+  gradient call that stops at the weights (none without regularizers; for an
+  activity regularizer, one more backward pass below its layer). Only
+  the gradient's sign is used, so only the smoothing matters: with
+  ``--label_smoothing 0`` it is the separate attack's gradient (1 step, no
+  random start, main branch: the flags it needs), for any model.
 - It normalises with the clean pass's statistics: those of the BatchNorm
   group (the separate attack uses the replica's own batch; the same with
   the default groups of one replica).
@@ -28,7 +33,8 @@ How it differs from the separate attack (``conadv/attack.py``):
   steps earlier; the paper pairs each clean batch with its own adversarial
   copy. The ring keeps labels and adversarial images only, and the prologue
   reads the first τ batches of the stream only to make their adversarial
-  images (with the input gradient of the same loss, without an update).
+  images (with the input gradient of the same cross-entropy through the same
+  branch, without an update); so does the refill of an emptied ring.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from conadv.step_context import StepContext, StepGradients, as_stored
 from official import losses, precision
 from official.model_losses import additional_loss
 from official.split_batch_norm import call_model
+
+#: The BatchNorm branch of the clean pass, through which the free attack differentiates
+#: (its steps and its prologue alike): the separate attack's ``--attack_bn main``.
+CLEAN_BRANCH = "main"
 
 
 def unscaled(ctx: StepContext, input_gradient) -> tf.Tensor:
@@ -69,40 +79,71 @@ def adversarial_from_gradient(ctx: StepContext, images, input_gradient) -> tf.Te
     return precision.round_within(adversarial, lower, upper, ctx.compute_dtype)
 
 
-def _weights_and_input(ctx: StepContext, tape, scaled_loss, images):
-    """One backward pass: d loss / d trainable variables (zeros where unused) and the
-    unscaled d loss / d images."""
+def _scaled_terms(ctx: StepContext, cross_entropy, extra):
+    """Inside the tape: the scaled cross-entropy, and the scaled share of the regularizers'
+    loss ``extra`` (None without any)."""
+    share = objective.extra_share(ctx, extra)
+    scaled_extra = None if share is None else ctx.optimizer.scale_loss(share)
+    return ctx.optimizer.scale_loss(cross_entropy), scaled_extra
+
+
+def _weights_and_input(ctx: StepContext, tape, scaled_cross_entropy, scaled_extra, images):
+    """d (cross-entropy + regularizers) / d trainable variables (zeros where unused) and
+    the unscaled d cross-entropy / d images.
+
+    The cross-entropy's backward pass gives the weights' gradients and the input's
+    together. The attack differentiates the cross-entropy alone, as the separate
+    attack does: the regularizers (``model.losses``, an activity regularizer's
+    penalty depending on the images too) reach the weights by a second call on the
+    same persistent tape, which stops at the weights.
+    """
     variables = ctx.model.trainable_variables
-    *grads, input_gradient = tape.gradient(scaled_loss, [*variables, images])
+    *grads, input_gradient = tape.gradient(scaled_cross_entropy, [*variables, images])
+    if scaled_extra is not None:
+        extra_grads = tape.gradient(scaled_extra, variables)
+        grads = [e if g is None else g if e is None else g + e for g, e in zip(grads, extra_grads)]
     grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
     return grads, unscaled(ctx, input_gradient)
 
 
-def _disadv_half(ctx: StepContext, inputs, labels, branch: str, input_gradient: bool):
-    """One of DisAdv's two passes (training mode, through ``branch``): the gradients of
-    its half of the objective, ½·(CE + that network's regularizers), the unscaled input
-    gradient if asked (else None), the logits, the per-example losses and the
-    regularizers' loss (or None)."""
-    with tf.GradientTape() as tape:
-        if input_gradient:
-            tape.watch(inputs)
-        logits = call_model(ctx.model, inputs, True, branch)
-        extra = additional_loss(ctx.model, {branch: 1.0})
-        per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
-        loss = 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
-        half_extra = None if extra is None else 0.5 * extra
-        scaled_loss = ctx.optimizer.scale_loss(objective.with_extra(ctx, loss, half_extra))
-    if input_gradient:
-        grads, gradient = _weights_and_input(ctx, tape, scaled_loss, inputs)
-    else:
-        grads, gradient = objective.weight_gradients(ctx, tape, scaled_loss), None
-    return grads, gradient, logits, per_example, extra
+def half_cross_entropy(ctx: StepContext, labels, logits):
+    """One pass's per-example cross-entropy (label-smoothed, as trained) and its half of
+    the objective, ½·ΣCE over the global batch. Through ``CLEAN_BRANCH`` it is the
+    loss whose input gradient the free attack takes, in its steps and its prologue."""
+    per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+    return per_example, 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
+
+
+def _half(extra):
+    return None if extra is None else 0.5 * extra
 
 
 def clean_pass(ctx: StepContext, images, labels):
-    """DisAdv's clean pass through the main branch, with the input gradient (as
-    ``_disadv_half`` returns them)."""
-    return _disadv_half(ctx, images, labels, "main", input_gradient=True)
+    """DisAdv's clean pass (training mode, through ``CLEAN_BRANCH``): the gradients of its
+    half of the objective, ½·(CE + the clean network's regularizers), the unscaled
+    input gradient of its cross-entropy alone, the logits, the per-example losses and
+    the regularizers' loss (or None)."""
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(images)
+        logits = call_model(ctx.model, images, True, CLEAN_BRANCH)
+        extra = additional_loss(ctx.model, {CLEAN_BRANCH: 1.0})
+        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits)
+        scaled = _scaled_terms(ctx, cross_entropy, _half(extra))
+    grads, input_gradient = _weights_and_input(ctx, tape, *scaled, images)
+    return grads, input_gradient, logits, per_example, extra
+
+
+def _adversarial_pass(ctx: StepContext, adversarial, labels):
+    """DisAdv's adversarial pass (training mode, auxiliary branch): the gradients of its
+    half of the objective, ½·(CE + the adversarial network's regularizers), the
+    per-example losses and the regularizers' loss (or None)."""
+    with tf.GradientTape() as tape:
+        logits = call_model(ctx.model, adversarial, True, "aux")
+        extra = additional_loss(ctx.model, {"aux": 1.0})
+        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits)
+        loss = objective.with_extra(ctx, cross_entropy, _half(extra))
+        scaled_loss = ctx.optimizer.scale_loss(loss)
+    return objective.weight_gradients(ctx, tape, scaled_loss), per_example, extra
 
 
 def _add_sums(ctx, labels, logits, clean, adv_labels, adv, adversarial, attacked):
@@ -122,7 +163,7 @@ def disadv_gradients(ctx: StepContext, images, labels, index):
     images = as_stored(ctx, images)
     grads, input_gradient, logits, clean, clean_extra = clean_pass(ctx, images, labels)
     adversarial = adversarial_from_gradient(ctx, images, input_gradient)
-    adv_grads, _, _, adv, adv_extra = _disadv_half(ctx, adversarial, labels, "aux", False)
+    adv_grads, adv, adv_extra = _adversarial_pass(ctx, adversarial, labels)
     grads = [a + b for a, b in zip(grads, adv_grads)]
     extra = objective.mean_of_present(clean_extra, adv_extra)
     _add_sums(ctx, labels, logits, clean, labels, adv, adversarial, images)
@@ -136,13 +177,14 @@ def conadv_gradients(ctx: StepContext, images, labels, index):
     images = as_stored(ctx, images)
     slot = tf.cast(index % ctx.ring.staleness, tf.int32)
     _, adv_labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         tape.watch(images)
-        loss, logits, clean, adv, extra = objective.adversarial_loss(
-            ctx, images, labels, adversarial, adversarial_labels=adv_labels
+        # Of this cross-entropy only the clean half reads ``images``.
+        cross_entropy, logits, clean, adv, extra = objective.adversarial_cross_entropy(
+            ctx, images, labels, adversarial, adv_labels
         )
-        scaled_loss = ctx.optimizer.scale_loss(loss)
-    grads, input_gradient = _weights_and_input(ctx, tape, scaled_loss, images)
+        scaled = _scaled_terms(ctx, cross_entropy, extra)
+    grads, input_gradient = _weights_and_input(ctx, tape, *scaled, images)
     next_adversarial = adversarial_from_gradient(ctx, images, input_gradient)
     with tf.control_dependencies(grads):
         ctx.ring.write(slot, None, labels, next_adversarial)
@@ -152,19 +194,19 @@ def conadv_gradients(ctx: StepContext, images, labels, index):
 
 
 def build_prologue(ctx: StepContext):
-    """ConAdv's prologue: micro-batch ``index``'s x_adv from the input gradient of the
-    clean pass's loss at the current weights (main branch, statistics not updated, no
-    weight gradient), with its labels, into its slot."""
+    """ConAdv's prologue (and the refill of an emptied ring): micro-batch ``index``'s x_adv
+    from the input gradient the steps take, that of the clean pass's cross-entropy
+    through ``CLEAN_BRANCH``, at the current weights (statistics not updated, no weight
+    gradient), with its labels, into its slot."""
 
     def prologue_step(batch, index):
         images, labels = batch
         images = as_stored(ctx, images)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(images)
-            logits = call_model(ctx.model, images, True, "main", update_stats=False)
-            per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
-            loss = 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
-            scaled_loss = ctx.optimizer.scale_loss(loss)
+            logits = call_model(ctx.model, images, True, CLEAN_BRANCH, update_stats=False)
+            _, cross_entropy = half_cross_entropy(ctx, labels, logits)
+            scaled_loss = ctx.optimizer.scale_loss(cross_entropy)
         input_gradient = unscaled(ctx, tape.gradient(scaled_loss, images))
         slot = tf.cast(index % ctx.ring.staleness, tf.int32)
         ctx.ring.write(slot, None, labels, adversarial_from_gradient(ctx, images, input_gradient))

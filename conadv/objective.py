@@ -35,17 +35,22 @@ def clean_statistics(labels, logits, per_example_loss):
     )
 
 
-def with_extra(ctx: StepContext, loss, extra):
-    """The replica's loss plus its share of the regularizers' ``extra`` loss.
+def extra_share(ctx: StepContext, extra):
+    """This replica's (micro-batch's) share of the regularizers' ``extra`` loss (None: none).
 
     The optimizer sums the gradients of every replica (and the accumulator
     those of every micro-batch), so each adds ``extra`` divided by their count,
     as Keras' ``fit`` divides ``model.losses`` by the replicas.
     """
     if extra is None:
-        return loss
+        return None
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    return loss + extra / (replicas * ctx.accumulation_steps)
+    return extra / (replicas * ctx.accumulation_steps)
+
+
+def with_extra(ctx: StepContext, loss, extra):
+    """The replica's loss plus its share of the regularizers' ``extra`` loss."""
+    return loss if extra is None else loss + extra_share(ctx, extra)
 
 
 def clean_gradients(ctx: StepContext, images, labels):
@@ -79,6 +84,15 @@ def adversarial_loss(ctx: StepContext, images, labels, adversarial, adversarial_
     the per-example clean and adversarial cross-entropies, and the
     regularizers' loss (or None).
     """
+    loss, clean_logits, clean, adv, extra = adversarial_cross_entropy(
+        ctx, images, labels, adversarial, adversarial_labels
+    )
+    return with_extra(ctx, loss, extra), clean_logits, clean, adv, extra
+
+
+def adversarial_cross_entropy(ctx: StepContext, images, labels, adversarial, adversarial_labels):
+    """``adversarial_loss`` without the regularizers' share: ½·(CE_clean + CE_adv) over the
+    global batch, then what ``adversarial_loss`` returns after its loss."""
     images = tf.cast(images, tf.float32)
     adversarial = tf.cast(adversarial, tf.float32)
     if ctx.update_pass == CONCATENATED:
@@ -96,7 +110,7 @@ def adversarial_loss(ctx: StepContext, images, labels, adversarial, adversarial_
         adversarial_labels = labels
     adv = losses.cross_entropy(adversarial_labels, adv_logits, ctx.label_smoothing)
     loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
-    return with_extra(ctx, loss, extra), clean_logits, clean, adv, extra
+    return loss, clean_logits, clean, adv, extra
 
 
 def adversarial_gradients(ctx: StepContext, images, labels, adversarial):

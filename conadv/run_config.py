@@ -175,6 +175,9 @@ class RunConfig:
     #: ``run_identity.check_schedule`` once the trainer has resolved the length.
     schedule_steps: int | None = None
     schedule_changes: list[dict] = dataclasses.field(default_factory=list)
+    #: The training data's fingerprint (``DataSource.fingerprint``: its content, not its
+    #: path), set by ``with_data``; a resume on other data is refused (run_identity.py).
+    data_fingerprint: str | None = None
 
     @property
     def model_dir(self) -> str:
@@ -278,11 +281,15 @@ class RunConfig:
         update_pass = self.devices.update_pass
         if update_pass == "auto":
             # One pass of 2B rows fills TPU and GPU matrix units better; on CPU
-            # the two half-size passes measured faster (README, Step throughput).
+            # the two half-size passes avoid BatchNorm's split and concatenation copies.
             accelerated = on_tpu or bool(tf.config.list_logical_devices("GPU"))
             update_pass = "concatenated" if accelerated else "separate"
         train = dataclasses.replace(self.train, jit_compile=jit, update_pass=update_pass)
         return dataclasses.replace(self, train=train)
+
+    def with_data(self, source) -> RunConfig:
+        """This run on ``source``'s data: its fingerprint recorded and compared."""
+        return dataclasses.replace(self, data_fingerprint=source.fingerprint())
 
     # ------------------------------------------------------- serialization
 

@@ -25,7 +25,7 @@ The adversarial update runs, by default, as one forward and one backward
 pass over ``[clean; adversarial]`` (2B rows) with every split BatchNorm in
 ``"mixed"`` mode (``CONCATENATED``); ``SEPARATE`` makes two model calls of B
 rows. Both give the same loss, gradients and statistics; which is faster
-depends on the device (``python -m conadv.benchmark --update_pass``).
+depends on the device (``conadv-benchmark --update_pass``).
 
 With ``attack_source`` ``clean_pass`` DisAdv and ConAdv take their
 adversarial images from the update's clean pass instead of an attack pass

@@ -1,4 +1,4 @@
-"""absl flags of ``python -m conadv.benchmark`` and their validation.
+"""absl flags of ``conadv-benchmark`` and their validation.
 
 Defined on a ``FlagValues`` of the benchmark's own (not absl's global
 ``FLAGS``), so the benchmark can run inside another program, a test or a

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
+import json
 
 import tensorflow as tf
 
@@ -110,6 +112,27 @@ class DataSource(abc.ABC):
         #: Examples in one training epoch, and in the evaluation split.
         self.num_train_examples = int(num_train_examples)
         self.num_eval_examples = int(num_eval_examples)
+
+    def content(self) -> dict:
+        """What the data is, not where it lives: the description its fingerprint hashes.
+
+        Two copies of the same data under other paths (another bucket, a moved
+        folder) describe the same; other data (other files, other sizes, another
+        version) does not. Sources that read files override it with what
+        identifies the files' content without reading every image.
+        """
+        return {
+            "dataset": self.name,
+            "classes": self.num_classes,
+            "train_examples": self.num_train_examples,
+            "eval_examples": self.num_eval_examples,
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of ``content()``: a run's data, whatever its path (run_config.json
+        keeps it, and a resume on other data is refused; a sweep's run identity has it)."""
+        text = json.dumps(self.content(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def augment_fn(self):

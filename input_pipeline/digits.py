@@ -8,6 +8,8 @@ model's input size and repeated to RGB. The split is a fixed stratified 80/20
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -53,6 +55,12 @@ class DigitsSource(DataSource):
 
     def __init__(self, image_size, options=None):
         self._splits = load_digits_split()
+        # The scans themselves, before --train_examples keeps a subset (a flag of its own).
+        digest = hashlib.sha256()
+        for split in (TRAIN, EVAL):
+            for array in self._splits[split]:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        self._digest = digest.hexdigest()
         super().__init__(
             image_size,
             options,
@@ -62,6 +70,9 @@ class DigitsSource(DataSource):
         )
         self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
         self.class_names = [str(digit) for digit in range(10)]
+
+    def content(self) -> dict:
+        return {"dataset": self.name, "sha256": self._digest}
 
     def keep_training_subset(self, count: int):
         """Keeps ``count`` training examples, stratified by class, drawn with a fixed seed

@@ -38,6 +38,30 @@ def _files(data_dir: str, prefix: str) -> list[str]:
     return sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{prefix}-*")))
 
 
+#: Bytes read from each end of a shard for the data's fingerprint.
+FINGERPRINT_BYTES = 1 << 16
+
+
+def _ends_digest(path: str) -> str:
+    """SHA-256 of the first and last ``FINGERPRINT_BYTES`` of a file: shards of equal
+    sizes (uncompressed images, a re-conversion in another order) still differ."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        size = f.size()
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _sizes(files: list[str]) -> dict[str, int]:
+    """{file name: bytes} of each file (in parallel: many round trips on GCS)."""
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        sizes = pool.map(lambda f: tf.io.gfile.stat(f).length, files)
+    return {os.path.basename(f): int(size) for f, size in zip(files, sizes)}
+
+
 class ImageNetSource(RecordSource):
     """Sharded TFRecords in the standard ImageNet layout."""
 
@@ -83,6 +107,17 @@ class ImageNetSource(RecordSource):
                 f"named {self.train_prefix}-* and {self.eval_prefix}-*"
             )
         self.label_offset = 1 if one_based_labels else 0
+
+    def content(self) -> dict:
+        """The shards' names and sizes, and the bytes at both ends of the first training
+        and the first evaluation shard (four reads, whatever the data's size): the same
+        shards under another --data_dir are the same data."""
+        return {
+            "dataset": self.name,
+            "train_files": _sizes(self.train_files),
+            "eval_files": _sizes(self.eval_files),
+            "first_shards": [_ends_digest(self.train_files[0]), _ends_digest(self.eval_files[0])],
+        }
 
     # ------------------------------------------------------------------ reading
 
@@ -141,8 +176,7 @@ class ImageNetSource(RecordSource):
     def _train_record_count(self, files) -> int:
         """Records in these training files: counted when a run first resumes on this
         machine, then remembered (keyed by the files' names and sizes)."""
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # many round trips on GCS
-            sizes = list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+        sizes = list(_sizes(files).values())
         key = hashlib.sha256(json.dumps(list(zip(files, sizes))).encode()).hexdigest()[:16]
         cache = os.path.join(os.path.expanduser("~"), ".cache", "conadv", "record_counts")
         path = os.path.join(cache, f"{key}.json")
@@ -197,12 +231,19 @@ class FolderSource(ImageNetSource):
         )
         #: Records per training file, by file name, when the converter wrote them.
         self._file_counts = counts.get("train_files", {})
+        self._counts = counts
+        self._label_names = None
         labels_path = os.path.join(data_dir, "labels.txt")
         if tf.io.gfile.exists(labels_path):
             with tf.io.gfile.GFile(labels_path) as f:
                 names = [line.strip() for line in f if line.strip()]
+            self._label_names = names
             if len(names) == self.num_classes:
                 self.class_names = names
+
+    def content(self) -> dict:
+        """The shards' names and sizes, ``counts.json`` and ``labels.txt``."""
+        return {**super().content(), "counts": self._counts, "labels": self._label_names}
 
     def _train_record_count(self, files):
         names = [os.path.basename(f) for f in files]

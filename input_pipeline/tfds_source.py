@@ -91,6 +91,15 @@ class TFDSSource(RecordSource):
             num_eval_examples=splits[self.eval_split].num_examples,
         )
 
+    def content(self) -> dict:
+        """TFDS's name, config and version, and the size of every split."""
+        info = self.builder.info
+        return {
+            "dataset": "tfds",
+            "full_name": info.full_name,
+            "splits": {name: split.num_examples for name, split in info.splits.items()},
+        }
+
     @staticmethod
     def _supervised_keys(info, flag):
         keys = info.supervised_keys

@@ -137,6 +137,21 @@ def multi_worker_strategy(all_reduce_alg: str = "auto"):
     )
 
 
+def planned_replica_count(name: str, num_cpu_devices: int = 1) -> int | None:
+    """The replicas ``get_strategy(name, num_cpu_devices)`` will have on this host, found
+    without making the strategy (a process may plan runs of several CPU splits, and its
+    devices can be split once); None where only the cluster can tell (TPU, several
+    workers)."""
+    if name in ("tpu", "multi_worker_mirrored"):
+        return None
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if name == "one_device":
+        return 1
+    if name == "default" and gpus <= 1 and num_cpu_devices <= 1:
+        return 1
+    return gpus or num_cpu_devices
+
+
 def get_strategy(
     name: str, num_cpu_devices: int = 1, tpu: str = "local", all_reduce_alg: str = "auto"
 ):

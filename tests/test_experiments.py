@@ -225,13 +225,18 @@ class ReportArithmeticTest(tf.test.TestCase):
                     )
                 ]
                 self.assertAllClose(line.get_ydata()[i], plain_mean(gaps))
+        # One line per (method, batch): DisAdv's single ε is a point, ConAdv's two a line.
         eps_axes = self.report.figures["accuracy_vs_eps.png"].axes[0]
-        for container in eps_axes.containers:
-            batch = int(container.get_label().split()[1])
+        names = {"DisAdv": ("disadv", [4.0]), "ConAdv": ("conadv", [2.0, 4.0])}
+        drawn = {c.get_label(): c for c in eps_axes.containers}
+        self.assertCountEqual(drawn, [f"{m}, batch {b}" for m in names for b in (64, 256)])
+        for label, container in drawn.items():
+            name, batch = label.split(", batch ")
+            method, eps_values = names[name]
             line = container[0]
-            self.assertEqual(list(line.get_xdata()), [2.0, 4.0])
-            for i, eps in enumerate((2.0, 4.0)):
-                xs = self.seeds_of("conadv", batch, eps, 0)
+            self.assertEqual(list(line.get_xdata()), eps_values)
+            for i, eps in enumerate(eps_values):
+                xs = self.seeds_of(method, int(batch), eps, 0)
                 self.assertAllClose(line.get_ydata()[i], plain_mean(xs))
 
 
@@ -290,6 +295,9 @@ class SweepFlagsTest(tf.test.TestCase):
             ["vanilla"],
             [64, 1024],
             [0],
+            [4.0],
+            [1],
+            ["separate"],
             lr_scaling="sqrt",
             base_batch_size=256,
             base_learning_rate=2.0,
@@ -301,6 +309,9 @@ class SweepFlagsTest(tf.test.TestCase):
             ["vanilla"],
             [1024],
             [0],
+            [4.0],
+            [1],
+            ["separate"],
             lr_scaling="linear",
             base_batch_size=256,
             base_learning_rate=2.0,
@@ -354,7 +365,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         argv = [
             sys.executable,
             "-m",
-            "conadv.experiments",
+            "conadv.studies.experiments",
             "sweep",
             f"--out={out}",
             "--methods=vanilla,conadv",
@@ -379,7 +390,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         }
         first, second = (
             os.path.join(out, "runs", run_names[key])
-            for key in ("vanilla_b16_seed7", "conadv_b16_seed7")
+            for key in ("vanilla_b16_seed7", "conadv_b16_eps4_tau1_seed7")
         )
         log_path = os.path.join(out, "sweep.log")
         os.makedirs(out, exist_ok=True)
@@ -390,9 +401,11 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         try:
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None:
-                if os.path.exists(os.path.join(first, "summary.json")) and glob.glob(
-                    os.path.join(second, "ckpt-*.index")
-                ):
+                # A complete checkpoint: the state file names it once it is whole (an
+                # index file alone may belong to a save still being written).
+                if os.path.exists(
+                    os.path.join(first, "summary.json")
+                ) and tf.train.latest_checkpoint(second):
                     break
                 time.sleep(0.05)
             os.killpg(proc.pid, signal.SIGKILL)  # the sweep
@@ -407,7 +420,7 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
         restarted = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
         self.assertEqual(restarted.returncode, 0, restarted.stderr[-3000:])
         self.assertIn("1 finished run(s) skipped", restarted.stdout)
-        self.assertIn(f"resumed {run_names['conadv_b16_seed7']}", restarted.stdout)
+        self.assertIn(f"resumed {run_names['conadv_b16_eps4_tau1_seed7']}", restarted.stdout)
         self.assertRegex(restarted.stdout, r"ETA \d+:\d\d:\d\d")
 
         # The finished run was not trained again.
@@ -431,14 +444,18 @@ class SweepKilledAndResumedTest(tf.test.TestCase):
                 summary = json.load(f)
             self.assertEqual(summary["train_steps"], 12)
             [(params, top1)] = sessions[name]  # one session per run, even across restarts
-            method, batch, seed = re.fullmatch(r"(\w+?)_b(\d+)_seed(\d)_[0-9a-f]{8}", name).groups()
+            method, batch, seed = re.fullmatch(
+                r"(\w+?)_b(\d+)(?:_eps4_tau1)?_seed(\d)_[0-9a-f]{8}", name
+            ).groups()
             self.assertEqual(params["method"], method)
             self.assertEqual(params["batch_size"], int(batch))
             self.assertEqual(params["seed"], int(seed))
             # Linear scaling from 0.5 at batch 16.
             self.assertAllClose(params["learning_rate"], 0.5 * int(batch) / 16)
             self.assertAllClose(top1, summary["eval_top1"])
-        with open(os.path.join(out, "runs", run_names["conadv_b32_seed7"], "run_config.json")) as f:
+        with open(
+            os.path.join(out, "runs", run_names["conadv_b32_eps4_tau1_seed7"], "run_config.json")
+        ) as f:
             flags = json.load(f)["flags"]
         self.assertEqual((flags["batch_size"], flags["learning_rate"]), (32, 1.0))
 
@@ -523,25 +540,39 @@ class ConfigurationTest(tf.test.TestCase):
         reports = experiments.write_report(out)
         self.assertEqual([r.title for r in reports], [""])
         self.assertEqual({m for m, _ in reports[0].top1}, {"vanilla", "disadv", "conadv"})
-        # A sweep that adds a τ axis over runs an earlier sweep trained (DisAdv's run is
-        # the same: it has no τ) keeps them in one report with the new ConAdv runs.
+        # A sweep that adds a τ axis over runs an earlier sweep trained: its τ = 1 runs
+        # and DisAdv's (no τ) are the earlier ones, skipped; all stand in one report.
         from conadv.studies import runner
 
         again = tempfile.mkdtemp(dir=self.get_temp_dir())
-        for run in self.plan_of(again, "--methods=disadv,conadv"):
+        earlier = self.plan_of(again, "--methods=disadv,conadv")
+        for run in earlier:
             write_run(again, run, summary_of(0.6, 0.9))
         swept = self.plan_of(again, "--methods=disadv,conadv", "--staleness=1,2")
-        for run in swept:
-            if not runner.is_finished(again, run):
-                write_run(again, run, summary_of(0.7, 0.9))
+        new = [run for run in swept if not runner.is_finished(again, run)]
+        self.assertCountEqual([(r.method, r.staleness) for r in new], [("conadv", 2)] * 4)
+        for run in new:
+            write_run(again, run, summary_of(0.7, 0.9))
+        records = {
+            name: open(os.path.join(again, "runs", name, "run.json")).read()
+            for name in os.listdir(os.path.join(again, "runs"))
+        }
         runner.train_all(again, swept, [])  # every run finished: none trained
-        # The earlier sweep's ConAdv runs (τ = 1 unswept) stay a table of their own.
-        reports = {r.title: r for r in experiments.write_report(again)}
-        self.assertCountEqual(reports, ["staleness=1", "staleness=None"])
-        self.assertEqual({m for m, _ in reports["staleness=None"].top1}, {"disadv", "conadv"})
-        # A τ the sweep does not vary stays in every run's configuration, vanilla's too.
+        for name, text in records.items():  # and no record rewritten
+            with open(os.path.join(again, "runs", name, "run.json")) as f:
+                self.assertEqual(f.read(), text, name)
+        [report] = experiments.write_report(again)
+        self.assertEqual(report.title, "")
+        self.assertEqual(
+            report.top1[("conadv", 16)].setting, (("ε", 4.0), ("τ", 2), ("source", "separate"))
+        )
+        # A τ the sweep does not vary is still ConAdv's grid point (and vanilla has none):
+        # the run is named and recorded alike by every sweep that contains it.
         unswept = self.plan_of(out)
-        self.assertEqual({dict(r.config).get("staleness") for r in unswept}, {1})
+        self.assertEqual(
+            {(r.method, r.staleness) for r in unswept}, {("vanilla", None), ("conadv", 1)}
+        )
+        self.assertFalse(any("staleness" in dict(r.config) for r in unswept))
 
 
 class SharpnessSettingsTest(tf.test.TestCase):
@@ -643,3 +674,183 @@ class SourceDifferencesTest(tf.test.TestCase):
         self.assertAllClose(difference.mean, 0.02)
         # Differences 0.03, 0.02, 0.01: std 0.01, half-width t(0.975, 2)·0.01/√3.
         self.assertAllClose(difference.high - difference.mean, 4.302653 * 0.01 / 3**0.5, rtol=1e-4)
+
+
+class RunIdentityTest(tf.test.TestCase):
+    """What a sweep's run identity covers. Catches: a flag that changes a run's numbers
+    left out of it (each of the flags below, one at a time), and flags a method does not
+    use kept in it (a vanilla run trained again for another --attack_eps)."""
+
+    def names(self, *extra, methods="vanilla,conadv"):
+        _, fv, main_fv, main_args = experiments.parse(
+            [
+                "sweep",
+                "--out=/nonexistent",
+                f"--methods={methods}",
+                "--batch_sizes=16",
+                "--seeds=0",
+                "--base_batch_size=16",
+                "--dataset=digits",
+                *extra,
+            ]
+        )
+        return {run.method: run.name for run in experiments.plan(fv, main_fv, main_args)}
+
+    def test_every_flag_that_changes_the_numbers_changes_the_identity(self):
+        base = self.names()
+        for extra in (
+            ["--train_steps=7"],
+            ["--train_epochs=3"],
+            ["--precise_bn_batches=3"],
+            ["--eval_attack_eps=2"],
+            ["--eval_attack_steps=3"],
+            ["--eval_attack_step_size=0.5"],
+            ["--learning_rate=0.3"],
+            ["--warmup_epochs=0.5"],
+            ["--label_smoothing=0"],
+            ["--train_examples=100"],
+            ["--distribution_strategy=mirrored", "--num_cpu_devices=2"],
+            ["--num_replicas=2"],
+            ["--lr_scaling=sqrt"],
+        ):
+            other = self.names(*extra)
+            for method in ("vanilla", "conadv"):
+                self.assertNotEqual(other[method], base[method], (extra, method))
+
+    def test_flags_a_method_does_not_use_leave_its_identity(self):
+        base = self.names()
+        for extra in (["--attack_eps=8"], ["--attack_init=zero"], ["--staleness=2"]):
+            other = self.names(*extra)
+            self.assertEqual(other["vanilla"], base["vanilla"], extra)
+            self.assertNotEqual(other["conadv"], base["conadv"], extra)
+        disadv = self.names(methods="disadv")["disadv"]
+        self.assertEqual(self.names("--staleness=2", methods="disadv")["disadv"], disadv)
+        # The same identity whether a value is swept or given: one name for one run.
+        self.assertEqual(self.names("--attack_eps=4")["conadv"], base["conadv"])
+        self.assertEqual(self.names("--staleness=1")["conadv"], base["conadv"])
+
+    def test_the_data_is_its_content_not_its_path(self):
+        """Catches: the data left out of the identity (other images, same run), or its
+        path put in (a moved copy trained again)."""
+        import shutil
+
+        from tests.test_sweep_identity import write_images
+
+        root = tempfile.mkdtemp(dir=self.get_temp_dir())
+        a = write_images(os.path.join(root, "a"), seed=1)
+        b = write_images(os.path.join(root, "b"), seed=2)
+        moved = os.path.join(root, "elsewhere", "records")
+        shutil.copytree(a, moved)
+
+        def vanilla(data_dir):
+            return self.names("--dataset=folder", f"--data_dir={data_dir}", methods="vanilla")
+
+        self.assertEqual(vanilla(moved), vanilla(a))
+        self.assertNotEqual(vanilla(b), vanilla(a))
+
+
+def sharpness_run(out, method, seed, top1, eigenvalue, eps_sharpness, settings, batch=16):
+    directory = write_run(out, make_run(method, batch, seed), summary_of(top1, top1 + 0.1))
+    with open(os.path.join(directory, "sharpness.json"), "w") as f:
+        json.dump(
+            {"top_eigenvalue": eigenvalue, "eps_sharpness": eps_sharpness, "settings": settings},
+            f,
+        )
+    return directory
+
+
+class PairingAndSharpnessSettingsTest(tf.test.TestCase):
+    """Paired differences pair by seed, within one sharpness setting.
+
+    Seeds 10, 2, 3 and 7 (directory order "seed10" < "seed2" < "seed3" < "seed7", not
+    numeric), with seed 2 missing for vanilla, in the middle. Catches: pairing by
+    insertion order (10–10, then 2–3), and measurements of different ``--sharpness_*``
+    settings put in one cell or one paired difference (or the settings left unnamed)."""
+
+    def test_pairs_by_seed_within_one_setting(self):
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        wide = {"sharpness_examples": 1024, "sharpness_eps": 0.001}
+        narrow = {"sharpness_examples": 64, "sharpness_eps": 0.001}
+        values = {  # (method, seed) -> (top-1, eigenvalue, ε-sharpness, settings)
+            ("conadv", 10): (0.91, 40.0, 2.0, wide),
+            ("conadv", 2): (0.85, 55.0, 3.5, wide),
+            ("conadv", 3): (0.88, 61.0, 1.5, wide),
+            ("conadv", 7): (0.80, 9.0, 0.5, narrow),
+            ("vanilla", 10): (0.84, 100.0, 7.0, wide),
+            ("vanilla", 3): (0.86, 70.0, 4.0, wide),
+        }
+        for (method, seed), (top1, eig, eps, settings) in values.items():
+            sharpness_run(out, method, seed, top1, eig, eps, settings)
+        [report] = experiments.write_report(out)
+        top1 = report.differences[(16, "conadv - vanilla")]
+        self.assertEqual(top1.seeds, (3, 10))
+        self.assertAllClose(top1.mean, plain_mean([0.91 - 0.84, 0.88 - 0.86]))
+
+        groups = {g.settings["sharpness_examples"]: g for g in report.sharpness}
+        self.assertCountEqual(groups, [1024, 64])
+        wide_group, narrow_group = groups[1024], groups[64]
+        self.assertEqual(
+            wide_group.top_eigenvalue[("conadv", 16)].by_seed, {10: 40.0, 2: 55.0, 3: 61.0}
+        )
+        self.assertEqual(narrow_group.top_eigenvalue[("conadv", 16)].by_seed, {7: 9.0})
+        self.assertNotIn(("vanilla", 16), narrow_group.top_eigenvalue)
+        for metric, index in (("top_eigenvalue", 1), ("eps_sharpness", 2)):
+            d = wide_group.differences[(metric, 16, "conadv - vanilla")]
+            self.assertEqual(d.seeds, (3, 10))
+            want = [values[("conadv", s)][index] - values[("vanilla", s)][index] for s in (3, 10)]
+            self.assertAllClose(d.mean, plain_mean(want))
+            self.assertAllClose(d.high - d.mean, 12.7062047 * plain_std(want) / 2**0.5, rtol=1e-5)
+            self.assertNotIn((metric, 16, "conadv - vanilla"), narrow_group.differences)
+        self.assertIn("sharpness_examples=1024", report.markdown)
+        self.assertIn("sharpness_examples=64", report.markdown)
+        self.assertIn("ε-sharpness", report.markdown)
+
+
+class OneRunPerCellTest(tf.test.TestCase):
+    def test_two_runs_in_one_cell_stop_the_report_naming_both(self):
+        """Catches: a cell that keeps one of two runs silently (the last one read)."""
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        first = write_run(out, make_run("conadv", 16, 0), summary_of(0.5, 0.9))
+        twin = dataclasses_replace(make_run("conadv", 16, 0), identity="0123abcd")
+        second = write_run(out, twin, summary_of(0.7, 0.9))
+        with self.assertRaises(SystemExit) as raised:
+            experiments.main(["report", f"--out={out}"])
+        message = str(raised.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn(first, message)
+        self.assertIn(second, message)
+
+
+def dataclasses_replace(run, **changes):
+    import dataclasses
+
+    return dataclasses.replace(run, **changes)
+
+
+class EpsPlotTest(tf.test.TestCase):
+    def test_one_line_per_method_source_and_tau(self):
+        """Catches: runs of both sources (or two τ) drawn as one zig-zag line over ε."""
+        from conadv.studies import figures
+
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        expected = {}
+        for method, taus in (("disadv", [None]), ("conadv", [1, 2])):
+            for tau in taus:
+                for source in ("separate", "clean_pass"):
+                    for eps in (4.0, 2.0):
+                        top1 = 0.5 + 0.01 * eps + (0.1 if source == "clean_pass" else 0)
+                        top1 += 0.001 * (tau or 0)
+                        run = grid.Run(method, 16, 0, eps, tau, 0.1, 1.0, attack_source=source)
+                        write_run(out, run, summary_of(top1, 0.9))
+                        label = ", ".join(
+                            [{"disadv": "DisAdv", "conadv": "ConAdv"}[method], "batch 16"]
+                            + ([f"τ={tau}"] if tau else [])
+                            + [source]
+                        )
+                        expected.setdefault(label, {})[eps] = top1
+        [report] = experiments.write_report(out)
+        series = figures.eps_series(report)
+        self.assertCountEqual(series, expected)
+        for label, (xs, ys, _) in series.items():
+            self.assertEqual(xs, [2.0, 4.0])
+            self.assertAllClose(ys, [expected[label][2.0], expected[label][4.0]])

@@ -1,5 +1,6 @@
 """The free attack (--attack_source clean_pass) on one device: DisAdv's equivalence with
-the separate attack, ConAdv against an eager reference, float16, resume and Keras."""
+the separate attack, ConAdv against an eager reference, what its steps, prologue and a
+refill differentiate, float16 (overflow included), resume and Keras."""
 
 import dataclasses
 import tempfile
@@ -251,6 +252,221 @@ class Float16InputGradientTest(tf.test.TestCase):
         tf.function(free_attack.build_prologue(ctx))((x, tf.constant(labels[0])), 0)
         moved = tf.cast(ctx.ring.read(0)[2], tf.float32).numpy() - images[0]
         self.assertGreater(np.mean(np.sign(moved[clear]) == np.sign(want[clear])), 0.95)
+
+
+# --------------------------------------------------------------------------
+# What the free attack differentiates: the clean pass's cross-entropy, through the main
+# branch, in its steps and its prologue alike.
+
+
+def regularized_model(seed: int):
+    """A small split-BatchNorm network whose convolutions' features carry an L2 activity
+    regularizer: its penalty (in ``model.losses``) depends on the input images."""
+    keras.utils.set_random_seed(seed)
+    penalty = keras.regularizers.L2(0.01)
+    inputs = keras.Input((mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3))
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    for filters in (8, 8):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU(activity_regularizer=penalty)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(mt.NUM_CLASSES)(x)
+    return split_batch_norm(keras.Model(inputs, outputs))
+
+
+def input_gradient_signs(model, x, y, with_model_losses: bool):
+    """sign ∇ₓ of ΣCE (no smoothing) through the main branch, plus Σ model.losses if asked."""
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = call_model(model, x, True, "main", update_stats=False)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        if with_model_losses:
+            loss += tf.add_n(model.losses)
+    return np.sign(tape.gradient(loss, x).numpy())
+
+
+class RegularizedDisAdvTest(tf.test.TestCase):
+    """With an activity regularizer DisAdv + clean_pass still computes DisAdv with the
+    separate attack's matching settings (1 step from the clean image through the main
+    branch, smoothing 0): the weights and statistics after 3 steps agree to 1e-6.
+
+    Catches: the model's regularizers (``model.losses``) in the free attack's input
+    gradient, which the separate attack does not differentiate (measured |Δw| 6.5e-3
+    after 3 steps)."""
+
+    def _train(self, source):
+        images, labels = mt.fixed_batches(3, BATCH, seed=43)
+        model = regularized_model(seed=11)
+        ctx = mt.make_context(
+            model,
+            learning_rate=LR,
+            weight_decay=WD,
+            batch_size=BATCH,
+            attack=ONE_STEP_FROM_CLEAN,
+            attack_source=source,
+        )
+        run_steps(ctx, steps_lib.DISADV, images, labels, 3)
+        return mt.snapshot(model)
+
+    def test_equals_the_separate_attack(self):
+        free = self._train(steps_lib.CLEAN_PASS)
+        separate = self._train(steps_lib.SEPARATE_ATTACK)
+        for got, want in zip(free, separate):
+            self.assertAllClose(got, want, rtol=1e-6, atol=1e-6)
+        # The regularizer turns the sign of part of the input gradient (the test can tell).
+        images, labels = mt.fixed_batches(1, BATCH, seed=43)
+        model = regularized_model(seed=11)
+        plain = input_gradient_signs(model, images[0], labels[0], with_model_losses=False)
+        regularized = input_gradient_signs(model, images[0], labels[0], with_model_losses=True)
+        self.assertGreater(np.mean(plain != regularized), 0.05)
+
+
+class PrologueTest(tf.test.TestCase):
+    """ConAdv's prologue makes of a batch the adversarial images the steps' clean pass
+    makes of it with the same weights: filled from batch A with θ_0, the ring's slot is
+    then read by a step whose clean batch is A again, which writes its own x_adv(θ_0) of
+    A there; the two are equal (a model with an activity regularizer, smoothing 0.1).
+
+    Catches: a prologue differentiating another loss than the steps (the regularizers
+    in one and not the other, another smoothing) or through another branch."""
+
+    def test_prologue_images_are_the_first_steps(self):
+        images, labels = mt.fixed_batches(1, BATCH, seed=45)
+        model = regularized_model(seed=12)
+        ctx = mt.make_context(
+            model,
+            learning_rate=LR,
+            staleness=1,
+            batch_size=BATCH,
+            label_smoothing=SMOOTHING,
+            attack=dataclasses.replace(ONE_STEP_FROM_CLEAN, step_size=STEP),
+            update_pass=steps_lib.SEPARATE,  # the clean pass on B rows, as the prologue's
+            attack_source=steps_lib.CLEAN_PASS,
+        )
+        mt.fill_ring(ctx, mt.batch_iterator(images, labels))
+        prologue = ctx.ring.local_slots("adversarial")[0][0].numpy()
+        mt.step_runner(ctx, steps_lib.CONADV)(mt.batch_iterator(images, labels))
+        step = ctx.ring.local_slots("adversarial")[0][0].numpy()
+        self.assertAllEqual(prologue, step)
+        moved = np.abs(step - images[0])
+        self.assertGreater(np.mean(np.abs(moved - EPS) < 1e-4), 0.9)  # at the ball's edge
+
+
+class RefillTest(tf.test.TestCase):
+    """A ConAdv + clean_pass ring refilled after training (as the trainer refills a ring
+    its checkpoint could not restore) holds, in every slot, the batch's x + α·sign ∇ₓ of
+    the smoothed cross-entropy through the main branch at the trained weights, computed
+    eagerly; through the auxiliary branch, which training has moved away from the main
+    one, the images differ.
+
+    Catches: the free attack's prologue differentiating through the auxiliary branch."""
+
+    def test_refilled_ring_is_the_main_branch_attack(self):
+        trainer = mt.small_trainer(
+            tempfile.mkdtemp(dir=self.get_temp_dir()),
+            method="conadv",
+            staleness=2,
+            train_steps=4,
+            steps_per_loop=4,
+            learning_rate=0.5,
+            lr_schedule="step",  # boundaries in epochs: 0.5 throughout
+            label_smoothing=SMOOTHING,
+            attack=dataclasses.replace(ONE_STEP_FROM_CLEAN, step_size=STEP),
+            attack_source=steps_lib.CLEAN_PASS,
+        )
+        trainer.train(evaluate=False)
+        trainer.ring.reset()
+        trainer.open_training_stream(trainer.global_step)
+        trainer.fill_ring_buffer()
+        # Synthetic data: every training batch is the same one.
+        x, y = (t.numpy() for t in next(iter(trainer.source.dataset(TRAIN, BATCH))))
+
+        def reference(branch):
+            images = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(images)
+                logits = call_model(trainer.model, images, True, branch, update_stats=False)
+                loss = tf.reduce_sum(smoothed_ce(y, logits))
+            return reference_free_attack(x, tape.gradient(loss, images).numpy())
+
+        main, aux = reference("main"), reference("aux")
+        self.assertGreater(np.mean(main != aux), 0.02)  # the branches differ
+        for slot in range(trainer.ring.staleness):
+            ring = trainer.ring.local_slots("adversarial")[0][slot].numpy()
+            self.assertAllEqual(trainer.ring.local_slots("labels")[0][slot].numpy(), y)
+            self.assertAllClose(ring, main, atol=1e-4, msg=f"slot {slot}")
+
+
+def amplifying_model(rows, gain: float):
+    """A float16 linear classifier of the raw pixels whose weights on the flattened pixels
+    ``rows`` are ``gain`` times the rest: their input gradients are ``gain`` times larger,
+    so a loss scale can make them overflow in float16 while the logits' gradients and every
+    other pixel's stay finite."""
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3))
+    x = keras.layers.Flatten(dtype=precision.MIXED_FLOAT16)(inputs)
+    dense = keras.layers.Dense(mt.NUM_CLASSES, dtype=precision.MIXED_FLOAT16)
+    model = keras.Model(inputs, dense(x))
+    kernel = dense.kernel.numpy()
+    kernel[rows] *= gain
+    dense.kernel.assign(kernel)
+    return model
+
+
+class Float16OverflowTest(tf.test.TestCase):
+    """Under float16 the scaled loss's input gradient can overflow: a pixel whose gradient
+    is not finite has no usable sign and stays unperturbed, in the prologue's images and
+    in a step's, while every other pixel moves by the sign of its gradient. The reference
+    is an eager float16 tape of the scaled loss.
+
+    Catches: float16 input gradients whose overflowed pixels are not zeroed (their sign
+    taken, or NaN images)."""
+
+    SCALE = 2.0**19
+
+    def test_overflowed_pixels_stay(self):
+        images, labels = mt.fixed_batches(1, BATCH, seed=62)
+        x = np.round(images[0] / 4.0) + 60.0  # small integers: float16 represents x ± ε
+        y = labels[0]
+        rows = np.zeros((mt.IMAGE_SIZE, mt.IMAGE_SIZE, 3), bool)
+        rows[5, 4:8, :] = True
+        model = amplifying_model(rows.reshape(-1), gain=40.0)
+        ctx = mt.make_context(
+            model,
+            batch_size=BATCH,
+            attack=dataclasses.replace(ONE_STEP_FROM_CLEAN, step_size=STEP),
+            dtype_policy=precision.MIXED_FLOAT16,
+            update_pass=steps_lib.SEPARATE,
+            attack_source=steps_lib.CLEAN_PASS,
+            staleness=1,
+        )
+        ctx.optimizer.dynamic_scale.assign(self.SCALE)
+
+        images16 = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(images16)
+            logits = tf.cast(call_model(model, images16, True, "main"), tf.float32)
+            targets = tf.one_hot(y, mt.NUM_CLASSES)
+            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+            scaled = 0.5 * tf.reduce_sum(per_example) / BATCH * self.SCALE
+        gradient = tape.gradient(scaled, images16).numpy()
+        overflowed = ~np.isfinite(gradient)
+        self.assertGreater(overflowed.mean(), 0.0)
+        self.assertLess(overflowed.mean(), 0.05)
+        self.assertTrue(np.all(rows[None] | ~overflowed))  # only the amplified pixels
+        want = np.where(overflowed, x, reference_free_attack(x, np.nan_to_num(gradient)))
+
+        mt.fill_ring(ctx, mt.batch_iterator(x[None], y[None]))
+        prologue = tf.cast(ctx.ring.local_slots("adversarial")[0][0], tf.float32).numpy()
+        # A ConAdv step on the same batch writes its own images of it where it read.
+        mt.step_runner(ctx, steps_lib.CONADV)(mt.batch_iterator(x[None], y[None]))
+        step = tf.cast(ctx.ring.local_slots("adversarial")[0][0], tf.float32).numpy()
+        for name, got in (("prologue", prologue), ("step", step)):
+            self.assertAllEqual(got[overflowed], x[overflowed], msg=name)
+            self.assertAllEqual(got, want, msg=name)
+            self.assertGreater(np.mean(np.abs(got - x)[~overflowed] == EPS), 0.9, msg=name)
 
 
 class ResumeTest(tf.test.TestCase):

@@ -618,6 +618,36 @@ class RefusalTest(tf.test.TestCase):
                 fit()
             self.assertOneLine(caught.exception)
 
+    def test_a_dataset_without_labels_is_refused_for_its_labels(self):
+        """Catches the missing labels reported as sample weights ("does not weight
+        examples"), and the refusal of weights lost."""
+        model = conadv_keras.ConAdvModel(small_net())
+        model.compile(optimizer="sgd")
+        images, labels = make_batches()
+        x, y = images.reshape(-1, *SHAPE), labels.reshape(-1)
+        no_labels = (
+            (
+                tf.data.Dataset.from_tensor_slices(x).batch(4),
+                r"one tensor of shape \(None, 6, 6, 3\) \(float32\)",
+            ),
+            (dataset_of(x).batch(4), "one tensor of shape"),  # (images,)
+            (tf.data.Dataset.from_tensor_slices({"image": x}).batch(4), r"a dict of \['image'\]"),
+        )
+        for data, alone in no_labels:
+            with self.assertRaisesRegex(ValueError, "no labels") as caught:
+                model.fit(data, verbose=0)
+            message = str(caught.exception)
+            self.assertRegex(message, "got batches of " + alone)
+            self.assertIn("give a dataset of (images, labels)", message)
+            self.assertNotIn("weight", message)
+            self.assertOneLine(caught.exception)
+        with self.assertRaisesRegex(ValueError, "does not weight examples") as caught:
+            model.fit(dataset_of(x, y, np.ones(len(y))).batch(4), verbose=0)
+        self.assertIn("(images, labels, sample weights)", str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "got batches of 4 components"):
+            model.fit(dataset_of(x, y, y, y).batch(4), verbose=0)
+        self.assertEqual(int(model.optimizer.iterations), 0)
+
 
 class BackupAndRestoreTest(tf.test.TestCase):
     """What ``keras.callbacks.BackupAndRestore`` gives back: weights and optimizer, not the

@@ -3,15 +3,17 @@
 From the bottom up: ``official/`` (model, LARS, schedules, BatchNorm — knows
 nothing of adversaries) and ``input_pipeline/`` (tf.data); ``flags/``
 (definitions and validation); ``conadv/run/`` (the machinery around a run);
-the top of ``conadv/`` (the method: attack, ring buffer, steps, loop,
+the top of ``conadv/`` (the method alone: attack, ring buffer, steps, loop,
 evaluation, the run's configuration, the Keras face); ``conadv/keras_fit/``
-(what the Keras face is made of); ``conadv/studies/`` (the tooling). A room
+(what the Keras face is made of); ``conadv/studies/`` (the tooling, and the
+programs ``setup.py`` installs as console scripts beside ``conadv-train``). A room
 imports only from itself and the rooms below it, and no module imports
 itself back through others.
 
 Catches: ``official/`` importing the method, the flags importing the method
 (``flags/benchmark.py`` once took its choices from ``conadv.steps``), the run
-machinery importing the method, the method importing its tooling, an import
+machinery importing the method, the method importing its tooling, a program
+at the top of ``conadv/``, a console script naming no function, an import
 cycle, a file or class grown past a screenful a reader can hold.
 """
 
@@ -27,7 +29,7 @@ PROJECT = ("conadv", "official", "input_pipeline", "flags")
 FILE_LIMIT = 410
 CLASS_LIMIT = 260
 
-#: The top of conadv/: the method, and the entry points of ``python -m conadv.…``.
+#: The top of conadv/: the method alone (its programs live in conadv/studies/).
 METHOD_FILES = {
     "attack.py",
     "ring_buffer.py",
@@ -40,7 +42,6 @@ METHOD_FILES = {
     "run_config.py",
     "keras.py",
 }
-ENTRY_POINTS = {"benchmark.py", "experiments.py", "bn_study.py"}
 
 
 def module_name(path: str) -> str:
@@ -97,8 +98,8 @@ def allowed(importer: str, imported: str) -> bool:
     if name in ("official", "input_pipeline"):
         # The two bottom rooms: input_pipeline may use official, never the reverse.
         return name == "input_pipeline" and other_name == "official"
-    if importer in ("conadv.keras", "conadv.benchmark", "conadv.experiments", "conadv.bn_study"):
-        return True  # the Keras face and the entry points name what they expose
+    if importer == "conadv.keras":
+        return True  # the Keras face names what it exposes
     return other_height < height
 
 
@@ -142,10 +143,34 @@ class LayerTest(unittest.TestCase):
             for p in glob.glob(os.path.join(ROOT, "conadv", "*.py"))
             if not p.endswith("__init__.py")
         }
-        self.assertEqual(top - ENTRY_POINTS, METHOD_FILES)
-        for name in ENTRY_POINTS:  # an entry point only names where its program lives
-            with open(os.path.join(ROOT, "conadv", name)) as f:
-                self.assertLess(len(f.read().splitlines()), 12, name)
+        self.assertEqual(top, METHOD_FILES)
+
+    def test_the_console_scripts_name_functions(self):
+        with open(os.path.join(ROOT, "setup.py")) as f:
+            tree = ast.parse(f.read())
+        scripts = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and key.value == "console_scripts":
+                        scripts.update(s.split("=") for s in ast.literal_eval(value))
+        self.assertEqual(
+            set(scripts),
+            {"conadv-train", "conadv-benchmark", "conadv-experiments", "conadv-bn-study"},
+        )
+        # Read, not imported: the programs define absl flags, and one process (a pytest
+        # worker) cannot define the flags of main.py and of the input benchmark both.
+        for script, target in scripts.items():
+            module, function = target.split(":")
+            path = os.path.join(ROOT, *module.split(".")) + ".py"
+            self.assertTrue(os.path.exists(path), script)
+            with open(path) as f:
+                defined = {
+                    node.name
+                    for node in ast.parse(f.read()).body
+                    if isinstance(node, ast.FunctionDef)
+                }
+            self.assertIn(function, defined, script)
 
     def test_files_and_classes_stay_readable(self):
         too_long = []

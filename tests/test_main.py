@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from tests.child_process import TINY_RESNET, run_main
+from tests.child_process import TINY_RESNET, run_for_result, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -18,6 +18,20 @@ SMALL = [
     "--warmup_epochs=0",
 ]
 SYNTHETIC = ["--dataset=synthetic", "--num_classes=10", "--batch_size=16", *SMALL]
+
+
+def tree(path):
+    """Every directory and file under ``path``, a file with its bytes (None: no ``path``)."""
+    if not os.path.exists(path):
+        return None
+    found = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(root, name), path) + "/"] = None
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(f.name, path)] = f.read()
+    return found
 
 
 def checkpoint_steps(model_dir):
@@ -171,6 +185,67 @@ class MirroredMainTest(tf.test.TestCase):
         self.assertLen(rings, 2)  # one ring per replica
 
 
+#: Runs main.run_main for each (model_dir, mode) of argv[1]; RESULT: each one-line error.
+READING_MODES_PROGRAM = """
+import json, sys
+from absl import flags as absl_flags
+import flags as conadv_flags
+import main
+messages = []
+for model_dir, mode in json.loads(sys.argv[1]):
+    values = absl_flags.FlagValues()
+    conadv_flags.define_all(values)
+    values(["main.py", f"--mode={mode}", f"--model_dir={model_dir}"])
+    try:
+        main.run_main(values)
+        messages.append(None)
+    except main.FlagError as error:
+        messages.append(str(error))
+print("RESULT " + json.dumps({"messages": messages}))
+"""
+
+
+class ReadingModeWithoutRunTest(tf.test.TestCase):
+    """eval, export and sharpness on a --model_dir that holds no trained run.
+
+    Catches: the directory, run_config.json, log.txt or the summary directories
+    created before the checkpoint is looked for, so that the failed reading mode
+    leaves a run "trained with" its flags behind and training there is refused.
+    """
+
+    def test_refused_in_one_line_leaving_the_directory_as_it_was(self):
+        base = tempfile.mkdtemp(dir=self.get_temp_dir())
+        missing, empty, other = (os.path.join(base, name) for name in ("a", "b", "c"))
+        os.mkdir(empty)
+        os.makedirs(os.path.join(other, "notes"))
+        with open(os.path.join(other, "notes", "readme.txt"), "w") as f:
+            f.write("not a run\n")
+        cases = [(d, m) for d in (missing, empty, other) for m in ("eval", "export", "sharpness")]
+        before = {d: tree(d) for d in (missing, empty, other)}
+        # One interpreter for the nine cases (main.py in-process; its flags are global
+        # there, so not in this pytest worker, which may hold other programs' flags).
+        result = run_for_result("-c", READING_MODES_PROGRAM, json.dumps(cases))
+        for (model_dir, mode), message in zip(cases, result["messages"]):
+            self.assertIn(f"--mode={mode}: no checkpoint in --model_dir={model_dir}", message)
+            self.assertIn("train there first", message)
+            self.assertNotIn("\n", message)
+        for model_dir, was in before.items():
+            self.assertEqual(tree(model_dir), was, model_dir)
+        self.assertFalse(os.path.exists(missing))
+
+        # Training there (with flags other than the defaults the reading modes saw) works.
+        run_main(
+            *SYNTHETIC,
+            "--mode=train",
+            "--method=vanilla",
+            "--train_steps=1",
+            "--steps_per_loop=1",
+            "--precise_bn_batches=1",
+            f"--model_dir={other}",
+        )
+        self.assertEqual(checkpoint_steps(other), [1])
+
+
 class BadFlagsTest(tf.test.TestCase):
     CASES = [
         (
@@ -191,7 +266,8 @@ class BadFlagsTest(tf.test.TestCase):
         model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
         for args, flag in self.CASES:
             proc = run_main(*args, f"--model_dir={model_dir}", expect_ok=False)
-            self.assertNotEqual(proc.returncode, 0, args)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertEqual(tree(model_dir), {}, args)  # nothing written (not even a log)
             # TensorFlow's own start-up lines may mention "errors" (oneDNN's note on
             # round-off): the project's message is the one line starting "error:", last.
             lines = proc.stderr.strip().splitlines()

@@ -9,7 +9,11 @@ stream instead of the clean training images; an ε-sharpness box, ascent or
 formula other than Keskar et al.'s (against a separable quadratic's maximum);
 a float16 run that cannot be measured (its loss-scaled optimizer restored into
 the float32 one); a measurement with the moving averages instead of the run's
-precise statistics, or on the augmented stream.
+precise statistics, or on the augmented stream; an ascent step of half the
+box's side instead of a quarter, or the last point's loss instead of the
+largest met (against a NumPy ascent on a loss whose maximum is inside the
+box); the top eigenvalue reported as ‖Hv‖, losing its sign (against the exact
+Hessian of a model whose eigenvalue of largest magnitude is negative).
 """
 
 import tempfile
@@ -29,16 +33,17 @@ from tests import method_testing as mt
 
 
 class QuadraticLoss:
-    """½·θᵀAθ + bᵀθ of one variable: Hessian A."""
+    """½·θᵀAθ + bᵀθ + c of one variable: Hessian A."""
 
-    def __init__(self, a, theta, b):
+    def __init__(self, a, theta, b, c=0.0):
         self.a, self.b = tf.constant(a, tf.float32), tf.constant(b, tf.float32)
+        self.c = float(c)
         self.variables = [tf.Variable(theta, dtype=tf.float32)]
 
     def value_and_gradient(self):
         theta = self.variables[0]
         value = 0.5 * tf.tensordot(theta, tf.linalg.matvec(self.a, theta), 1)
-        value += tf.tensordot(self.b, theta, 1)
+        value += tf.tensordot(self.b, theta, 1) + self.c
         return float(value), [tf.linalg.matvec(self.a, theta) + self.b]
 
     def hessian_vector_product(self, vector):
@@ -80,6 +85,60 @@ def flat(tensors):
     return np.concatenate([np.asarray(t, np.float64).reshape(-1) for t in tensors])
 
 
+def squared_weight_model(u, kernel, bias):
+    """logits = u²·x·K + c: one input, a 1×1 kernel u applied twice, a dense head (K, c)."""
+    inputs = keras.Input((1,))
+    square = keras.layers.Dense(1, use_bias=False, name="square")
+    head = keras.layers.Dense(2, name="head")
+    model = keras.Model(inputs, head(square(square(inputs))))
+    square.kernel.assign([[u]])
+    head.kernel.assign([kernel])
+    head.bias.assign(bias)
+    return model
+
+
+def squared_weight_hessian(u, kernel, bias, x, y):
+    """The Hessian of the mean CE of ``squared_weight_model`` w.r.t. (u, K₀, K₁, c₀, c₁), by
+    hand: with z = u²xK + c, p = softmax(z) and r = p − onehot(y), each example adds
+    Jᵀ(diag p − ppᵀ)J + Σ_k r_k ∇²z_k, where ∂z_k/∂u = 2uxK_k, ∂z_k/∂K_j = u²x·[k = j],
+    ∂z_k/∂c_j = [k = j], ∂²z_k/∂u² = 2xK_k and ∂²z_k/∂u∂K_j = 2ux·[k = j]."""
+    kernel, bias = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+    hessian = np.zeros((5, 5))
+    for xi, yi in zip(np.asarray(x, np.float64).reshape(-1), y):
+        z = u * u * xi * kernel + bias
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        r = p - np.eye(2)[yi]
+        jacobian = np.zeros((2, 5))
+        for k in range(2):
+            jacobian[k, 0] = 2 * u * xi * kernel[k]
+            jacobian[k, 1 + k] = u * u * xi
+            jacobian[k, 3 + k] = 1.0
+        hessian += jacobian.T @ (np.diag(p) - np.outer(p, p)) @ jacobian
+        for k in range(2):
+            hessian[0, 0] += r[k] * 2 * xi * kernel[k]
+            hessian[0, 1 + k] += r[k] * 2 * u * xi
+            hessian[1 + k, 0] += r[k] * 2 * u * xi
+    return hessian / len(y)
+
+
+def sign_ascent(value, gradient, theta, epsilon, steps, step=0.5, keep="largest"):
+    """The documented ε-sharpness in float64, written from its description: from z = 0,
+    ``steps`` times z ← clip(z + step·ε(|θ| + 1)·sign ∇L(θ + z), ±ε(|θ| + 1)), and
+    100·(L_max − L(θ))/(1 + L(θ)) with L_max the largest loss met (``keep="last"``: the
+    last point's). ``step=0.5`` is a quarter of the box's side."""
+    half_width = epsilon * (np.abs(theta) + 1.0)
+    base = value(theta)
+    best, offset, smallest_gradient = base, np.zeros_like(theta), np.inf
+    for _ in range(steps):
+        g = gradient(theta + offset)
+        smallest_gradient = min(smallest_gradient, np.abs(g).min())
+        offset = np.clip(offset + step * half_width * np.sign(g), -half_width, half_width)
+        met = value(theta + offset)
+        best = met if keep == "last" else max(best, met)
+    return 100.0 * (best - base) / (1.0 + base), base, smallest_gradient
+
+
 class PowerIterationTest(tf.test.TestCase):
     def test_top_eigenvalue_of_a_quadratic(self):
         rng = np.random.default_rng(0)
@@ -110,6 +169,35 @@ class PowerIterationTest(tf.test.TestCase):
         value, _, converged = sharpness.top_eigenvalue(loss, iterations=500, tolerance=1e-9)
         self.assertTrue(converged)
         self.assertAllClose(value, np.linalg.eigvalsh(hessian).max(), rtol=1e-3)
+
+    def test_a_dominant_negative_eigenvalue_keeps_its_sign(self):
+        """The top eigenvalue is the one of largest magnitude (as sharpness.py documents),
+        with its sign: vᵀHv. Catches the estimate taken as ‖Hv‖, which is |λ|.
+
+        At u = 0.05 the model's Hessian (by hand) is indefinite, its eigenvalue of
+        largest magnitude about −1.9, its largest about +0.5.
+        """
+        rng = np.random.default_rng(5)
+        x = rng.uniform(0.5, 1.5, (12, 1)).astype("float32")
+        y = np.array([0] * 10 + [1] * 2, "int32")
+        u, kernel, bias = 0.05, [2.0, -2.0], [0.2, -0.1]
+        model = squared_weight_model(u, kernel, bias)
+        loss = sharpness.TrainingLoss(
+            model, tf.distribute.get_strategy(), dataset_of(x, y, 5), len(y)
+        )
+        self.assertEqual([tuple(v.shape) for v in loss.variables], [(1, 1), (1, 2), (2,)])
+        hessian = squared_weight_hessian(u, kernel, bias, x, y)
+        vector = [tf.constant(rng.normal(size=v.shape), tf.float32) for v in loss.variables]
+        self.assertAllClose(  # the hand Hessian is the loss's
+            flat(loss.hessian_vector_product(vector)), hessian @ flat(vector), atol=1e-6
+        )
+        eigenvalues = np.linalg.eigh(hessian)[0]
+        want = eigenvalues[np.argmax(np.abs(eigenvalues))]
+        self.assertLess(want, -1.5)
+        self.assertGreater(eigenvalues.max(), 0.4)  # indefinite: its largest is another
+        value, _, converged = sharpness.top_eigenvalue(loss, iterations=200, tolerance=1e-7)
+        self.assertTrue(converged)
+        self.assertAllClose(value, want, rtol=1e-4)
 
 
 def small_network():
@@ -180,6 +268,41 @@ class EpsSharpnessTest(tf.test.TestCase):
         self.assertAllClose(base, value, rtol=1e-6)
         self.assertAllClose(got, 100 * (best - value) / (1 + value), rtol=1e-5)
         self.assertAllClose(loss.variables[0], theta)  # the weights are put back
+
+    def test_quarter_side_steps_and_the_largest_loss_met_against_a_numpy_ascent(self):
+        """L = 1 − ½(θ − m)ᵀP(θ − m), P coupled and positive definite, its maximum m inside
+        the box: the ascent overshoots m to the box's face and comes back, so the largest
+        loss met is neither the corner's nor the last point's. Against ``sign_ascent``.
+        Catches: a step of half the box's side (ε(|θ_i| + 1) instead of half that), and
+        the last point's loss reported instead of the largest met.
+        """
+        p = np.array(
+            [[4.0, 1.0, 0.0, 0.5], [1.0, 3.0, 0.5, 0.0], [0.0, 0.5, 2.0, 0.3], [0.5, 0.0, 0.3, 5.0]]
+        )
+        theta = np.array([0.7, -1.2, 0.05, -0.3])
+        epsilon, steps = 0.1, 4
+        m = theta + epsilon * (np.abs(theta) + 1.0) * np.array([0.6, -0.7, 0.55, -0.65])
+        loss = QuadraticLoss(-p, theta, p @ m, 1.0 - 0.5 * m @ p @ m)
+
+        def value(t):
+            return 1.0 - 0.5 * (t - m) @ p @ (t - m)
+
+        def gradient(t):
+            return -p @ (t - m)
+
+        want, base, smallest_gradient = sign_ascent(value, gradient, theta, epsilon, steps)
+        self.assertGreater(smallest_gradient, 1e-2)  # every sign is clear in float32
+        got, got_base = sharpness.eps_sharpness(loss, epsilon, steps)
+        self.assertAllClose(got_base, base, rtol=1e-6)
+        self.assertAllClose(got, want, rtol=1e-4)
+        self.assertAllClose(loss.variables[0], theta)  # the weights are put back
+
+        # The case tells the wrong implementations apart (by far more than the tolerance).
+        half_side = sign_ascent(value, gradient, theta, epsilon, steps, step=1.0)[0]
+        last = sign_ascent(value, gradient, theta, epsilon, steps, keep="last")[0]
+        corner = theta + epsilon * (np.abs(theta) + 1.0) * np.sign(gradient(theta))
+        for other in (half_side, last, 100.0 * (value(corner) - base) / (1.0 + base)):
+            self.assertGreater(abs(other - want), 0.1 * want)
 
 
 class CleanTrainingImagesTest(tf.test.TestCase):

@@ -118,13 +118,32 @@ def keras_loss(labels, logits, sample_weight=None) -> tf.Tensor:
     return tf.reduce_mean(loss_fn(labels, logits, sample_weight=sample_weight))
 
 
+def _describe(spec) -> str:
+    """One dataset component, as a refusal names it."""
+    if isinstance(spec, tf.TensorSpec):
+        return f"one tensor of shape {spec.shape} ({spec.dtype.name})"
+    if isinstance(spec, dict):
+        return f"a dict of {sorted(spec)}"
+    return f"a {type(spec).__name__}"
+
+
 def _check_element(spec) -> None:
-    if not isinstance(spec, tuple) or len(spec) != 2:
-        count = len(spec) if isinstance(spec, tuple) else 1
-        what = "sample weights" if count == 3 else f"{count} component(s)"
+    if not isinstance(spec, tuple) or len(spec) == 1:
+        alone = _describe(spec[0] if isinstance(spec, tuple) else spec)
         raise ValueError(
-            f"ConAdvModel.fit trains on (images, labels) batches, got {what}: ConAdv does "
-            "not weight examples; give a dataset of (images, labels)"
+            f"ConAdvModel.fit trains on (images, labels) batches, got batches of {alone} "
+            "and no labels: give a dataset of (images, labels), e.g. "
+            "tf.data.Dataset.zip((images, labels))"
+        )
+    if len(spec) == 3:
+        raise ValueError(
+            "ConAdvModel.fit trains on (images, labels) batches, got (images, labels, "
+            "sample weights): ConAdv does not weight examples; give a dataset of (images, labels)"
+        )
+    if len(spec) != 2:
+        raise ValueError(
+            f"ConAdvModel.fit trains on (images, labels) batches, got batches of {len(spec)} "
+            "components: give a dataset of (images, labels)"
         )
     images = spec[0]
     if not isinstance(images, tf.TensorSpec) or images.shape.rank is None:

@@ -114,6 +114,21 @@ READING_MODES = ("eval", "export", "sharpness")
 _NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity")
 
 
+#: The flags of the adversarial examples: a vanilla run makes none.
+ATTACK_FLAGS = (
+    "attack_eps",
+    "attack_step_size",
+    "attack_steps",
+    "attack_init",
+    "attack_bn",
+    "attack_target",
+    "attack_source",
+)
+
+#: What ``--attack_source=clean_pass`` fixes (``flags/validation.CLEAN_PASS_ATTACK``).
+CLEAN_PASS_FIXED = ("attack_steps", "attack_init", "attack_bn", "attack_target")
+
+
 class RunMismatchError(ValueError):
     """A --model_dir started with other defining flags; the message is one line."""
 
@@ -123,6 +138,22 @@ def defining_values(values) -> dict:
     if isinstance(values, dict):
         return {name: values[name] for name in DEFINING_FLAGS}
     return {name: getattr(values, name) for name in DEFINING_FLAGS}
+
+
+def relevant_values(defining: dict) -> dict:
+    """The defining values that can change this run's numbers: a vanilla run has no
+    attack, only ConAdv a τ, and ``--attack_source=clean_pass`` fixes its attack's
+    steps, start, BatchNorm and target. So a vanilla run given another ``--attack_eps``
+    is the same run (a sweep trains it once; a resume does not refuse it)."""
+    method = defining.get("method")
+    dropped = set()
+    if method == "vanilla":
+        dropped.update(ATTACK_FLAGS)
+    if method != "conadv":
+        dropped.add("staleness")
+    if method != "vanilla" and defining.get("attack_source") == "clean_pass":
+        dropped.update(CLEAN_PASS_FIXED)
+    return {name: value for name, value in defining.items() if name not in dropped}
 
 
 #: Defining flags added after runs had been recorded, with the value those runs had: at
@@ -194,20 +225,40 @@ def check_or_record(run, record: bool = True) -> dict:
             stored = json.load(f)
         # "defining_flags": the form written before run_config.json held the whole run.
         recorded = stored.get("flags") or stored.get("defining_flags", {})
+        relevant = set(relevant_values(current)) | set(relevant_values(recorded))
         differences = [
             f"--{name}={_show(recorded.get(name))}, not {_show(current.get(name))}"
             for name in DEFINING_FLAGS
-            if name in recorded and recorded[name] != current[name]
+            if name in relevant and name in recorded and recorded[name] != current[name]
         ]
         if differences:
             raise RunMismatchError(
                 f"--model_dir={run.model_dir} was trained with {'; '.join(differences)}; "
                 "use a new --model_dir (or the flags it was trained with)"
             )
+        _check_data(run, stored)
         return {name: recorded.get(name) for name in DEFINING_FLAGS}
     if record:
         run.write(path)
     return current
+
+
+def _check_data(run, stored: dict):
+    """Refuses a start on other data than the run was trained on (another path to the
+    same data is the same run: the fingerprint is of the content)."""
+    recorded = stored.get("data_fingerprint")
+    if recorded is None or run.data_fingerprint is None or recorded == run.data_fingerprint:
+        return  # a run recorded before fingerprints were kept cannot be compared
+    trained_on = stored.get("flags", {}).get("data_dir")
+    given = run.flags.get("data_dir")
+    raise RunMismatchError(
+        f"--model_dir={run.model_dir} was trained on other data (fingerprint {recorded}"
+        + (f", --data_dir={trained_on}" if trained_on else "")
+        + f"), not on --dataset={run.flags.get('dataset')}"
+        + (f" --data_dir={given}" if given else "")
+        + f" (fingerprint {run.data_fingerprint}); use the data it was trained on, or a new "
+        "--model_dir"
+    )
 
 
 def check_schedule(run, steps_per_epoch: int, train_steps: int) -> dict | None:

@@ -4,5 +4,6 @@
 ``runner`` trains them with ``main.py`` (resumably, N at a time);
 ``hparams`` records each in TensorBoard's HParams dashboard; ``statistics``
 and ``report`` turn the runs' ``summary.json`` files into tables and plots.
-``python -m conadv.experiments`` is the command.
+``conadv-experiments`` (``python -m conadv.studies.experiments``) is the
+command; ``commands`` holds the studies' console scripts.
 """

@@ -1,11 +1,13 @@
 """Step throughput of vanilla, DisAdv and ConAdv, timed in interleaved rounds.
 
-    python -m conadv.benchmark --model resnet20 --image_size 32 --batch_sizes 256
-    python -m conadv.benchmark --batch_sizes 16,32,64,128,256 --output_json t.json --plot t.png
-    python -m conadv.benchmark --update_pass concatenated,separate --methods conadv
-    python -m conadv.benchmark --precision mixed_bfloat16 --num_cpu_devices 2 --bn_group_size 1
-    python -m conadv.benchmark --methods conadv --staleness 1,8,32
-    python -m conadv.benchmark --attack_source separate,clean_pass --batch_sizes 256
+    conadv-benchmark --model resnet20 --image_size 32 --batch_sizes 256
+    conadv-benchmark --batch_sizes 16,32,64,128,256 --output_json t.json --plot t.png
+    conadv-benchmark --update_pass concatenated,separate --methods conadv
+    conadv-benchmark --precision mixed_bfloat16 --num_cpu_devices 2 --bn_group_size 1
+    conadv-benchmark --methods conadv --staleness 1,8,32
+    conadv-benchmark --attack_source separate,clean_pass --batch_sizes 256
+
+(``python -m conadv.studies.benchmark`` is the same program.)
 
 Every setting (method × update pass × ConAdv's τ × per-replica batch) gets
 its own model, optimizer, ring and compiled loop of the trainer's step
@@ -169,7 +171,7 @@ def parse(argv) -> absl_flags.FlagValues:
     fv = absl_flags.FlagValues()
     benchmark_flags.define(fv)
     try:
-        fv(["conadv.benchmark", *argv])
+        fv(["conadv-benchmark", *argv])
     except absl_flags.Error as error:
         raise FlagError(str(error).splitlines()[0]) from None
     benchmark_flags.validate(fv)

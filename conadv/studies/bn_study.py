@@ -1,7 +1,9 @@
 """Evaluation with moving against precise BatchNorm statistics, over methods and seeds.
 
-    python -m conadv.bn_study --out /tmp/bn_study --methods vanilla,disadv,conadv \\
+    conadv-bn-study --out /tmp/bn_study --methods vanilla,disadv,conadv \\
         --seeds 0,1,2,3,4 [-- any main.py flag, e.g. --attack_eps=0 --bn_momentum=0.99]
+
+(``python -m conadv.studies.bn_study`` is the same program.)
 
 Trains one run per (method, seed) with ``main.py`` (a process each, under
 ``OUT/<method>_seed<S>``; a run whose ``summary.json`` exists is not trained
@@ -150,5 +152,17 @@ def main(argv):
     print(table(rows, seeds))
 
 
-if __name__ == "__main__":
+def run():
+    """``conadv-bn-study`` and ``python -m conadv.studies.bn_study``: ``app.run(main)``,
+    but ``--help`` prints this module's doc and flags and exits 0 (absl's own exits 1
+    and lists the flags of ``__main__``, which under a console script is the script)."""
+    own = sys.argv[1 : sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    if any(arg in ("--help", "-h", "--helpshort", "--helpfull") for arg in own):
+        print(__doc__)
+        print(FLAGS.module_help(sys.modules[__name__]))
+        return
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

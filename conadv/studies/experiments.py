@@ -1,10 +1,12 @@
 """Reruns the paper's studies: a sweep of training runs, and its report.
 
-    python -m conadv.experiments sweep --out DIR --methods vanilla,disadv,conadv \\
+    conadv-experiments sweep --out DIR --methods vanilla,disadv,conadv \\
         --batch_sizes 256,1024,4096 --seeds 0,1,2 [--attack_eps 2,4,8] [--staleness 1,2] \\
         [--lr_scaling linear|sqrt|none] [--base_batch_size 256] [--parallel N] [--dry_run] \\
         [any main.py flag, e.g. --dataset=imagenet --train_epochs=90]
-    python -m conadv.experiments report --out DIR
+    conadv-experiments report --out DIR
+
+(``python -m conadv.studies.experiments`` is the same program.)
 
 ``sweep`` trains every configuration of the cross product as its own
 ``main.py`` run under ``DIR/runs/<name>`` (``conadv/studies/runner.py``):
@@ -34,12 +36,7 @@ import flags as main_flags
 from conadv.studies import grid
 from flags import sharpness as sharpness_flags
 from flags.method import ATTACK_SOURCES
-from flags.validation import (
-    CLEAN_PASS_ATTACK,
-    FlagError,
-    distinct_numbers,
-    settle_attack_source,
-)
+from flags.validation import FlagError, distinct_numbers, settle_attack_source
 
 COMMANDS = ("sweep", "report")
 
@@ -110,7 +107,7 @@ def parse(argv: list[str]):
     if not argv or argv[0] not in COMMANDS:
         raise FlagError(
             f"the first argument must be one of {', '.join(COMMANDS)} "
-            "(python -m conadv.experiments sweep --out DIR ...)"
+            "(conadv-experiments sweep --out DIR ...)"
         )
     command, rest = argv[0], argv[1:]
     fv = absl_flags.FlagValues()
@@ -165,6 +162,40 @@ def _main_values(main_args: list[str], run: grid.Run) -> absl_flags.FlagValues:
     return values
 
 
+def _replicas(values) -> int:
+    """The replica count each run will have (part of its identity): ``--num_replicas``
+    where given, else what the local strategy will have."""
+    from official import distribute
+
+    if values.num_replicas is not None:
+        return values.num_replicas
+    count = distribute.planned_replica_count(values.distribution_strategy, values.num_cpu_devices)
+    _require(
+        count is not None,
+        f"a sweep on --distribution_strategy={values.distribution_strategy} needs "
+        "--num_replicas (the replica count is part of each run's identity)",
+    )
+    return count
+
+
+def identity_of(values, scaling: dict, fingerprints: dict) -> dict:
+    """What a run's identity hashes: the defining main.py flags its method uses, the
+    flags that change what it reports, the scaling rule, the replica count and the data's
+    fingerprint (``fingerprints`` caches one per data set)."""
+    from conadv.run import run_identity
+    from conadv.run_config import RunConfig
+
+    defining = run_identity.relevant_values(run_identity.defining_values(values))
+    identity = {**defining, **{name: values[name].value for name in grid.RESULT_FLAGS}}
+    identity.update(scaling)
+    identity["replicas"] = _replicas(values)
+    key = (values.dataset, values.data_dir)
+    if key not in fingerprints:
+        fingerprints[key] = RunConfig.from_flags(values).data.build_source().fingerprint()
+    identity["data_fingerprint"] = fingerprints[key]
+    return identity
+
+
 def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
     """Every run of the sweep, each with its identity and configuration (``grid.Run``)."""
     from conadv.run import run_identity
@@ -173,9 +204,9 @@ def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
         fv.methods,
         [int(b) for b in fv.batch_sizes],
         [int(s) for s in fv.seeds],
-        [float(e) for e in fv.attack_eps] if fv.attack_eps else None,
-        [int(t) for t in fv.staleness] if fv.staleness else None,
-        fv.attack_source or None,
+        [float(e) for e in fv.attack_eps] if fv.attack_eps else [main_fv.attack_eps],
+        [int(t) for t in fv.staleness] if fv.staleness else [main_fv.staleness],
+        fv.attack_source or [main_fv.attack_source],
         lr_scaling=fv.lr_scaling,
         base_batch_size=fv.base_batch_size,
         base_learning_rate=main_fv.learning_rate,
@@ -187,24 +218,19 @@ def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
         "base_learning_rate": main_fv.learning_rate,
         "base_warmup_epochs": main_fv.warmup_epochs,
     }
+    fingerprints = {}
     identified = []
     for run in runs:
         values = _main_values(main_args, run)
-        defining = run_identity.defining_values(values)
-        defining.update({name: values[name].value for name in grid.RESULT_FLAGS})
-        config = {k: v for k, v in defining.items() if k not in grid.GRID_FLAGS}
-        # An ε, τ or source the sweep does not vary is part of its configuration; one it
-        # varies is a grid axis, for every method (vanilla has no ε, only ConAdv a τ).
-        for name in ("attack_eps", "staleness", "attack_source"):
-            if not getattr(fv, name):
-                config[name] = defining[name]
-        if fv.attack_source:  # the source decides these (flags/validation.py)
-            for name in CLEAN_PASS_ATTACK:
-                config.pop(name, None)
-        config.update(scaling)
-        identity = run_identity.run_hash({**defining, **scaling})
+        identity = identity_of(values, scaling, fingerprints)
+        config = {k: v for k, v in identity.items() if k not in grid.GRID_FLAGS}
         identified.append(
-            dataclasses.replace(run, identity=identity, config=tuple(sorted(config.items())))
+            dataclasses.replace(
+                run,
+                identity=run_identity.run_hash(identity),
+                config=tuple(sorted(config.items())),
+                data_dir=values.data_dir,
+            )
         )
     return identified
 
@@ -254,12 +280,16 @@ def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
 
 
 def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
-    """The runs under ``OUT/runs`` of another configuration than this sweep's (runs of
-    this configuration at other grid points, from a larger sweep, are not counted)."""
+    """The runs under ``OUT/runs`` that no report section shares with this sweep's: of
+    another configuration, neither part of one of this sweep's (a vanilla run has no
+    attack flags, so it belongs to every configuration of its other flags) nor
+    containing one."""
+    from conadv.studies import report as report_lib
+
     directory = os.path.join(out, "runs")
     if not os.path.isdir(directory):
         return []
-    mine = {json.dumps(dict(run.config), sort_keys=True, default=str) for run in runs}
+    mine = [dict(run.config) for run in runs]
     others = []
     for name in sorted(os.listdir(directory)):
         try:
@@ -267,7 +297,7 @@ def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
                 config = json.load(f).get("config", {})
         except (FileNotFoundError, ValueError):
             continue  # not a run of a sweep
-        if json.dumps(config, sort_keys=True, default=str) not in mine:
+        if not any(report_lib.part_of(config, m) or report_lib.part_of(m, config) for m in mine):
             others.append(name)
     return others
 
@@ -297,7 +327,7 @@ def sweep(fv, main_fv, main_args: list[str]):
     summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel, sharpness=measure)
     print(
         f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
-        f"python -m conadv.experiments report --out {fv.out}"
+        f"conadv-experiments report --out {fv.out}"
     )
     return summaries
 
@@ -312,7 +342,7 @@ def write_report(out: str) -> list:
     if not rows:
         raise FileNotFoundError(
             f"no finished run under {os.path.join(out, 'runs')} (no summary.json); "
-            "run `python -m conadv.experiments sweep --out DIR ...` first"
+            "run `conadv-experiments sweep --out DIR ...` first"
         )
     reports = report_lib.build_all(rows)
     report_lib.write_csv(rows, os.path.join(out, "results.csv"))
@@ -351,6 +381,14 @@ def main(argv=None):
         return report(fv)
     except (FlagError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
+    except ValueError as error:
+        from conadv.run.run_identity import RunMismatchError
+        from conadv.studies.report import ReportError
+        from input_pipeline.base import DataError
+
+        if isinstance(error, (ReportError, DataError, RunMismatchError)):
+            raise SystemExit(f"error: {error}") from None
+        raise
     except RuntimeError as error:
         from conadv.studies.runner import RunFailedError
 

@@ -8,7 +8,15 @@ import os
 
 from conadv.studies import plots
 from conadv.studies import statistics as stats
-from conadv.studies.report import Report, batches_in, methods_in, setting_of
+from conadv.studies.report import (
+    METHOD_NAMES,
+    Report,
+    batches_in,
+    methods_in,
+    setting_of,
+    short,
+    varied_settings,
+)
 
 
 def _series(report: Report, cells: dict) -> dict:
@@ -26,17 +34,26 @@ def _series(report: Report, cells: dict) -> dict:
 
 
 def eps_series(report: Report) -> dict:
-    """ "batch b" -> (ε, mean, std) of ConAdv (τ fixed at its first value if swept)."""
+    """One line of eval top-1 against ε per (method, batch, τ, source): "ConAdv, batch b,
+    τ=1, separate" -> (ε, mean, std). A line joins runs that differ in ε alone; its label
+    names the τ and source only where the report has several."""
+    varied = varied_settings(report.rows)
     out = {}
-    taus = sorted({dict(k[2]).get("τ") for k in report.eps_cells}, key=str)
-    for (_, batch, setting), cell in sorted(report.eps_cells.items(), key=str):
+    for (method, batch, setting), cell in sorted(report.setting_cells.items(), key=str):
         values = dict(setting)
-        if "ε" not in values or values.get("τ") != taus[0]:
+        if "ε" not in values:
             continue
-        xs, ys, es = out.setdefault(f"batch {batch}", ([], [], []))
+        shown = [
+            f"τ={short(v)}" if n == "τ" else str(v) for n, v in setting if n != "ε" and n in varied
+        ]
+        label = ", ".join([METHOD_NAMES.get(method, method), f"batch {batch}", *shown])
+        xs, ys, es = out.setdefault(label, ([], [], []))
         xs.append(values["ε"])
         ys.append(cell.mean)
         es.append(cell.std or 0.0)
+    for xs, ys, es in out.values():  # in ε order
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        xs[:], ys[:], es[:] = ([v[i] for i in order] for v in (xs, ys, es))
     return out
 
 
@@ -97,7 +114,7 @@ def plot_all(report: Report, out: str, prefix: str = "") -> dict:
 
     figure, (axes,) = plots.new_figure()
     plots.series_with_error_bars(
-        axes, eps_series(report), "attack ε (pixels)", "ConAdv eval top-1", log2_x=False
+        axes, eps_series(report), "attack ε (pixels)", "eval top-1", log2_x=False
     )
     figures["accuracy_vs_eps.png"] = figure
 
@@ -117,18 +134,20 @@ def plot_all(report: Report, out: str, prefix: str = "") -> dict:
             axes.legend(fontsize="small")
     figures["training_curves.png"] = figure
 
-    if report.top_eigenvalue:
+    for index, group in enumerate(report.sharpness):
         figure, (sharp_axes, gap_axes) = plots.new_figure(2)
         plots.series_with_error_bars(
             sharp_axes,
-            _series(report, report.top_eigenvalue),
+            _series(report, group.top_eigenvalue),
             "global batch size",
             "top Hessian eigenvalue",
         )
+        sharp_axes.set_title(group.label(), fontsize="small")
         plots.series_with_error_bars(
             gap_axes, _series(report, report.gap), "global batch size", "train − test top-1"
         )
-        figures["sharpness_vs_batch.png"] = figure
+        suffix = f"_{index + 1}" if len(report.sharpness) > 1 else ""
+        figures[f"sharpness_vs_batch{suffix}.png"] = figure
 
     figures = {prefix + name: figure for name, figure in figures.items()}
     for name, figure in figures.items():

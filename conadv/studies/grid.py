@@ -10,13 +10,19 @@ k = b / b₀ (``linear``; Goyal et al. 2017), k = √(b / b₀) (``sqrt``; Krizh
 The training length is main.py's, in epochs unless ``--train_steps`` is
 given, so every batch size sees the same number of images by default.
 
-A run is its whole configuration: its directory name ends in a hash of every
-main.py flag that defines it (main.py's own run identity,
-``conadv/run/run_identity.py``), of those that change what it reports
-(``RESULT_FLAGS``: its length, its evaluation) and of the sweep's scaling
-rule, so a sweep started again with another ``--lr_scaling`` or main.py flag
-trains new runs beside the old ones instead of taking the old ones for its
-own.
+A run is everything that changes its numbers: its directory name ends in a
+hash of every main.py flag that defines it (main.py's run identity,
+``conadv/run/run_identity.py``, less the flags its method does not use), of
+those that change what it reports (``RESULT_FLAGS``: its length, its
+evaluation), of the sweep's scaling rule, of the replica count and of its
+data's fingerprint (the data's content, not its path:
+``DataSource.fingerprint``). So a sweep started again with another
+``--lr_scaling``, main.py flag, device count or data set trains new runs
+beside the old ones instead of taking the old ones for its own, while the
+same data moved to another bucket is the same run. The directory name spells
+the run's grid point in full (ε and source for DisAdv and ConAdv, τ for
+ConAdv, whether the sweep varied them or not), so every sweep that contains a
+run names it alike.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ RESULT_FLAGS = (
 )
 
 #: What varies inside one sweep by design (its axes, and the learning rate and warmup
-#: its scaling rule gives each batch); every other defining flag is its configuration.
+#: its scaling rule gives each batch); everything else of a run's identity is its
+#: configuration (the report's sections).
 GRID_FLAGS = (
     "method",
     "batch_size",
@@ -80,16 +87,20 @@ class Run:
     method: str
     batch_size: int
     seed: int
-    attack_eps: float | None  # None: not swept (main.py's value), or vanilla
-    staleness: int | None  # None: not swept, or not ConAdv
+    attack_eps: float | None  # None: vanilla (it makes no adversarial examples)
+    staleness: int | None  # None: not ConAdv
     learning_rate: float
     warmup_epochs: float
-    #: A hash of the run's whole configuration (``experiments.identify``); "" until known.
+    #: A hash of the run's whole identity (``experiments.plan``); "" until known.
     identity: str = ""
-    #: The sweep's configuration: every defining main.py flag that is not a grid axis,
-    #: and the scaling rule, as sorted (name, value) pairs.
+    #: The run's configuration: its identity less the grid's axes (``GRID_FLAGS``) — the
+    #: main.py flags its method uses, the scaling rule, the replica count and the data
+    #: fingerprint — as sorted (name, value) pairs. The same for the same run whichever
+    #: sweep plans it.
     config: tuple = ()
-    attack_source: str | None = None  # None: not swept, or vanilla
+    attack_source: str | None = None  # None: vanilla
+    #: Where the data was read when the run was planned (shown, not part of the identity).
+    data_dir: str | None = None
 
     @property
     def name(self) -> str:
@@ -99,7 +110,7 @@ class Run:
             name += f"_eps{_number(self.attack_eps)}"
         if self.staleness is not None:
             name += f"_tau{self.staleness}"
-        if self.attack_source is not None:
+        if self.attack_source not in (None, "separate"):
             name += f"_{self.attack_source}"
         name += f"_seed{self.seed}"
         return f"{name}_{self.identity}" if self.identity else name
@@ -122,8 +133,8 @@ class Run:
         return flags
 
     def record(self) -> dict:
-        """What ``run.json`` keeps: the grid point, the learning rate it got and the
-        sweep's configuration."""
+        """What ``run.json`` keeps, written once when the run is created: the grid point,
+        the learning rate it got and the run's configuration."""
         record = {"name": self.name, **dataclasses.asdict(self)}
         record["config"] = dict(self.config)
         return record
@@ -133,9 +144,9 @@ def plan(
     methods,
     batch_sizes,
     seeds,
-    attack_eps=None,
-    staleness=None,
-    attack_sources=None,
+    attack_eps,
+    staleness,
+    attack_sources,
     *,
     lr_scaling: str,
     base_batch_size: int,
@@ -143,14 +154,16 @@ def plan(
     base_warmup_epochs: float,
 ) -> list[Run]:
     """Every run of the sweep, in the order they are trained: seed-major, so a
-    partial sweep has every configuration at its first seeds."""
+    partial sweep has every configuration at its first seeds. ``attack_eps``,
+    ``staleness`` and ``attack_sources`` are lists (one value where not swept);
+    a method gets those it uses (vanilla none, DisAdv no τ)."""
     runs = []
     for seed, batch_size, method in itertools.product(seeds, batch_sizes, methods):
         k = scale_factor(lr_scaling, batch_size, base_batch_size)
         adversarial = method != steps_lib.VANILLA
-        for eps in attack_eps if (attack_eps and adversarial) else [None]:
-            taus = staleness if (staleness and method == steps_lib.CONADV) else [None]
-            sources = attack_sources if (attack_sources and adversarial) else [None]
+        for eps in attack_eps if adversarial else [None]:
+            taus = staleness if method == steps_lib.CONADV else [None]
+            sources = attack_sources if adversarial else [None]
             for tau, source in itertools.product(taus, sources):
                 runs.append(
                     Run(

@@ -1,9 +1,14 @@
 """A sweep's results as the paper's tables: ``results.csv`` and ``report.md``, from every
 run's ``run.json`` and ``summary.json`` (the plots: ``figures.py``).
 
+Runs are grouped into sections by their own recorded configuration
+(``sections.py``).
+
 Top-1 is the evaluation top-1 of ``summary.json`` (with the BatchNorm
 statistics it names, precise by default). A cell over seeds is
-"mean ± sample standard deviation (n)". Where ε or τ was swept, the
+"mean ± sample standard deviation (n)". Sharpness (``sharpness.json``) is
+reported per measurement setting (``--sharpness_*``): measurements of other
+settings never share a cell or a paired difference. Where ε or τ was swept, the
 method × batch tables use, for each method and batch, the setting with the
 best mean top-1 (named in the cell): a choice made on the same numbers, so
 those cells are optimistic, the more so the more settings were tried.
@@ -22,6 +27,14 @@ import os
 from collections import defaultdict
 
 from conadv.studies import statistics as stats
+from conadv.studies.sections import (  # noqa: F401 (part of this module's interface)
+    ReportError,
+    config_key,
+    configurations,
+    part_of,
+    setting_of,
+    short,
+)
 
 METHOD_ORDER = ("vanilla", "disadv", "conadv")
 METHOD_NAMES = {"vanilla": "vanilla", "disadv": "DisAdv", "conadv": "ConAdv"}
@@ -69,6 +82,11 @@ def collect(out: str) -> list[dict]:
         if os.path.exists(os.path.join(directory, "sharpness.json")):
             with open(os.path.join(directory, "sharpness.json")) as f:
                 sharpness = json.load(f)
+            if sharpness.get("settings") is None:
+                raise ReportError(
+                    f"{directory}/sharpness.json does not record its --sharpness_* settings; "
+                    "measure it again (python main.py --mode=sharpness --model_dir=...)"
+                )
         train, test = summary.get("train_top1"), summary.get("eval_top1")
         rows.append(
             {
@@ -83,37 +101,15 @@ def collect(out: str) -> list[dict]:
                 "robust_top1": summary.get("eval_robust_top1"),
                 "top_eigenvalue": sharpness.get("top_eigenvalue"),
                 "eps_sharpness": sharpness.get("eps_sharpness"),
+                "sharpness_settings": sharpness.get("settings"),
                 "images_per_second": summary.get("images_per_second"),
                 "wall_time_s": summary.get("wall_time_s"),
-                # The sweep's configuration (every flag but the grid's axes), if recorded.
+                # The run's configuration (its identity less the grid's axes).
                 "config": run.get("config") or {},
+                "data_dir": run.get("data_dir"),
             }
         )
     return rows
-
-
-def configurations(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """The rows of each configuration, with a title naming what sets it apart from the
-    others ("" when there is one): runs of different configurations never share a cell."""
-    groups = {}
-    for row in rows:
-        key = json.dumps(row["config"], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(row)
-    if len(groups) == 1:
-        return [("", rows)]
-    configs = [json.loads(key) for key in groups]
-    names = sorted({name for config in configs for name in config})
-    differing = [n for n in names if len({json.dumps(c.get(n)) for c in configs}) > 1]
-    titled = []
-    for config, group in zip(configs, groups.values()):
-        title = ", ".join(
-            f"{name}={config[name]:g}"
-            if isinstance(config.get(name), float)
-            else f"{name}={config.get(name)}"
-            for name in differing
-        )
-        titled.append((title, group))
-    return sorted(titled)
 
 
 def write_csv(rows: list[dict], path: str):
@@ -132,7 +128,9 @@ class Cell:
     """One metric of one configuration over seeds."""
 
     by_seed: dict  # seed -> value
-    setting: tuple = ()  # (("ε", 4.0), ("τ", 1)) where swept and chosen
+    setting: tuple = ()  # (("ε", 4.0), ("τ", 1), ("source", "separate")) of its runs
+    #: The setting's names the section varies (the others are shown nowhere in a cell).
+    varied: tuple = ()
 
     @property
     def values(self) -> list[float]:
@@ -152,37 +150,35 @@ class Cell:
 
     def text(self, digits: int = 4) -> str:
         spread = "" if self.std is None else f" ± {self.std:.{digits}f}"
-        chosen = ", ".join(f"{name}={short(value)}" for name, value in self.setting)
+        chosen = ", ".join(
+            f"{name}={short(value)}" for name, value in self.setting if name in self.varied
+        )
         return f"{self.mean:.{digits}f}{spread} (n={self.n}{', ' + chosen if chosen else ''})"
 
 
-def short(value) -> str:
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+def varied_settings(rows: list[dict]) -> tuple:
+    """The names of the settings (ε, τ, source) that take more than one value in rows."""
+    values = defaultdict(set)
+    for row in rows:
+        for name, value in setting_of(row):
+            values[name].add(value)
+    return tuple(name for name in ("ε", "τ", "source") if len(values[name]) > 1)
 
 
-def setting_of(row: dict) -> tuple:
-    out = []
-    if row.get("attack_eps") is not None:
-        out.append(("ε", row["attack_eps"]))
-    if row.get("staleness") is not None:
-        out.append(("τ", row["staleness"]))
-    if row.get("attack_source") is not None:
-        out.append(("source", row["attack_source"]))
-    return tuple(out)
-
-
-def _cells(rows: list[dict], metric: str) -> dict:
-    """(method, batch, setting) -> Cell of ``metric`` over seeds."""
+def _cells(rows: list[dict], metric: str, varied: tuple | None = None) -> dict:
+    """(method, batch, setting) -> Cell of ``metric`` over seeds (seed -> value, so any
+    pairing of two cells is by seed); ``varied``: the settings to show (rows' own)."""
+    varied = varied_settings(rows) if varied is None else varied
     grouped = defaultdict(dict)
     for row in rows:
         if row.get(metric) is not None:
             key = (row["method"], row["batch_size"], setting_of(row))
             grouped[key][row["seed"]] = row[metric]
-    return {key: Cell(by_seed, key[2]) for key, by_seed in grouped.items()}
+    return {key: Cell(by_seed, key[2], varied) for key, by_seed in grouped.items()}
 
 
 def best_settings(rows: list[dict]) -> dict:
-    """(method, batch) -> the setting (ε, τ) with the best mean eval top-1."""
+    """(method, batch) -> the setting (ε, τ, source) with the best mean eval top-1."""
     best = {}
     for (method, batch, setting), cell in _cells(rows, "eval_top1").items():
         key = (method, batch)
@@ -191,10 +187,10 @@ def best_settings(rows: list[dict]) -> dict:
     return {key: setting for key, (setting, _) in best.items()}
 
 
-def table_cells(rows: list[dict], metric: str, best: dict) -> dict:
+def table_cells(rows: list[dict], metric: str, best: dict, varied: tuple | None = None) -> dict:
     """(method, batch) -> Cell of ``metric`` at that method and batch's best setting."""
     out = {}
-    for (method, batch, setting), cell in _cells(rows, metric).items():
+    for (method, batch, setting), cell in _cells(rows, metric, varied).items():
         if best.get((method, batch)) == setting:
             out[(method, batch)] = cell
     return out
@@ -213,6 +209,20 @@ def batches_in(rows) -> list[int]:
 
 
 @dataclasses.dataclass
+class SharpnessGroup:
+    """The sharpness of the runs measured with one ``--sharpness_*`` setting."""
+
+    settings: dict
+    top_eigenvalue: dict  # (method, batch) -> Cell
+    eps_sharpness: dict  # (method, batch) -> Cell
+    #: (metric, batch, "conadv - vanilla") -> PairedDifference, for both metrics
+    differences: dict
+
+    def label(self) -> str:
+        return ", ".join(f"{name}={short(value)}" for name, value in sorted(self.settings.items()))
+
+
+@dataclasses.dataclass
 class Report:
     """The numbers of every table (for plots and tests) and the Markdown."""
 
@@ -226,15 +236,16 @@ class Report:
     eps_cells: dict  # (method, batch, setting) -> Cell, ConAdv only
     throughput: dict  # (method, batch) -> Cell of images/s
     throughput_ratios: dict  # (batch, "conadv / disadv") -> ratio of means
-    #: (method, batch) -> Cell, for the sharpness metrics where measured
-    top_eigenvalue: dict = dataclasses.field(default_factory=dict)
-    eps_sharpness: dict = dataclasses.field(default_factory=dict)
-    #: (metric, batch, "conadv - vanilla") -> PairedDifference | None, for the gap and sharpness
+    #: One group per ``--sharpness_*`` setting the runs were measured with.
+    sharpness: list = dataclasses.field(default_factory=list)
+    #: (metric, batch, "conadv - vanilla") -> PairedDifference, for the gap
     metric_differences: dict = dataclasses.field(default_factory=dict)
-    #: (method, batch) -> (separate Cell, clean_pass Cell, PairedDifference | None) of
-    #: eval top-1, where the sweep swept --attack_source (``source_differences``).
+    #: (method, batch, rest) -> (separate Cell, clean_pass Cell, PairedDifference | None) of
+    #: eval top-1, where both sources were trained (``source_differences``).
     source_differences: dict = dataclasses.field(default_factory=dict)
-    #: What sets this configuration apart from the sweep's others ("" if it is the only one).
+    #: (method, batch, setting) -> Cell of eval top-1 for DisAdv and ConAdv (the ε plot).
+    setting_cells: dict = dataclasses.field(default_factory=dict)
+    #: What sets this configuration apart from the others ("" if it is the only one).
     title: str = ""
     markdown: str = ""
 
@@ -253,9 +264,19 @@ def _paired(cells: dict, batch: int, name: str):
     return None
 
 
+def _metric_differences(metric: str, cells: dict, batches: list[int]) -> dict:
+    out = {}
+    for batch in batches:
+        for name in DIFFERENCES:
+            difference = _paired(cells, batch, name)
+            if difference is not None:
+                out[(metric, batch, name)] = difference
+    return out
+
+
 def source_differences(rows: list[dict], metric: str = "eval_top1") -> dict:
     """The free attack against the separate one: per method and batch (and any other
-    swept setting equal), ``metric`` of each and clean_pass − separate paired over seeds."""
+    setting equal), ``metric`` of each and clean_pass − separate paired over seeds."""
     cells = _cells(rows, metric)
     out = {}
     for (method, batch, setting), cell in cells.items():
@@ -273,6 +294,36 @@ def source_differences(rows: list[dict], metric: str = "eval_top1") -> dict:
                 stats.paired_difference(cell.by_seed, separate.by_seed),
             )
     return out
+
+
+def sharpness_groups(rows: list[dict], best: dict) -> list[SharpnessGroup]:
+    """The sharpness cells of each measurement setting, at each method and batch's best
+    setting, and their paired differences (never across measurement settings)."""
+    settings = {}
+    for row in rows:
+        if row.get("sharpness_settings") is not None:
+            settings.setdefault(config_key(row["sharpness_settings"]), row["sharpness_settings"])
+    groups = []
+    for key in sorted(settings):
+        measured = [
+            row
+            for row in rows
+            if row.get("sharpness_settings") is not None
+            and config_key(row["sharpness_settings"]) == key
+        ]
+        varied = varied_settings(rows)  # the section's, as in its other tables
+        group = SharpnessGroup(
+            settings=settings[key],
+            top_eigenvalue=table_cells(measured, "top_eigenvalue", best, varied),
+            eps_sharpness=table_cells(measured, "eps_sharpness", best, varied),
+            differences={},
+        )
+        for metric in ("top_eigenvalue", "eps_sharpness"):
+            group.differences.update(
+                _metric_differences(metric, getattr(group, metric), batches_in(rows))
+            )
+        groups.append(group)
+    return groups
 
 
 def build(rows: list[dict], title: str = "") -> Report:
@@ -296,29 +347,22 @@ def build(rows: list[dict], title: str = "") -> Report:
                     ratios[(batch, f"conadv / {other}")] = (
                         throughput[("conadv", batch)].mean / throughput[(other, batch)].mean
                     )
-    report = Report(
+    all_settings = _cells(rows, "eval_top1")
+    gap = table_cells(rows, "generalization_gap", best)
+    return Report(
         rows=rows,
         best=best,
         top1=top1,
         train_top1=table_cells(rows, "train_top1", best),
-        gap=table_cells(rows, "generalization_gap", best),
+        gap=gap,
         robust=table_cells(rows, "robust_top1", best),
         differences=differences,
-        eps_cells={k: c for k, c in _cells(rows, "eval_top1").items() if k[0] == "conadv"},
+        eps_cells={k: c for k, c in all_settings.items() if k[0] == "conadv"},
         throughput=throughput,
         throughput_ratios=ratios,
-        top_eigenvalue=table_cells(rows, "top_eigenvalue", best),
-        eps_sharpness=table_cells(rows, "eps_sharpness", best),
+        sharpness=sharpness_groups(rows, best),
+        metric_differences=_metric_differences("generalization_gap", gap, batches_in(rows)),
         source_differences=source_differences(rows),
+        setting_cells={k: c for k, c in all_settings.items() if k[0] != "vanilla"},
         title=title,
     )
-    for metric, cells in (
-        ("generalization_gap", report.gap),
-        ("top_eigenvalue", report.top_eigenvalue),
-    ):
-        for batch in batches_in(rows):
-            for name in DIFFERENCES:
-                difference = _paired(cells, batch, name)
-                if difference is not None:
-                    report.metric_differences[(metric, batch, name)] = difference
-    return report

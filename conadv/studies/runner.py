@@ -1,9 +1,10 @@
 """Trains a sweep's runs with ``main.py``, one process each, N at a time.
 
-A run lives in ``OUT/runs/<name>``: ``run.json`` (its grid point, written
-before it starts), main.py's own files (checkpoints, ``run_config.json``,
-TensorBoard events, ``summary.json`` when it finished) and ``console.log``
-(its output, appended at every start). A run with a ``summary.json`` is
+A run lives in ``OUT/runs/<name>``: ``run.json`` (its grid point and
+configuration, written once before its first start, never rewritten),
+main.py's own files (checkpoints, ``run_config.json``, TensorBoard events,
+``summary.json`` when it finished) and ``console.log`` (its output, appended
+at every start). A run with a ``summary.json`` is
 finished and skipped; any other starts main.py on its directory, which
 resumes from the latest checkpoint. So a killed sweep, started again with the
 same command, redoes only what was lost.
@@ -96,12 +97,24 @@ class Progress:
 
 
 def _write_record(out: str, run: Run) -> str:
-    """``run.json``: the grid point and this sweep's view of its configuration (which axes
-    are swept is the sweep's, so a run another sweep trained is recorded again)."""
+    """``run.json``: written once, when the run is created, and never rewritten (the
+    record is the run's own, whichever sweep trains or skips it later); a record of
+    another identity under this name is refused."""
     directory = run_dir(out, run)
+    path = os.path.join(directory, "run.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f).get("identity")
+        if recorded != run.identity:
+            raise RunFailedError(
+                f"{path} records identity {recorded}, not {run.identity}: the directory "
+                "holds another run; move it out of the sweep's --out"
+            )
+        return directory
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "run.json"), "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(run.record(), f, indent=2)
+    os.replace(path + ".tmp", path)
     return directory
 
 
@@ -114,7 +127,16 @@ def _start(out: str, run: Run, main_flags: list[str], sharpness: dict | None) ->
         measure = [f"--{name}={value!r}" for name, value in sharpness.items()]
         command = [sys.executable, MAIN, "--mode=sharpness", f"--model_dir={directory}", *measure]
     else:
-        command = [sys.executable, MAIN, *main_flags, *run.flags(), f"--model_dir={directory}"]
+        # --num_replicas: the count in the run's identity, which main.py then enforces.
+        replicas = f"--num_replicas={dict(run.config)['replicas']}"
+        command = [
+            sys.executable,
+            MAIN,
+            *main_flags,
+            *run.flags(),
+            replicas,
+            f"--model_dir={directory}",
+        ]
     log = open(os.path.join(directory, "console.log"), "a")  # noqa: SIM115 (closed in wait)
     log.write(f"+ {' '.join(command[1:])}\n")
     log.flush()

@@ -4,7 +4,15 @@ intervals (the numbers: ``conadv/studies/report.py``)."""
 from __future__ import annotations
 
 from conadv.studies import statistics as stats
-from conadv.studies.report import DIFFERENCES, METHOD_NAMES, Report, batches_in, methods_in, short
+from conadv.studies.report import (
+    DIFFERENCES,
+    METHOD_NAMES,
+    Report,
+    batches_in,
+    methods_in,
+    short,
+    varied_settings,
+)
 
 
 def difference_text(d: stats.PairedDifference | None) -> str:
@@ -39,7 +47,7 @@ def _method_by_batch(report: Report, cells: dict, digits: int = 4) -> list[str]:
 def markdown(report: Report) -> str:
     rows = report.rows
     batches = batches_in(rows)
-    swept = sorted({name for setting in report.best.values() for name, _ in setting})
+    swept = list(varied_settings(rows))
     heading = f"# Sweep report: {report.title}" if report.title else "# Sweep report"
     lines = [
         heading,
@@ -54,7 +62,8 @@ def markdown(report: Report) -> str:
     ]
     if swept:
         lines += [
-            f"Where {' and '.join(swept)} were swept, each cell is the setting with the best "
+            f"Where {' and '.join(swept)} {'were' if len(swept) > 1 else 'was'} swept, each "
+            "cell is the setting with the best "
             "mean top-1 (named in the cell), chosen on these same runs: optimistic.",
             "",
         ]
@@ -96,7 +105,7 @@ def markdown(report: Report) -> str:
         settings = sorted({k[2] for k in report.eps_cells}, key=str)
         body = []
         for setting in settings:
-            label = ", ".join(f"{n}={short(v)}" for n, v in setting) or "main.py's ε"
+            label = ", ".join(f"{n}={short(v)}" for n, v in setting if n == "ε" or n in swept)
             cells = [report.eps_cells.get(("conadv", b, setting)) for b in batches]
             body.append([label] + [c.text() if c else "—" for c in cells])
         lines += _table(["setting"] + [f"batch {b}" for b in batches], body) + [""]
@@ -105,7 +114,7 @@ def markdown(report: Report) -> str:
         "## Throughput: clean images per second (Table 3)",
         "",
         "Measured inside the training runs, one after another: for a controlled "
-        "comparison use `python -m conadv.benchmark`, which interleaves the methods.",
+        "comparison use `conadv-benchmark`, which interleaves the methods.",
         "",
         *_method_by_batch(report, report.throughput, digits=1),
         "",
@@ -121,27 +130,41 @@ def markdown(report: Report) -> str:
     ]
     lines += _table(["", "ConAdv / DisAdv", "ConAdv / vanilla"], body) + [""]
 
-    if report.top_eigenvalue or report.eps_sharpness:
+    gap_body = [
+        ["generalization_gap", f"batch {b}"]
+        + [
+            difference_text(report.metric_differences.get(("generalization_gap", b, n)))
+            for n in DIFFERENCES
+        ]
+        for b in batches
+    ]
+    lines += [
+        "## Generalization gap, paired over seeds",
+        "",
+        *_table(["metric", "", *DIFFERENCES], gap_body),
+        "",
+    ]
+    for group in report.sharpness:
         lines += [
-            "## Sharpness of the trained weights",
+            f"## Sharpness of the trained weights ({group.label()})",
             "",
             "The top eigenvalue of the Hessian of the training loss and Keskar et al.'s "
-            "ε-sharpness (`sharpness.json`, `main.py --mode sharpness`), then the paired "
-            "differences of the gap and the eigenvalue.",
+            "ε-sharpness (`sharpness.json`, `main.py --mode sharpness`), measured with "
+            f"{group.label()}, then their paired differences (same seed, same setting).",
             "",
             "Top Hessian eigenvalue:",
             "",
-            *_method_by_batch(report, report.top_eigenvalue, digits=3),
+            *_method_by_batch(report, group.top_eigenvalue, digits=3),
             "",
             "ε-sharpness:",
             "",
-            *_method_by_batch(report, report.eps_sharpness, digits=3),
+            *_method_by_batch(report, group.eps_sharpness, digits=3),
             "",
         ]
         body = [
             [metric, f"batch {b}"]
-            + [difference_text(report.metric_differences.get((metric, b, n))) for n in DIFFERENCES]
-            for metric in ("generalization_gap", "top_eigenvalue")
+            + [difference_text(group.differences.get((metric, b, n))) for n in DIFFERENCES]
+            for metric in ("top_eigenvalue", "eps_sharpness")
             for b in batches
         ]
         lines += _table(["metric", "", *DIFFERENCES], body) + [""]
@@ -158,7 +181,7 @@ def markdown(report: Report) -> str:
         for (method, batch, rest), (separate, free, difference) in sorted(
             report.source_differences.items(), key=lambda item: str(item[0])
         ):
-            label = ", ".join(f"{n}={short(v)}" for n, v in rest)
+            label = ", ".join(f"{n}={short(v)}" for n, v in rest if n in swept)
             body.append(
                 [METHOD_NAMES.get(method, method) + (f" ({label})" if label else ""), str(batch)]
                 + [separate.text(), free.text(), difference_text(difference)]
