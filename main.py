@@ -96,6 +96,13 @@ def run_main(values) -> dict | None:
 
         result = sharpness.measure_run(trainer, values)
         if files.is_chief:
+            from flags import sharpness as sharpness_flags
+
+            # One file per setting (a sweep with other settings adds its own), and the
+            # latest as sharpness.json.
+            named = sharpness_flags.measurement_name(result["settings"])
+            tf.io.gfile.makedirs(os.path.join(run.model_dir, sharpness_flags.MEASUREMENTS_DIR))
+            write_json(os.path.join(run.model_dir, named), result)
             write_json(os.path.join(run.model_dir, "sharpness.json"), result)
         print(
             f"sharpness at step {result['global_step']}: top Hessian eigenvalue "

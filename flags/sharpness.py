@@ -18,6 +18,21 @@ def settings(values) -> dict:
     return {name: getattr(values, name) for name in SETTINGS}
 
 
+#: The folder of a run's measurements, one file per setting (``measurement_name``);
+#: ``sharpness.json`` beside it is the latest.
+MEASUREMENTS_DIR = "sharpness"
+
+
+def measurement_name(settings: dict) -> str:
+    """``sharpness/<hash of the settings>.json``: a measurement with other settings is
+    kept beside this one, never written over it."""
+    import hashlib
+    import json
+
+    text = json.dumps(settings, sort_keys=True)
+    return f"{MEASUREMENTS_DIR}/{hashlib.sha256(text.encode()).hexdigest()[:10]}.json"
+
+
 def define(fv):
     absl_flags.DEFINE_integer(
         "sharpness_examples",

@@ -590,10 +590,18 @@ class SharpnessSettingsTest(tf.test.TestCase):
         directory = write_run(out, run, summary_of(0.5, 0.9))
         self.assertTrue(runner.is_finished(out, run))
         self.assertFalse(runner.is_finished(out, run, settings))  # not measured yet
-        for recorded, measured in ((settings, True), ({**settings, "sharpness_eps": 1e-3}, False)):
-            with open(os.path.join(directory, "sharpness.json"), "w") as f:
-                json.dump({"top_eigenvalue": 1.0, "settings": recorded}, f)
+        # A measurement with other settings (another file, or the latest sharpness.json
+        # of other settings) does not count; one with these settings does.
+        other = {**settings, "sharpness_eps": 1e-3}
+        os.makedirs(os.path.join(directory, sharpness_flags.MEASUREMENTS_DIR))
+        for recorded, measured in ((other, False), (settings, True)):
+            for name in (sharpness_flags.measurement_name(recorded), "sharpness.json"):
+                with open(os.path.join(directory, name), "w") as f:
+                    json.dump({"top_eigenvalue": 1.0, "settings": recorded}, f)
             self.assertEqual(runner.is_finished(out, run, settings), measured)
+        self.assertNotEqual(
+            sharpness_flags.measurement_name(other), sharpness_flags.measurement_name(settings)
+        )
 
 
 class SweepChecksTest(tf.test.TestCase):
@@ -749,13 +757,22 @@ class RunIdentityTest(tf.test.TestCase):
         self.assertNotEqual(vanilla(b), vanilla(a))
 
 
-def sharpness_run(out, method, seed, top1, eigenvalue, eps_sharpness, settings, batch=16):
-    directory = write_run(out, make_run(method, batch, seed), summary_of(top1, top1 + 0.1))
-    with open(os.path.join(directory, "sharpness.json"), "w") as f:
+def measure(directory, eigenvalue, eps_sharpness, settings):
+    """A measurement as main.py --mode sharpness writes it: a file per setting."""
+    from flags import sharpness as sharpness_flags
+
+    path = os.path.join(directory, sharpness_flags.measurement_name(settings))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(
             {"top_eigenvalue": eigenvalue, "eps_sharpness": eps_sharpness, "settings": settings},
             f,
         )
+
+
+def sharpness_run(out, method, seed, top1, eigenvalue, eps_sharpness, settings, batch=16):
+    directory = write_run(out, make_run(method, batch, seed), summary_of(top1, top1 + 0.1))
+    measure(directory, eigenvalue, eps_sharpness, settings)
     return directory
 
 
@@ -764,8 +781,9 @@ class PairingAndSharpnessSettingsTest(tf.test.TestCase):
 
     Seeds 10, 2, 3 and 7 (directory order "seed10" < "seed2" < "seed3" < "seed7", not
     numeric), with seed 2 missing for vanilla, in the middle. Catches: pairing by
-    insertion order (10–10, then 2–3), and measurements of different ``--sharpness_*``
-    settings put in one cell or one paired difference (or the settings left unnamed)."""
+    insertion order (10–10, then 2–3), measurements of different ``--sharpness_*``
+    settings put in one cell or one paired difference (or the settings left unnamed),
+    and a run's earlier measurement lost to a later one of other settings."""
 
     def test_pairs_by_seed_within_one_setting(self):
         out = tempfile.mkdtemp(dir=self.get_temp_dir())
@@ -780,7 +798,9 @@ class PairingAndSharpnessSettingsTest(tf.test.TestCase):
             ("vanilla", 3): (0.86, 70.0, 4.0, wide),
         }
         for (method, seed), (top1, eig, eps, settings) in values.items():
-            sharpness_run(out, method, seed, top1, eig, eps, settings)
+            directory = sharpness_run(out, method, seed, top1, eig, eps, settings)
+            if (method, seed) == ("vanilla", 10):  # measured with both settings
+                measure(directory, 33.0, 1.25, narrow)
         [report] = experiments.write_report(out)
         top1 = report.differences[(16, "conadv - vanilla")]
         self.assertEqual(top1.seeds, (3, 10))
@@ -793,7 +813,9 @@ class PairingAndSharpnessSettingsTest(tf.test.TestCase):
             wide_group.top_eigenvalue[("conadv", 16)].by_seed, {10: 40.0, 2: 55.0, 3: 61.0}
         )
         self.assertEqual(narrow_group.top_eigenvalue[("conadv", 16)].by_seed, {7: 9.0})
-        self.assertNotIn(("vanilla", 16), narrow_group.top_eigenvalue)
+        # Both measurements of one run are kept, each in its own setting's cell.
+        self.assertEqual(narrow_group.top_eigenvalue[("vanilla", 16)].by_seed, {10: 33.0})
+        self.assertEqual(wide_group.top_eigenvalue[("vanilla", 16)].by_seed, {10: 100.0, 3: 70.0})
         for metric, index in (("top_eigenvalue", 1), ("eps_sharpness", 2)):
             d = wide_group.differences[(metric, 16, "conadv - vanilla")]
             self.assertEqual(d.seeds, (3, 10))
@@ -854,3 +876,31 @@ class EpsPlotTest(tf.test.TestCase):
         for label, (xs, ys, _) in series.items():
             self.assertEqual(xs, [2.0, 4.0])
             self.assertAllClose(ys, [expected[label][2.0], expected[label][4.0]])
+
+
+class OlderRecordsTest(tf.test.TestCase):
+    """Runs recorded by an older version (no data fingerprint or replica count) beside
+    this version's. Catches: an empty or older configuration taken as part of every
+    section, which mixes runs of other data or devices into its cells."""
+
+    def test_only_missing_attack_flags_make_a_configuration_part_of_another(self):
+        from conadv.studies import sections
+
+        base = {"dataset": "folder", "data_fingerprint": "a", "replicas": 1}
+        attack = {**base, "attack_init": "zero", "attack_steps": 1}
+        self.assertTrue(sections.part_of(base, attack))  # vanilla's in an attack's
+        self.assertFalse(sections.part_of({}, base))
+        self.assertFalse(sections.part_of({"dataset": "folder"}, base))
+        self.assertFalse(sections.part_of({**base, "replicas": 2}, attack))
+
+    def test_an_older_record_beside_new_ones_is_refused_in_one_line(self):
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        [new] = ConfigurationTest.plan_of(self, out, "--methods=vanilla", "--batch_sizes=16")[:1]
+        write_run(out, new, summary_of(0.5, 0.9))
+        old = write_run(out, make_run("conadv", 16, 0), summary_of(0.6, 0.9))
+        with self.assertRaises(SystemExit) as raised:
+            experiments.main(["report", f"--out={out}"])
+        message = str(raised.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn(old, message)
+        self.assertIn("older version", message)

@@ -162,6 +162,22 @@ class StackedSweepsTest(tf.test.TestCase):
         two_replica_run = started[0]
         with open(os.path.join(out, "runs", two_replica_run, "run_config.json")) as f:
             self.assertEqual(json.load(f)["flags"]["num_replicas"], 2)
+        # Read on one device all the same: the sweep's --num_replicas is not a reading
+        # mode's (catches it filled in from the record, which refuses one device).
+        evaluated = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "main.py"),
+                "--mode=eval",
+                "--distribution_strategy=one_device",
+                f"--model_dir={os.path.join(out, 'runs', two_replica_run)}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        self.assertEqual(evaluated.returncode, 0, evaluated.stderr[-3000:])
 
         sections = report_of(out)
         self.assertLen(sections, 4, list(sections))
@@ -220,6 +236,12 @@ class StackedSweepsTest(tf.test.TestCase):
             with open(path) as f:
                 settings.append(json.load(f)["settings"]["sharpness_examples"])
         self.assertEqual(settings, [16, 8])
+        # The first measurement is kept beside the second (a file per setting).
+        measured = os.listdir(os.path.join(out, "runs", vanilla_run, "sharpness"))
+        self.assertLen(measured, 2)
+        [section] = [s for t, s in report_of(out).items() if "attack_init=zero" in t]
+        examples = sorted(g.settings["sharpness_examples"] for g in section.sharpness)
+        self.assertEqual(examples, [8, 16])
 
 
 class ResumeOnOtherDataTest(tf.test.TestCase):

@@ -110,8 +110,9 @@ RESUMABLE_FLAGS = (
 #: Modes that read a trained run: flags not given are the run's own (``fill_from_record``).
 READING_MODES = ("eval", "export", "sharpness")
 
-#: Flags a reading mode never takes from the record.
-_NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity")
+#: Flags a reading mode never takes from the record (``num_replicas``: a run trained on
+#: two devices is read on any).
+_NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity", "num_replicas")
 
 
 #: The flags of the adversarial examples: a vanilla run makes none.

@@ -47,6 +47,7 @@ RESULT_FLAGS = (
     "eval_attack_eps",
     "eval_attack_steps",
     "eval_attack_step_size",
+    "skip_corrupt_records",
 )
 
 #: What varies inside one sweep by design (its axes, and the learning rate and warmup

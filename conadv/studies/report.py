@@ -6,8 +6,8 @@ Runs are grouped into sections by their own recorded configuration
 
 Top-1 is the evaluation top-1 of ``summary.json`` (with the BatchNorm
 statistics it names, precise by default). A cell over seeds is
-"mean ± sample standard deviation (n)". Sharpness (``sharpness.json``) is
-reported per measurement setting (``--sharpness_*``): measurements of other
+"mean ± sample standard deviation (n)". Sharpness (``sharpness/*.json``, a
+file per measurement setting) is reported per setting (``--sharpness_*``): measurements of other
 settings never share a cell or a paired difference. Where ε or τ was swept, the
 method × batch tables use, for each method and batch, the setting with the
 best mean top-1 (named in the cell): a choice made on the same numbers, so
@@ -78,15 +78,8 @@ def collect(out: str) -> list[dict]:
             run = json.load(f)
         with open(path) as f:
             summary = json.load(f)
-        sharpness = {}
-        if os.path.exists(os.path.join(directory, "sharpness.json")):
-            with open(os.path.join(directory, "sharpness.json")) as f:
-                sharpness = json.load(f)
-            if sharpness.get("settings") is None:
-                raise ReportError(
-                    f"{directory}/sharpness.json does not record its --sharpness_* settings; "
-                    "measure it again (python main.py --mode=sharpness --model_dir=...)"
-                )
+        measurements = read_measurements(directory)
+        sharpness = measurements[-1] if measurements else {}  # the CSV's: the latest
         train, test = summary.get("train_top1"), summary.get("eval_top1")
         rows.append(
             {
@@ -102,6 +95,7 @@ def collect(out: str) -> list[dict]:
                 "top_eigenvalue": sharpness.get("top_eigenvalue"),
                 "eps_sharpness": sharpness.get("eps_sharpness"),
                 "sharpness_settings": sharpness.get("settings"),
+                "measurements": measurements,
                 "images_per_second": summary.get("images_per_second"),
                 "wall_time_s": summary.get("wall_time_s"),
                 # The run's configuration (its identity less the grid's axes).
@@ -110,6 +104,27 @@ def collect(out: str) -> list[dict]:
             }
         )
     return rows
+
+
+def read_measurements(directory: str) -> list[dict]:
+    """A run's sharpness measurements, one per ``--sharpness_*`` setting, the latest last
+    (``sharpness/*.json``; a run measured before they were kept: ``sharpness.json``)."""
+    from flags import sharpness as sharpness_flags
+
+    paths = glob.glob(os.path.join(directory, sharpness_flags.MEASUREMENTS_DIR, "*.json"))
+    if not paths and os.path.exists(os.path.join(directory, "sharpness.json")):
+        paths = [os.path.join(directory, "sharpness.json")]
+    measurements = []
+    for path in sorted(paths, key=os.path.getmtime):
+        with open(path) as f:
+            measurement = json.load(f)
+        if measurement.get("settings") is None:
+            raise ReportError(
+                f"{path} does not record its --sharpness_* settings; measure it again "
+                "(python main.py --mode=sharpness --model_dir=...)"
+            )
+        measurements.append(measurement)
+    return measurements
 
 
 def write_csv(rows: list[dict], path: str):
@@ -301,17 +316,21 @@ def sharpness_groups(rows: list[dict], best: dict) -> list[SharpnessGroup]:
     setting, and their paired differences (never across measurement settings)."""
     settings = {}
     for row in rows:
-        if row.get("sharpness_settings") is not None:
-            settings.setdefault(config_key(row["sharpness_settings"]), row["sharpness_settings"])
+        for measurement in row.get("measurements") or []:
+            settings.setdefault(config_key(measurement["settings"]), measurement["settings"])
+    varied = varied_settings(rows)  # the section's, as in its other tables
     groups = []
     for key in sorted(settings):
         measured = [
-            row
+            {
+                **row,
+                "top_eigenvalue": m.get("top_eigenvalue"),
+                "eps_sharpness": m.get("eps_sharpness"),
+            }
             for row in rows
-            if row.get("sharpness_settings") is not None
-            and config_key(row["sharpness_settings"]) == key
+            for m in row.get("measurements") or []
+            if config_key(m["settings"]) == key
         ]
-        varied = varied_settings(rows)  # the section's, as in its other tables
         group = SharpnessGroup(
             settings=settings[key],
             top_eigenvalue=table_cells(measured, "top_eigenvalue", best, varied),

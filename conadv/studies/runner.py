@@ -16,7 +16,7 @@ own, so the terminal's Ctrl-C (SIGINT, which main.py does not checkpoint on)
 reaches the sweep only, and the sweep's SIGTERM reaches each run.
 
 With ``sharpness``, a finished run is then measured by ``main.py --mode
-sharpness`` on its directory (``sharpness.json``), once.
+sharpness`` on its directory (``sharpness/<settings>.json``), once per setting.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from conadv.studies import hparams
@@ -41,14 +42,18 @@ def run_dir(out: str, run: Run) -> str:
 
 def is_finished(out: str, run: Run, sharpness: dict | None = None) -> bool:
     """Trained (``summary.json``) and, if ``sharpness`` (the ``--sharpness_*`` settings)
-    is given, measured with those settings (``sharpness.json``)."""
+    is given, measured with those settings (``sharpness/<settings>.json``; a measurement
+    with other settings stays beside it)."""
+    from flags import sharpness as sharpness_flags
+
     directory = run_dir(out, run)
     if not os.path.exists(os.path.join(directory, "summary.json")):
         return False
     if sharpness is None:
         return True
+    path = os.path.join(directory, sharpness_flags.measurement_name(sharpness))
     try:
-        with open(os.path.join(directory, "sharpness.json")) as f:
+        with open(path) as f:
             return json.load(f).get("settings") == sharpness
     except FileNotFoundError:
         return False
@@ -102,19 +107,26 @@ def _write_record(out: str, run: Run) -> str:
     another identity under this name is refused."""
     directory = run_dir(out, run)
     path = os.path.join(directory, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f).get("identity")
-        if recorded != run.identity:
-            raise RunFailedError(
-                f"{path} records identity {recorded}, not {run.identity}: the directory "
-                "holds another run; move it out of the sweep's --out"
-            )
-        return directory
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(run.record(), f, indent=2)
-    os.replace(path + ".tmp", path)
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        # Written whole under a name of its own, then linked: of two sweeps creating
+        # the run at once, the first record stands and the second is not written.
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".run.json.")
+        with os.fdopen(handle, "w") as f:
+            json.dump(run.record(), f, indent=2)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(temporary)
+    with open(path) as f:
+        recorded = json.load(f).get("identity")
+    if recorded != run.identity:
+        raise RunFailedError(
+            f"{path} records identity {recorded}, not {run.identity}: the directory "
+            "holds another run; move it out of the sweep's --out"
+        )
     return directory
 
 

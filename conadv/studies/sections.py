@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 
+from conadv.run import run_identity
+
 
 class ReportError(ValueError):
     """The runs under OUT cannot be reported without choosing among them; one line."""
@@ -37,9 +39,35 @@ def setting_of(row: dict) -> tuple:
     return tuple(out)
 
 
+#: The flags a run's configuration lacks when its method does not use them
+#: (``run_identity.relevant_values``): only their absence makes one configuration
+#: part of a larger one.
+OPTIONAL_FLAGS = frozenset(run_identity.ATTACK_FLAGS)
+
+#: What every configuration recorded by this version holds (an older record lacks them).
+IDENTITY_FLAGS = ("data_fingerprint", "replicas")
+
+
 def part_of(smaller: dict, larger: dict) -> bool:
-    """Every flag of ``smaller`` is in ``larger`` with the same value."""
-    return all(name in larger and larger[name] == value for name, value in smaller.items())
+    """Every flag of ``smaller`` is in ``larger`` with the same value, and ``larger`` adds
+    only flags a method may not use (a vanilla run's configuration is part of an
+    attack's; one recorded without a data fingerprint is part of none)."""
+    return set(larger) - set(smaller) <= OPTIONAL_FLAGS and all(
+        name in larger and larger[name] == value for name, value in smaller.items()
+    )
+
+
+def _check_one_version(rows: list[dict]):
+    """Runs recorded without a data fingerprint or replica count (by an older version)
+    cannot be told apart from this version's by their data or devices: refused together."""
+    new = [row for row in rows if all(name in row["config"] for name in IDENTITY_FLAGS)]
+    if new and len(new) < len(rows):
+        old = next(row for row in rows if row not in new)
+        raise ReportError(
+            f"{old['directory']} was recorded by an older version (its run.json has no data "
+            f"fingerprint or replica count) beside runs that have them, such as "
+            f"{new[0]['directory']}: move the older runs to a study of their own"
+        )
 
 
 def config_key(config: dict) -> str:
@@ -54,6 +82,7 @@ def configurations(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     stands in every configuration its own is part of. Raises ``ReportError`` naming
     both directories when two runs would stand in one cell.
     """
+    _check_one_version(rows)
     configs = {config_key(row["config"]): row["config"] for row in rows}
     largest = [
         config
@@ -76,6 +105,12 @@ def configurations(rows: list[dict]) -> list[tuple[str, list[dict]]]:
         )
         _check_one_run_per_cell(group, title)
         sections.append((title, group))
+    titles = [title for title, _ in sections]
+    if len(set(titles)) < len(titles):
+        raise ReportError(
+            "two configurations differ only in flags one of them lacks (runs recorded by "
+            f"different versions?): {'; '.join(sorted(config_key(c) for c in largest))[:300]}"
+        )
     return sorted(sections, key=lambda section: section[0])
 
 
