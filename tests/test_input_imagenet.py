@@ -279,7 +279,13 @@ class ConverterTest(tf.test.TestCase):
         train_files = {"train-00000-of-00002": 6, "train-00001-of-00002": 6}
         self.assertEqual(
             counts,
-            {"num_classes": 3, "train": 12, "validation": 6, "train_files": train_files},
+            {
+                "num_classes": 3,
+                "train": 12,
+                "validation": 6,
+                "train_files": train_files,
+                "validation_files": {"validation-00000-of-00001": 6},
+            },
         )
 
         source = FolderSource(out, image_size=32)
