@@ -170,10 +170,14 @@ def _found(*found) -> dict:
     }
 
 
-def _shuffled(images, seed):
-    images = list(images)
+def _write_split(out: str, train, val, shards: int, seed: int, **kw) -> dict:
+    """A layout that ships its own split: training images shuffled by ``seed`` (a shard
+    holds every class), validation in its files' order."""
+    images = list(train.images)
     random.Random(seed).shuffle(images)
-    return images
+    return write(
+        out, train.classes, images, val.images, shards_count=shards, **_found(train, val), **kw
+    )
 
 
 def convert_trees(train_dir: str, val_dir: str, out: str, shards: int = 8, seed: int = 0, **kw):
@@ -181,15 +185,7 @@ def convert_trees(train_dir: str, val_dir: str, out: str, shards: int = 8, seed:
     train = layouts.tree(train_dir, "--train_dir")
     val = layouts.tree(val_dir, "--val_dir", train.classes)
     kw.setdefault("val_shards", max(1, shards // 4))
-    return write(
-        out,
-        train.classes,
-        _shuffled(train.images, seed),
-        val.images,
-        shards_count=shards,
-        **_found(train, val),
-        **kw,
-    )
+    return _write_split(out, train, val, shards, seed, **kw)
 
 
 def convert_imagenet(
@@ -209,17 +205,8 @@ def convert_imagenet(
     default_names = os.path.join(imagenet_dir, "LOC_synset_mapping.txt")
     if class_names is None and os.path.exists(default_names):
         class_names = default_names
-    return write(
-        out,
-        train.classes,
-        _shuffled(train.images, seed),
-        val.images,
-        shards_count=shards,
-        val_shards=val_shards,
-        names=layouts.class_names(class_names),
-        **_found(train, val),
-        **kw,
-    )
+    names = layouts.class_names(class_names)
+    return _write_split(out, train, val, shards, seed, val_shards=val_shards, names=names, **kw)
 
 
 def run(fv) -> dict:

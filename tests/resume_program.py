@@ -24,9 +24,9 @@ tf.config.set_logical_device_configuration(
 
 from conadv import attack as attack_lib  # noqa: E402
 from conadv.trainer import TrainConfig, Trainer  # noqa: E402
-from input_pipeline import convert  # noqa: E402
 from input_pipeline.base import TRAIN, PipelineOptions  # noqa: E402
 from input_pipeline.imagenet import FolderSource  # noqa: E402
+from tests import folder_data  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS, STOP = 7, 3
@@ -61,17 +61,7 @@ class RecordingFolderSource(FolderSource):
 
 def write_folder_dataset(root):
     """24 training images of 3 classes in 4 shards (PNG), converted as a user would."""
-    rng = np.random.default_rng(4)
-    src = os.path.join(root, "images")
-    for name in ("ant", "bee", "cow"):
-        os.makedirs(os.path.join(src, name))
-        for i in range(10):
-            pixels = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
-            with open(os.path.join(src, name, f"{i}.png"), "wb") as f:
-                f.write(tf.io.encode_png(pixels).numpy())
-    out = os.path.join(root, "records")
-    convert.convert(src, out, val_fraction=0.2, shards=4, seed=1)
-    return out
+    return folder_data.write_folder_dataset(root, seed=4, size=36, shards=4)
 
 
 def trainer(model_dir, data_dir, strategy, train_steps):

@@ -742,11 +742,11 @@ class RunIdentityTest(tf.test.TestCase):
         path put in (a moved copy trained again)."""
         import shutil
 
-        from tests.test_sweep_identity import write_images
+        from tests.folder_data import write_folder_dataset
 
         root = tempfile.mkdtemp(dir=self.get_temp_dir())
-        a = write_images(os.path.join(root, "a"), seed=1)
-        b = write_images(os.path.join(root, "b"), seed=2)
+        a = write_folder_dataset(os.path.join(root, "a"), seed=1, size=20, shards=2)
+        b = write_folder_dataset(os.path.join(root, "b"), seed=2, size=20, shards=2)
         moved = os.path.join(root, "elsewhere", "records")
         shutil.copytree(a, moved)
 

@@ -6,31 +6,18 @@ or measures anew, or lands in a section of its own, and never reuses another run
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-import numpy as np
 import tensorflow as tf
 
 from conadv.studies import experiments
-from input_pipeline import convert
-from tests.child_process import ROOT, TINY_RESNET
+from tests import folder_data
+from tests.child_process import TINY_RESNET, run_main
 
 
 def write_images(root: str, seed: int) -> str:
-    """24 training and 6 validation PNGs of 3 classes, converted as a user would."""
-    rng = np.random.default_rng(seed)
-    src = os.path.join(root, "images")
-    for name in ("ant", "bee", "cow"):
-        os.makedirs(os.path.join(src, name))
-        for i in range(10):
-            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-            with open(os.path.join(src, name, f"{i}.png"), "wb") as f:
-                f.write(tf.io.encode_png(pixels).numpy())
-    out = os.path.join(root, "records")
-    convert.convert(src, out, val_fraction=0.2, shards=2, seed=1)
-    return out
+    """24 training and 6 validation PNGs of 3 classes, 20 px, in 2 shards."""
+    return folder_data.write_folder_dataset(root, seed=seed, size=20, shards=2)
 
 
 #: main.py flags of every run: one step of ResNet-8 ×0.25 on 16 px images.
@@ -164,20 +151,11 @@ class StackedSweepsTest(tf.test.TestCase):
             self.assertEqual(json.load(f)["flags"]["num_replicas"], 2)
         # Read on one device all the same: the sweep's --num_replicas is not a reading
         # mode's (catches it filled in from the record, which refuses one device).
-        evaluated = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(ROOT, "main.py"),
-                "--mode=eval",
-                "--distribution_strategy=one_device",
-                f"--model_dir={os.path.join(out, 'runs', two_replica_run)}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run_main(
+            "--mode=eval",
+            "--distribution_strategy=one_device",
+            f"--model_dir={os.path.join(out, 'runs', two_replica_run)}",
         )
-        self.assertEqual(evaluated.returncode, 0, evaluated.stderr[-3000:])
 
         sections = report_of(out)
         self.assertLen(sections, 4, list(sections))
@@ -257,13 +235,7 @@ class ResumeOnOtherDataTest(tf.test.TestCase):
         common = [*RUN_FLAGS, "--method=vanilla", "--batch_size=8", f"--model_dir={model_dir}"]
 
         def main(*args):
-            return subprocess.run(
-                [sys.executable, os.path.join(ROOT, "main.py"), *common, *args],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            return run_main(*common, *args, expect_ok=False)
 
         first = main(f"--data_dir={data_a}", "--mode=train")
         self.assertEqual(first.returncode, 0, first.stderr[-3000:])

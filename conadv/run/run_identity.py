@@ -24,6 +24,8 @@ import json
 import os
 import tempfile
 
+from flags.validation import CLEAN_PASS_ATTACK
+
 RUN_CONFIG = "run_config.json"
 
 #: Flags whose values make a different run.
@@ -116,18 +118,10 @@ _NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity", "num_replicas")
 
 
 #: The flags of the adversarial examples: a vanilla run makes none.
-ATTACK_FLAGS = (
-    "attack_eps",
-    "attack_step_size",
-    "attack_steps",
-    "attack_init",
-    "attack_bn",
-    "attack_target",
-    "attack_source",
-)
+ATTACK_FLAGS = tuple(name for name in DEFINING_FLAGS if name.startswith("attack_"))
 
-#: What ``--attack_source=clean_pass`` fixes (``flags/validation.CLEAN_PASS_ATTACK``).
-CLEAN_PASS_FIXED = ("attack_steps", "attack_init", "attack_bn", "attack_target")
+#: What ``--attack_source=clean_pass`` fixes.
+CLEAN_PASS_FIXED = tuple(CLEAN_PASS_ATTACK)
 
 
 class RunMismatchError(ValueError):

@@ -284,7 +284,7 @@ def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
     another configuration, neither part of one of this sweep's (a vanilla run has no
     attack flags, so it belongs to every configuration of its other flags) nor
     containing one."""
-    from conadv.studies import report as report_lib
+    from conadv.studies.sections import part_of
 
     directory = os.path.join(out, "runs")
     if not os.path.isdir(directory):
@@ -297,7 +297,7 @@ def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
                 config = json.load(f).get("config", {})
         except (FileNotFoundError, ValueError):
             continue  # not a run of a sweep
-        if not any(report_lib.part_of(config, m) or report_lib.part_of(m, config) for m in mine):
+        if not any(part_of(config, m) or part_of(m, config) for m in mine):
             others.append(name)
     return others
 
@@ -383,7 +383,7 @@ def main(argv=None):
         raise SystemExit(f"error: {error}") from None
     except ValueError as error:
         from conadv.run.run_identity import RunMismatchError
-        from conadv.studies.report import ReportError
+        from conadv.studies.sections import ReportError
         from input_pipeline.base import DataError
 
         if isinstance(error, (ReportError, DataError, RunMismatchError)):

@@ -13,10 +13,9 @@ from conadv.studies.report import (
     Report,
     batches_in,
     methods_in,
-    setting_of,
-    short,
     varied_settings,
 )
+from conadv.studies.sections import setting_of, short
 
 
 def _series(report: Report, cells: dict) -> dict:

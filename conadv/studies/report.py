@@ -27,14 +27,7 @@ import os
 from collections import defaultdict
 
 from conadv.studies import statistics as stats
-from conadv.studies.sections import (  # noqa: F401 (part of this module's interface)
-    ReportError,
-    config_key,
-    configurations,
-    part_of,
-    setting_of,
-    short,
-)
+from conadv.studies.sections import ReportError, config_key, configurations, setting_of, short
 
 METHOD_ORDER = ("vanilla", "disadv", "conadv")
 METHOD_NAMES = {"vanilla": "vanilla", "disadv": "DisAdv", "conadv": "ConAdv"}

@@ -10,9 +10,9 @@ from conadv.studies.report import (
     Report,
     batches_in,
     methods_in,
-    short,
     varied_settings,
 )
+from conadv.studies.sections import short
 
 
 def difference_text(d: stats.PairedDifference | None) -> str:
