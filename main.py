@@ -29,6 +29,8 @@ run_logging.import_tensorflow_quietly()
 
 import flags as conadv_flags  # noqa: E402
 from conadv.run.checkpoints import CheckpointMismatchError  # noqa: E402
+from conadv.run.cluster import EXIT_CODE as CLUSTER_EXIT_CODE  # noqa: E402
+from conadv.run.cluster import ClusterError  # noqa: E402
 from conadv.run.nonfinite import NonFiniteError  # noqa: E402
 from conadv.run.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE  # noqa: E402
 from conadv.run.preemption import PreemptedError  # noqa: E402
@@ -52,13 +54,22 @@ def run_main(values) -> dict | None:
         return dry_run.describe(run)
     if run.mode in run_identity.READING_MODES:
         _require_checkpoint(run)  # before anything is written to --model_dir
+    if run.devices.distribution_strategy == "multi_worker_mirrored":
+        # TensorFlow's C++ pages (a lost worker's) go to this worker's log.txt, from the start.
+        from conadv.run.run_files import planned_private_dir
+
+        private = planned_private_dir(run.model_dir, os.environ.get("TF_CONFIG", ""))
+        run_logging.native_stderr_to(os.path.join(private, run_logging.LOG_FILE))
     strategy = run.devices.build_strategy()
+    from conadv.run import input_mode
+
+    run = input_mode.settle(run)  # --tf_data_service_workers=0: the dispatcher's count
     source = run.data.build_source()
     run = run.for_strategy(strategy, source.image_size).with_data(source)
 
     import tensorflow as tf
 
-    from conadv.run import run_files
+    from conadv.run import cluster, run_files
     from conadv.run.run_files import write_json
     from conadv.trainer import Trainer
 
@@ -74,6 +85,7 @@ def run_main(values) -> dict | None:
     if files.is_chief and run.mode in ("train", "train_and_eval"):
         # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
         run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
+        input_mode.say_and_record(run)  # the tf.data service's mode and its trade-off
     if run.mode in ("eval", "export", "sharpness"):  # a checkpoint is there (checked above)
         # Sharpness is measured in float32: a float16 run's loss-scaled optimizer
         # state does not fit the float32 optimizer, and the measurement needs none.
@@ -135,7 +147,10 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
-    trainer.evaluator.precise_statistics()  # every worker, for the chief's export
+    with cluster.PeerWatch(
+        strategy, run.model_dir, lambda: trainer.global_step, files.multi_worker
+    ):
+        trainer.evaluator.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:
         _finish(trainer, files, log_file)
         return summary  # the export and summary.json are the chief's (no collectives)
@@ -188,6 +203,12 @@ def main(argv):
         _fail(str(error))
     except NonFiniteError as error:
         _fail(str(error), exit_code=3)
+    except ClusterError as error:
+        # Python's teardown of a broken cluster can wait for the lost peer; the
+        # checkpoints on disk are complete and the log is flushed: end now.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        logging.flush()
+        os._exit(CLUSTER_EXIT_CODE)
     except PreemptedError as error:
         print(str(error), file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -136,9 +136,16 @@ class DeviceConfig:
     all_reduce_alg: str = "auto"
     jit_compile: str = "auto"
     update_pass: str = "auto"
+    #: Seconds of missed heartbeats before a worker is lost, and for all to start.
+    peer_timeout: float = 30.0
+    cluster_start_timeout: float = 300.0
 
     def build_strategy(self):
-        """The ``tf.distribute`` strategy; a failure is a one-line ``FlagError``."""
+        """The ``tf.distribute`` strategy; a failure is a one-line ``FlagError``, a cluster
+        that does not come up a one-line ``ClusterError`` (``conadv/run/cluster.py``)."""
+        import tensorflow as tf
+
+        from conadv.run import cluster
         from official import distribute
 
         distribute.configure_cpu_devices(self.num_cpu_devices)
@@ -148,11 +155,19 @@ class DeviceConfig:
                 self.num_cpu_devices,
                 self.tpu,
                 all_reduce_alg=self.all_reduce_alg,
+                peer_timeout=self.peer_timeout,
+                start_timeout=self.cluster_start_timeout,
             )
         except distribute.StrategyError as error:
             raise validation.FlagError(
                 f"--distribution_strategy={self.distribution_strategy}: {error}"
             ) from None
+        except tf.errors.OpError as error:
+            resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+            failure = cluster.start_failure(error, resolver, self.cluster_start_timeout)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ from conadv import steps as steps_lib
 from conadv.evaluation import Evaluator, summary_evaluations
 from conadv.ring_buffer import RingBuffer
 from conadv.run.checkpoints import CheckpointMismatchError, RunCheckpoints
+from conadv.run.cluster import PeerWatch
 from conadv.run.metrics import ReplicaSums
 from conadv.run.nonfinite import NonFiniteGuard
 from conadv.run.preemption import PreemptedError, PreemptionWatcher
@@ -214,6 +215,15 @@ class Trainer:
         (host loops then also end there), each evaluation and the end.
         """
         config, start = self.config, time.time()
+        # A worker lost (or unreachable) anywhere in here stops this one in one line.
+        lost = PeerWatch(
+            self.strategy, config.model_dir, lambda: self.global_step, self.files.multi_worker
+        )
+        with lost:
+            return self._train(start, evaluate, events)
+
+    def _train(self, start: float, evaluate: bool, events) -> dict:
+        config = self.config
         step = self.restore()  # θ, the optimizer and, if every worker has it, the ring
         if events is not None:
             events.training_from(step)  # the prologue's attacks are part of the run

@@ -32,8 +32,10 @@ def define(fv):
         "--steps_per_loop, --epochs_between_evals, --checkpoint_steps, --mode, "
         "--eval_batch_size, --eval_attack_*, --eval_predictions, --precise_bn_batches, "
         "--data_dir, --export_dir, "
-        "--cache_eval, --skip_corrupt_records, --tf_data_service, --distribution_strategy, "
-        "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --jit_compile, --update_pass, "
+        "--cache_eval, --skip_corrupt_records, --tf_data_service, --tf_data_service_workers, "
+        "--distribution_strategy, "
+        "--num_cpu_devices, --num_replicas, --tpu, --all_reduce_alg, --peer_timeout, "
+        "--cluster_start_timeout, --jit_compile, --update_pass, "
         "--mlperf_log, --mlperf_org, --mlperf_division, --mlperf_platform, --target_accuracy, "
         "--sharpness_examples, --sharpness_iterations, --sharpness_tolerance, --sharpness_eps, "
         "--sharpness_steps, --verbosity. "
@@ -92,6 +94,21 @@ def define(fv):
         ["auto", "ring", "nccl"],
         "multi_worker_mirrored: the collective all-reduce (nccl needs GPUs; auto lets "
         "TensorFlow choose).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "peer_timeout",
+        30.0,
+        "multi_worker_mirrored: seconds without a worker's heartbeat before TensorFlow's "
+        "coordination service declares it lost; every other worker then stops with one line "
+        "(exit 4, BUILD.md). A killed worker is noticed at the next collective, sooner.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_float(
+        "cluster_start_timeout",
+        300.0,
+        "multi_worker_mirrored: seconds every worker waits for all of TF_CONFIG's tasks to "
+        "start; then the run stops with one line naming the missing ones (exit 4).",
         flag_values=fv,
     )
     absl_flags.DEFINE_string(

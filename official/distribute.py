@@ -102,11 +102,50 @@ def configure_cpu_devices(num_devices: int):
         ) from error
 
 
-def multi_worker_strategy(all_reduce_alg: str = "auto"):
+def configure_coordination(resolver, peer_timeout: float, start_timeout: float):
+    """TensorFlow's coordination service for the cluster, with our timeouts.
+
+    MultiWorkerMirroredStrategy starts the service itself (on the chief, else
+    worker 0) with TensorFlow's defaults when none is configured; configured
+    first, it keeps ours: a task whose heartbeats stop for ``peer_timeout``
+    seconds is reported to every other task, which aborts its collectives;
+    every task waits at a barrier until all have registered, at most
+    ``start_timeout`` seconds (TensorFlow's default is an hour), and then
+    fails naming the missing ones. The service's own heartbeat replaces the
+    strategy's Python health-check thread, which it disables when the service
+    is on. There is no public API for this (``tf.config`` has none).
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = resolver.cluster_spec()
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+        for job in ("chief", "worker")
+        if job in spec.jobs
+    ]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(spec),
+        heartbeat_timeout_in_ms=int(peer_timeout * 1000),
+        cluster_register_timeout_in_ms=int(start_timeout * 1000),
+        coordinated_jobs=jobs,
+    )
+    # Without the barrier a task registers alone and the first collective waits forever.
+    context.context().coordination_service.cluster_register_with_barrier = True
+
+
+def multi_worker_strategy(
+    all_reduce_alg: str = "auto", peer_timeout: float = 30.0, start_timeout: float = 300.0
+):
     """MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``.
 
     Every worker runs the same program; each uses its GPUs (or its CPU as one
     replica). Must be built before anything else touches TensorFlow's devices.
+    ``peer_timeout`` and ``start_timeout`` configure the coordination service
+    (``configure_coordination``); a cluster not whole within ``start_timeout``
+    raises TensorFlow's ``OpError`` from the constructor.
     """
     text = os.environ.get("TF_CONFIG", "").strip()
     try:
@@ -132,6 +171,9 @@ def multi_worker_strategy(all_reduce_alg: str = "auto"):
         "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
     }[all_reduce_alg]
     options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+    spec = resolver.cluster_spec()
+    if sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1:
+        configure_coordination(resolver, peer_timeout, start_timeout)
     return tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=options
     )
@@ -153,13 +195,18 @@ def planned_replica_count(name: str, num_cpu_devices: int = 1) -> int | None:
 
 
 def get_strategy(
-    name: str, num_cpu_devices: int = 1, tpu: str = "local", all_reduce_alg: str = "auto"
+    name: str,
+    num_cpu_devices: int = 1,
+    tpu: str = "local",
+    all_reduce_alg: str = "auto",
+    peer_timeout: float = 30.0,
+    start_timeout: float = 300.0,
 ):
     """The ``--distribution_strategy`` strategy over this host's devices (or the TPU)."""
     if name == "tpu":
         return tpu_strategy(tpu)
     if name == "multi_worker_mirrored":
-        return multi_worker_strategy(all_reduce_alg)
+        return multi_worker_strategy(all_reduce_alg, peer_timeout, start_timeout)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default":
         if len(gpus) > 1 or num_cpu_devices > 1:

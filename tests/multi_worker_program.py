@@ -6,12 +6,15 @@ as ``python -m tests.multi_worker_program WORK_DIR``. It runs ``main.py``:
 
 1. once with MirroredStrategy over 2 logical CPU devices (the reference);
 2. as two workers (``TF_CONFIG``, free ports) to the end;
-3. as two workers killed (SIGKILL) after a checkpoint, then restarted.
+3. as two workers, worker 1 killed (SIGKILL) after a checkpoint: worker 0
+   stops by itself; then both are restarted;
+4. as worker 0 of a two-worker cluster whose worker 1 never starts.
 
 and prints ``RESULT {json}`` with the largest differences between the final
-checkpoints' model variables, the files each run left, and where the
-restarted run resumed. Every worker it starts is killed before it exits,
-also when something fails.
+checkpoints' model variables, the files each run left, where the restarted
+run resumed, and how (exit status, seconds, console lines) the survivor of
+3 and the lone worker of 4 stopped. Every worker it starts is killed before
+it exits, also when something fails.
 """
 
 import json
@@ -24,6 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CHECKPOINT_EVERY = 10, 3
+#: --peer_timeout and --cluster_start_timeout of these runs (seconds).
+PEER_TIMEOUT, START_TIMEOUT = 10, 10
 COMMON = (
     "--dataset=digits",
     "--image_size=16",
@@ -43,6 +48,7 @@ COMMON = (
     "--warmup_epochs=0",
     "--lr_schedule=cosine",
     "--seed=7",
+    f"--peer_timeout={PEER_TIMEOUT}",
 )
 TIMEOUT = 600
 
@@ -79,11 +85,11 @@ def wait_all(procs, what):
             raise RuntimeError(f"{what}: a process exited with {code}")
 
 
-def start_workers(model_dir, work_dir, tag):
+def start_workers(model_dir, work_dir, tag, indices=(0, 1), extra=()):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     procs = []
-    for index in range(2):
+    for index in indices:
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         procs.append(
             start(
@@ -91,12 +97,23 @@ def start_workers(model_dir, work_dir, tag):
                     *COMMON,
                     "--distribution_strategy=multi_worker_mirrored",
                     f"--model_dir={model_dir}",
+                    *extra,
                 ],
                 os.path.join(work_dir, f"{tag}_worker{index}.log"),
                 env={"TF_CONFIG": json.dumps(tf_config)},
             )
         )
+        procs[-1].cluster = cluster["worker"]
     return procs
+
+
+def stopped(proc, since, console_log):
+    """How ``proc`` ended: exit status, seconds after ``since``, its console's lines."""
+    code = proc.wait(timeout=TIMEOUT)
+    seconds = time.time() - since
+    with open(console_log) as f:
+        console = f.read().splitlines()
+    return {"code": code, "seconds": seconds, "console": console}
 
 
 def listed(state_file, name):
@@ -161,9 +178,17 @@ def main():
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the workers stopped (or hung) before their first checkpoint")
             time.sleep(0.02)
-        for proc in procs:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        procs[1].wait()
+        result["survivor"] = stopped(
+            procs[0], killed_at, os.path.join(work_dir, "killed_worker0.log")
+        )
+        result["survivor"]["cluster"] = procs[0].cluster
+        with open(os.path.join(killed, "log.txt")) as f:
+            text = f.read()  # the survivor's log: the whole error is there
+        result["survivor"]["log_has_traceback"] = "Traceback (most recent call last)" in text
+        result["survivor"]["log_has_tensorflow_error"] = "/job:worker/replica:0/task:1" in text
         result["at_kill"] = {
             "chief": sorted(f for f in os.listdir(killed) if f.endswith(".index")),
             "worker_1": sorted(
@@ -175,6 +200,17 @@ def main():
             result["restored"] = [line.strip() for line in f if "Restored" in line]
             f.seek(0)
             result["refilled"] = [line.strip() for line in f if "refilled" in line]
+
+        started = time.time()
+        alone = start_workers(
+            os.path.join(work_dir, "alone"),
+            work_dir,
+            "alone",
+            indices=(0,),
+            extra=(f"--cluster_start_timeout={START_TIMEOUT}",),
+        )
+        result["alone"] = stopped(alone[0], started, os.path.join(work_dir, "alone_worker0.log"))
+        result["alone"]["cluster"] = alone[0].cluster
 
         ref = model_variables(reference, STEPS)
         result["whole_vs_mirrored"] = max_relative_difference(ref, model_variables(whole, STEPS))

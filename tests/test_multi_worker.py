@@ -1,6 +1,8 @@
 """``--distribution_strategy=multi_worker_mirrored``: two worker processes on
 127.0.0.1 train like one process with two replicas, keep only the chief's
-files, and resume after being killed (tests/multi_worker_program.py)."""
+files; a lost worker stops the other in one line, and both restarted resume;
+a worker that never starts stops the cluster in one line
+(tests/multi_worker_program.py)."""
 
 import json
 import os
@@ -10,12 +12,20 @@ import sys
 
 import tensorflow as tf
 
+from conadv.run.cluster import EXIT_CODE as CLUSTER_EXIT_CODE
 from tests.child_process import ROOT, run_main
+from tests.multi_worker_program import PEER_TIMEOUT, START_TIMEOUT
 from tests.test_data_service import LOOPBACK_ONLY, loopback_only_available
 
 #: Relative, per model variable, after 10 steps: the same examples on the
 #: same replicas, the same collectives; only reduction order could differ.
 TOLERANCE = 1e-5
+#: Seconds a survivor may take to stop after its peer is killed, beyond --peer_timeout
+#: (the killed worker is noticed at the next collective; then the process ends).
+STOP_MARGIN = 20
+#: Seconds a lone worker may take beyond --cluster_start_timeout (its start: imports,
+#: TensorFlow, the data) on this shared 2-core machine.
+START_MARGIN = 60
 
 
 def run_program(work_dir, timeout=1200):
@@ -73,10 +83,53 @@ class MultiWorkerTest(tf.test.TestCase):
             # summary.json, the export, run_config.json and the log.
             self.assertEqual(files[run], files["mirrored"], run)
 
+    def errors(self, console):
+        return [line for line in console if line.startswith("error:")]
+
+    def test_a_lost_worker_stops_the_other_in_one_line(self):
+        # Catches: the survivor hanging or left to TensorFlow's defaults (no bound), a
+        # traceback or TensorFlow's C++ page on the console, a line that does not name
+        # the lost task or the checkpoint, the generic exit status, and (restored below)
+        # a named checkpoint that is not the one the restart resumes from.
+        survivor = self.result["survivor"]
+        self.assertEqual(survivor["code"], CLUSTER_EXIT_CODE, survivor["console"][-30:])
+        self.assertLess(survivor["seconds"], PEER_TIMEOUT + STOP_MARGIN)
+        errors = self.errors(survivor["console"])
+        self.assertLen(errors, 1, survivor["console"][-30:])
+        lost = survivor["cluster"][1]
+        self.assertRegex(
+            errors[0],
+            rf"^error: lost worker 1 \({lost}\) at step \d+; .*Restart every worker with the "
+            r"same command: the run resumes from ckpt-\d+",
+        )
+        console = "\n".join(survivor["console"])
+        self.assertNotIn("Traceback", console)
+        self.assertNotIn("Collective ops is aborted", console)
+        self.assertNotIn("/job:worker", console)
+        self.assertTrue(survivor["log_has_traceback"])
+        self.assertTrue(survivor["log_has_tensorflow_error"])
+        named = errors[0].split("resumes from ")[1].split(",")[0]
+        self.assertRegex(self.result["restored"][0], rf"Restored .*/{named} at step")
+
+    def test_a_worker_that_never_starts_stops_the_cluster_in_one_line(self):
+        # Catches: waiting TensorFlow's default hour for the cluster, a line that does not
+        # name the missing task, a traceback on the console, the generic exit status.
+        alone = self.result["alone"]
+        self.assertEqual(alone["code"], CLUSTER_EXIT_CODE, alone["console"][-30:])
+        self.assertLess(alone["seconds"], START_TIMEOUT + START_MARGIN)
+        errors = self.errors(alone["console"])
+        self.assertLen(errors, 1, alone["console"][-30:])
+        self.assertStartsWith(
+            errors[0],
+            f"error: the cluster did not come up within --cluster_start_timeout={START_TIMEOUT}"
+            f" s: worker 1 ({alone['cluster'][1]}) never registered",
+        )
+        self.assertNotIn("Traceback", "\n".join(alone["console"]))
+
     def test_killed_workers_resume_with_their_own_rings(self):
         r = self.result
-        # Killed after checkpoint 3: the chief's checkpoint and worker 1's ring
-        # both existed; the restart resumed there, refilled no ring, and ended
+        # Worker 1 killed after checkpoint 3: the chief's checkpoint and worker 1's
+        # ring both existed; the restart resumed there, refilled no ring, and ended
         # with the uninterrupted weights. A refilled ring would attack batch 4
         # with the weights of step 3 instead of 2, and the weights would differ.
         self.assertIn("ckpt-3.index", r["at_kill"]["chief"])

@@ -106,6 +106,24 @@ def configure_console():
         absl_handler.addFilter(ConsoleFilter())
 
 
+def native_stderr_to(path: str):
+    """From now on what TensorFlow's C++ code writes to stderr goes to ``path`` (appended);
+    Python's ``sys.stderr`` (absl's console handler, the one-line errors) stays the console.
+
+    For multi-worker runs, whose C++ layers print pages when a peer is lost
+    (``conadv/run/cluster.py``): the console keeps the one line. Call before the
+    strategy is built, with the worker's ``log.txt``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    sys.stderr = console
+    absl_logging.get_absl_handler().python_handler.setStream(console)
+
+
 def remove_log_file(path: str):
     """Stops writing ``path`` (added by ``add_log_file``) and closes it."""
     root = logging.getLogger()

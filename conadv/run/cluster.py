@@ -1,0 +1,168 @@
+"""A cluster that loses a worker, or never becomes whole, stops every worker in one line.
+
+With ``multi_worker_mirrored`` every worker takes part in every step's
+collectives, so a worker that is gone stops the others. TensorFlow's
+coordination service notices it: ``official/distribute.py`` configures it
+(``--peer_timeout``, ``--cluster_start_timeout``) before the strategy exists.
+
+- *Killed* (the process ends, its connections close): the next collective
+  fails at once on every survivor ("Connection reset by peer").
+- *Unreachable* (a hung host, a cut network, a TPU VM preempted without
+  SIGTERM): the coordination service misses its heartbeats for
+  ``--peer_timeout`` seconds, reports it to every other worker and aborts
+  their collectives.
+- *Never started*: each worker registers with the service (on worker 0, or
+  the chief) and waits at a barrier for all of them, at most
+  ``--cluster_start_timeout`` seconds; then the strategy's construction fails
+  naming the tasks that are missing.
+
+TensorFlow reports these as an ``OpError`` whose text names the task
+(``/job:worker/replica:0/task:1``) among a page of internals. ``PeerWatch``
+(around the training loop) and ``start_failure`` (around the strategy's
+construction) turn it into ``ClusterError``: one line naming the task and
+its address, the step, the checkpoint a restart resumes from and that every
+worker must be restarted; ``main.py`` prints it and exits with ``EXIT_CODE``.
+The whole error, TensorFlow's C++ lines included, is in the worker's
+``log.txt`` (``run_logging.native_stderr_to``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import tensorflow as tf
+
+#: The exit status of a run stopped by a lost or missing worker (BUILD.md).
+EXIT_CODE = 4
+
+#: The errors a collective, or the coordination service, raises when a peer is gone.
+PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+#: Where TensorFlow names the tasks it blames, from the most to the least specific.
+_BLAMED = (
+    re.compile(r"unhealthy[^\n]*\n((?:/job:\S+\n?)+)"),  # missed heartbeats
+    re.compile(r"timed out task names:\s*\n((?:/job:\S+\n?)+)"),  # start barrier
+    re.compile(r"remote target (/job:\S+)"),  # a failed RPC to that task
+)
+
+
+class ClusterError(RuntimeError):
+    """A worker of the cluster was lost or never came up; the message is one line."""
+
+
+def _lost_tasks(text: str, own: tuple[str, int] | None) -> list[tuple[str, int]]:
+    """The tasks ``text`` blames (not this worker itself), in the order named."""
+    for pattern in _BLAMED:
+        tasks = []
+        for match in pattern.finditer(text):
+            for job, index in _TASK.findall(match.group(1)):
+                task = (job, int(index))
+                if task != own and task not in tasks:
+                    tasks.append(task)
+        if tasks:
+            return tasks
+    return []
+
+
+def _describe(tasks: list[tuple[str, int]], resolver) -> str:
+    if not tasks:
+        return "a worker (TensorFlow did not say which)"
+    spec = resolver.cluster_spec() if resolver is not None else None
+    names = []
+    for job, index in tasks:
+        address = ""
+        if spec is not None and job in spec.jobs:
+            try:
+                address = f" ({spec.task_address(job, index)})"
+            except (ValueError, KeyError):
+                pass
+        names.append(f"{job} {index}{address}")
+    return ", ".join(names)
+
+
+def _own_task(resolver) -> tuple[str, int] | None:
+    if resolver is None or resolver.task_type is None:
+        return None
+    return resolver.task_type, int(resolver.task_id or 0)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is how TensorFlow reports a lost or unreachable peer."""
+    if isinstance(error, PEER_ERRORS):
+        return True
+    text = str(error)
+    return isinstance(error, tf.errors.OpError) and (
+        "Collective ops is aborted" in text or "coordination" in text.lower()
+    )
+
+
+def _log_to_file(message: str, error: BaseException):
+    """The whole error into the log file (not the console: its handler is the file's)."""
+    record = logging.LogRecord("conadv", logging.ERROR, __file__, 0, message, None, None)
+    record.exc_info = (type(error), error, error.__traceback__)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def latest_checkpoint(model_dir: str) -> str:
+    """The run's latest complete checkpoint (the one a restart resumes from), by name."""
+    path = tf.train.latest_checkpoint(model_dir)
+    if path is None:
+        return "none yet (a restart starts from step 0)"
+    return path.rsplit("/", 1)[-1]
+
+
+class PeerWatch:
+    """Turns a lost peer inside its ``with`` block into ``ClusterError``.
+
+    ``step`` returns the current step (read after the failure: the step the
+    lost collective belonged to). Outside a multi-worker run it passes
+    every error through.
+    """
+
+    def __init__(self, strategy, model_dir: str, step, multi_worker: bool):
+        self.resolver = getattr(strategy, "cluster_resolver", None)
+        self.model_dir = model_dir
+        self.step = step
+        self.active = multi_worker
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self.active or error is None or not is_peer_failure(error):
+            return False
+        try:
+            step = f"at step {self.step()}"
+        except Exception:  # noqa: BLE001 - the step is a courtesy; the line must be said
+            step = "during training"
+        lost = _describe(_lost_tasks(str(error), _own_task(self.resolver)), self.resolver)
+        message = (
+            f"lost {lost} {step}; this worker stopped too. Restart every worker with the "
+            f"same command: the run resumes from {latest_checkpoint(self.model_dir)}, its "
+            "latest complete checkpoint (the whole error is in log.txt)"
+        )
+        _log_to_file(message, error)
+        raise ClusterError(message) from None
+
+
+def start_failure(error: BaseException, resolver, timeout: float) -> ClusterError | None:
+    """The one-line ``ClusterError`` for a cluster that did not come up, or None when
+    ``error`` is something else."""
+    if not is_peer_failure(error):
+        return None
+    lost = _describe(_lost_tasks(str(error), _own_task(resolver)), resolver)
+    message = (
+        f"the cluster did not come up within --cluster_start_timeout={timeout:g} s: "
+        f"{lost} never registered. Start every worker in TF_CONFIG with the same command "
+        "(the whole error is in log.txt)"
+    )
+    _log_to_file(message, error)
+    return ClusterError(message)
