@@ -90,6 +90,8 @@ class TrainConfig:
     max_checkpoints: int = 3
     #: Eval top-1 whose first reaching is timed (summary.json ``time_to_target_s``).
     target_accuracy: float = 0.759
+    #: Seconds a peer (a worker, the tf.data service dispatcher) may not answer.
+    peer_timeout: float = 30.0
 
 
 @dataclasses.dataclass
@@ -264,6 +266,7 @@ class RunConfig:
             seed=v.seed,
             export_dir=v.export_dir,
             target_accuracy=v.target_accuracy,
+            peer_timeout=v.peer_timeout,
         )
         return cls(
             mode=v.mode,

@@ -11,7 +11,8 @@ prologue). This module runs the steps: ``steps_per_loop`` of them in one
 only wakes up to log, checkpoint, evaluate and honour preemption — each the
 job of an object the loop calls (``conadv/run/checkpoints.py``,
 ``conadv/run/summaries.py``, ``conadv/evaluation.py``,
-``conadv/run/preemption.py``). The input stream is not saved: it is a
+``conadv/run/preemption.py``; a lost worker or tf.data service dispatcher,
+``conadv/run/cluster.py``). The input stream is not saved: it is a
 function of the seed and the step (``input_pipeline/epochs.py``), so a
 resumed run opens it at the batch it needs next.
 """
@@ -28,7 +29,7 @@ from conadv import steps as steps_lib
 from conadv.evaluation import Evaluator, summary_evaluations
 from conadv.ring_buffer import RingBuffer
 from conadv.run.checkpoints import CheckpointMismatchError, RunCheckpoints
-from conadv.run.cluster import PeerWatch
+from conadv.run.cluster import DispatcherWatch, PeerWatch
 from conadv.run.metrics import ReplicaSums
 from conadv.run.nonfinite import NonFiniteGuard
 from conadv.run.preemption import PreemptedError, PreemptionWatcher
@@ -216,10 +217,10 @@ class Trainer:
         """
         config, start = self.config, time.time()
         # A worker lost (or unreachable) anywhere in here stops this one in one line.
-        lost = PeerWatch(
-            self.strategy, config.model_dir, lambda: self.global_step, self.files.multi_worker
-        )
-        with lost:
+        step = lambda: self.global_step  # noqa: E731
+        lost = PeerWatch(self.strategy, config.model_dir, step, self.files.multi_worker)
+        service = self.source.options.tf_data_service
+        with lost, DispatcherWatch(service, config.model_dir, step, config.peer_timeout):
             return self._train(start, evaluate, events)
 
     def _train(self, start: float, evaluate: bool, events) -> dict:

@@ -70,7 +70,18 @@ def define(fv):
     absl_flags.DEFINE_string(
         "tf_data_service",
         None,
-        "Offload training preprocessing to this tf.data service dispatcher (exactly one worker).",
+        "Offload training preprocessing to this tf.data service dispatcher, grpc://HOST:PORT "
+        "(BUILD.md: starting a dispatcher and workers).",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "tf_data_service_workers",
+        1,
+        "--tf_data_service: 1 = exact mode, one service worker makes the seeded stream (a "
+        "resumed run reads the very batches an uninterrupted one would); N > 1 = fast mode, "
+        "the dispatcher's workers share each epoch (dynamic sharding: every example once per "
+        "epoch, in an order that is not reproducible; a resume re-draws the current epoch's "
+        "remaining examples); 0 = the mode the dispatcher's worker count at start gives.",
         flag_values=fv,
     )
     absl_flags.DEFINE_bool(

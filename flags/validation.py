@@ -238,6 +238,9 @@ def validate(values, num_replicas: int = 1):
     if v.num_replicas is not None:
         _require(v.num_replicas >= 1, f"--num_replicas={v.num_replicas} must be at least 1")
     _require(v.num_cpu_devices >= 1, f"--num_cpu_devices={v.num_cpu_devices} must be at least 1")
+    for name in ("peer_timeout", "cluster_start_timeout"):
+        _require(getattr(v, name) > 0, f"--{name}={getattr(v, name)} must be > 0 (seconds)")
+    validate_data_service(v)
     _require(
         v.augment == "none" or v.dataset != "synthetic",
         f"--augment={v.augment} has no meaning for --dataset=synthetic (random pixels); "
@@ -263,6 +266,32 @@ def validate(values, num_replicas: int = 1):
     _require(
         0 <= v.randaugment_magnitude <= 30,
         f"--randaugment_magnitude={v.randaugment_magnitude} must be in [0, 30]",
+    )
+
+
+def validate_data_service(v):
+    """``--tf_data_service`` reads record files on the service's workers; how many."""
+    from input_pipeline import registry
+
+    workers = v.tf_data_service_workers
+    _require(
+        workers >= 0,
+        f"--tf_data_service_workers={workers} must be >= 0 (0: the dispatcher's own count)",
+    )
+    if not v.tf_data_service:
+        _require(
+            workers == 1,
+            f"--tf_data_service_workers={workers} needs --tf_data_service=grpc://HOST:PORT",
+        )
+        return
+    _require(
+        v.tf_data_service.startswith("grpc://"),
+        f"--tf_data_service={v.tf_data_service} must be a dispatcher's grpc://HOST:PORT",
+    )
+    _require(
+        registry.reads_records(v.dataset),
+        f"--tf_data_service moves record decoding to the service; --dataset={v.dataset} "
+        "has no records to read (use imagenet, folder or tfds:NAME, or leave it out)",
     )
 
 

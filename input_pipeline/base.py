@@ -76,6 +76,8 @@ class PipelineOptions:
     #: stops the run with TensorFlow's own message.
     check_decode: bool = True
     tf_data_service: str | None = None
+    #: 1: exact mode (one service worker); N > 1: fast mode; 0: the dispatcher's count.
+    tf_data_service_workers: int = 1
 
 
 class DataSource(abc.ABC):

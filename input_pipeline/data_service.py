@@ -1,10 +1,11 @@
-"""``--tf_data_service``: training preprocessing on exactly one tf.data service worker.
+"""``--tf_data_service``: training preprocessing on tf.data service workers, in two modes.
 
-The training stream is seeded epochs laid end to end, opened at the batch of
-the step a run starts from (``input_pipeline/epochs.py``). Through the service
-that stays true only with one worker, so a pipeline refuses a service with
-more than one (``DataError`` naming the count), and stops a run the moment a
-second worker's batches show up in its stream:
+**Exact** (``--tf_data_service_workers=1``). The training stream is seeded
+epochs laid end to end, opened at the batch of the step a run starts from
+(``input_pipeline/epochs.py``). Through the service that stays true only with
+one worker, so a pipeline in this mode refuses a service with more than one
+(``DataError`` naming the count), and stops a run the moment a second
+worker's batches show up in its stream:
 
 - ``parallel_epochs`` (``ShardingPolicy.OFF``), the only mode that needs no
   particular dispatcher setup, has every worker produce the whole stream:
@@ -26,6 +27,18 @@ second worker's batches show up in its stream:
 
 One worker on a machine with enough cores keeps exact resume and the
 ``--deterministic`` order (it runs the same graph as the trainer would).
+
+**Fast** (``--tf_data_service_workers=N``, N > 1; 0: whatever the dispatcher
+has at start). Each epoch is a job of its own in ``distributed_epoch`` mode
+(``ShardingPolicy.DYNAMIC``): the dispatcher hands the epoch's files, in the
+epoch's seeded order, to whichever worker asks next, so any number of workers
+share it and every training example is produced once per epoch, in an order
+that depends on the workers' speed. Workers send examples, not batches (a
+worker's last partial batch would drop examples); the trainer batches them,
+across epoch boundaries as locally. A run resumed at step k opens epoch
+``k // steps_per_epoch`` anew and takes as many of its examples as the steps
+left in it need: the epoch's remaining examples are re-drawn, not the exact
+batches an uninterrupted run would have read (``TRADE_OFF``).
 """
 
 from __future__ import annotations
@@ -57,6 +70,45 @@ def count_workers(service: str) -> int:
             )
         )
         return int(probe.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+#: The two modes, as run_config.json records them.
+EXACT, FAST = "exact", "fast"
+
+#: What fast mode gives up, said at start and recorded in run_config.json.
+TRADE_OFF = (
+    "every training example once per epoch, in an order that is not reproducible; a "
+    "resumed run restarts at its checkpoint's step with that epoch's remaining examples "
+    "re-drawn, not at the exact batch"
+)
+
+
+def settle_workers(service: str, workers: int) -> int:
+    """``--tf_data_service_workers``, with 0 replaced by the service's count now."""
+    if workers:
+        return workers
+    count = count_workers(service)
+    logging.info("The tf.data service at %s has %d workers", service, count)
+    return count
+
+
+def mode(workers: int) -> str:
+    """The mode ``workers`` (settled) gives: one worker keeps the exact stream."""
+    return EXACT if workers <= 1 else FAST
+
+
+def distribute_epoch(epoch: tf.data.Dataset, service: str) -> tf.data.Dataset:
+    """One epoch's examples (finite), made by every worker at ``service`` together.
+
+    A job of its own (no job name), ``distributed_epoch``: the epoch's source
+    (its files) is split dynamically among the workers, each split read once.
+    """
+    return epoch.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+            service=service,
+        )
+    )
 
 
 def _in_order(service: str):

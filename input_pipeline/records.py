@@ -124,10 +124,12 @@ class RecordSource(DataSource):
                 image = tf.identity(image)
         return image, ok
 
-    def _train_map(self, epoch, filename, index, record):
+    def _train_map(self, epoch, filename, index, record, seeded=False):
+        """``seeded``: per-record seeds even without ``--deterministic`` (fast mode, where
+        every epoch is a new job whose unseeded draws would repeat the last one's)."""
         image_bytes, label = self._parse(filename, index, record)
         seed = None
-        if self.options.deterministic and self.options.seed is not None:
+        if (self.options.deterministic or seeded) and self.options.seed is not None:
             # Per-record and per-epoch seed: a resumed run draws the same crops.
             file_key = tf.strings.to_hash_bucket_fast(filename, 2**31)
             seed = tf.random.experimental.stateless_fold_in(
@@ -205,8 +207,44 @@ class RecordSource(DataSource):
             records, block, epochs.epoch_seed(self.options.seed, epoch, salt=1)
         )
 
+    def _fast_train_stream(self, per_replica_batch, input_context, start_step):
+        """The training examples of epoch after epoch, each epoch shared by the tf.data
+        service's workers (``data_service``, fast mode); from ``start_step`` on, the first
+        epoch cut to the examples its remaining steps read."""
+        start = start_step * epochs.records_per_step(per_replica_batch, input_context)
+        first, left = 0, -1
+        if start > 0:
+            size = int(self._epoch_record_count(input_context))
+            first, offset = divmod(start, size)
+            left = size - offset
+        block = max(1, min(SHUFFLE_BUFFER, self.num_train_examples))
+
+        def epoch(number):
+            # The file order is the epoch's; the records' order need not be reproducible
+            # (a seeded tensor is refused by shuffle under a global seed).
+            records = self._split_records(TRAIN, input_context, epoch=number).shuffle(block)
+            examples = records.map(
+                lambda *record: self._train_map(number, *record, seeded=True),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=False,
+            )
+            remote = data_service.distribute_epoch(
+                self._drop_corrupt(examples), self.options.tf_data_service
+            )
+            return remote.take(tf.where(number == first, tf.constant(left, tf.int64), -1))
+
+        stream = tf.data.Dataset.range(first, epochs.MAX_EPOCHS).flat_map(epoch)
+        return stream.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+
     def dataset(self, split, batch_size, input_context=None, start_step=0):
-        if split == TRAIN:
+        service, fast = self.options.tf_data_service, False
+        if service and split == TRAIN:
+            workers = data_service.settle_workers(service, self.options.tf_data_service_workers)
+            fast = data_service.mode(workers) == data_service.FAST
+        if fast:
+            ds = self._fast_train_stream(batch_size, input_context, start_step)
+            ds = ds.batch(batch_size, drop_remainder=True)
+        elif split == TRAIN:
             ds = epochs.epochs_from(
                 lambda epoch: self._train_epoch(input_context, epoch),
                 lambda: self._epoch_record_count(input_context),
@@ -230,9 +268,9 @@ class RecordSource(DataSource):
         else:
             raise ValueError(f"unknown split {split!r}")
         options = tf.data.Options()
-        options.deterministic = self.options.deterministic or split != TRAIN
+        options.deterministic = (self.options.deterministic and not fast) or split != TRAIN
         ds = ds.with_options(options)
-        if self.options.tf_data_service and split == TRAIN:
+        if service and split == TRAIN and not fast:
             # Preprocessing runs on the service's one worker (several cannot
             # keep the stream's order, see data_service); every input pipeline
             # reads its own stream of epochs from its start step, as locally.

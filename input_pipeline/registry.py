@@ -22,6 +22,11 @@ _SOURCES = {
 NEEDS_DATA_DIR = ("imagenet", "folder")
 
 
+def reads_records(name: str) -> bool:
+    """Whether ``--dataset=name`` reads encoded-image records (what --tf_data_service moves)."""
+    return name.startswith("tfds:") or name in NEEDS_DATA_DIR
+
+
 def dataset_names() -> list[str]:
     return sorted(_SOURCES) + ["tfds:NAME"]
 

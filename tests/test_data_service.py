@@ -1,5 +1,7 @@
 """``--tf_data_service``: through one worker on loopback the training pipeline
-reads the local stream, also when resumed; a second worker is refused."""
+reads the local stream, also when resumed; a second worker is refused. In fast
+mode two workers share each epoch: every example once, and main.py says and
+records the mode."""
 
 import collections
 import shutil
@@ -7,8 +9,9 @@ import subprocess
 
 import tensorflow as tf
 
+from conadv.run.cluster import DISPATCHER_EXIT_CODE
 from tests.child_process import run_for_result
-from tests.data_service_program import BATCH, MANY, RESUME_AT
+from tests.data_service_program import BATCH, MANY, PEER_TIMEOUT, RESUME_AT
 from tests.test_input_imagenet import write_imagenet_layout
 
 #: A private network namespace with loopback up and nothing else: the tf.data
@@ -36,7 +39,7 @@ class DataServiceTest(tf.test.TestCase):
         if not loopback_only_available():
             self.skipTest("needs unshare and ip for a loopback-only network namespace")
         data_dir = self.get_temp_dir()
-        written = write_imagenet_layout(data_dir)
+        written = write_imagenet_layout(data_dir, classes=EPOCH)  # a label is a record's id
         result = run_for_result(
             "-m", "tests.data_service_program", data_dir, str(EPOCH), prefix=LOOPBACK_ONLY
         )
@@ -88,6 +91,52 @@ class DataServiceTest(tf.test.TestCase):
         self.assertLen(set(delivered), len(delivered))
         shared = min(len(late["labels"]), len(local["labels"]))
         self.assertEqual(late["labels"][:shared], local["labels"][:shared])
+
+        # Fast mode. Catches: each worker making the whole stream (ids twice), whole
+        # epochs dealt to workers side by side (epoch 1's ids inside the first epoch),
+        # batches made on the workers (a worker's partial last batch dropped: ids missing).
+        fast = result["fast"]
+        self.assertIsNone(fast["error"])
+        self.assertLen(fast["labels"], epoch_batches)
+        self.assertEqual(sorted(flat(fast["labels"])), sorted(written_labels))
+        self.assertLen(set(written_labels), EPOCH)
+        # Both workers made part of it (each ran a task of every epoch's job it joined).
+        self.assertGreaterEqual(min(result["fast_tasks"]), 1, result["fast_tasks"])
+        # Resumed at step RESUME_AT: the rest of epoch 0 re-drawn (no id twice), then epoch 1
+        # whole. Catches a resume that reads a whole epoch again, or skips nothing.
+        resumed = flat(result["fast_resumed"]["labels"])
+        rest = EPOCH - RESUME_AT * BATCH
+        self.assertLen(set(resumed[:rest]), rest)
+        self.assertEqual(sorted(resumed[rest : rest + EPOCH]), sorted(written_labels))
+        # main.py through two workers: the trade-off said once and recorded.
+        # Catches a fast mode run that says nothing, or a record without the mode.
+        run = result["fast_run"]
+        self.assertEqual(run["code"], 0, run["console"][-3000:])
+        notes = [line for line in run["console"].splitlines() if "fast mode" in line]
+        self.assertLen(notes, 1, run["console"][-3000:])
+        self.assertRegex(
+            notes[0],
+            r"^note: --tf_data_service=grpc://localhost:\d+ with 2 workers, fast mode: every "
+            r"training example once per epoch.*re-drawn, not at the exact batch",
+        )
+        self.assertLen(run["input_modes"], 1)
+        self.assertEqual(run["input_modes"][0]["mode"], "fast")
+        self.assertEqual(run["input_modes"][0]["workers"], 2)
+        self.assertEqual(run["input_modes"][0]["from_step"], 0)
+        # The dispatcher stops while main.py trains. Catches: waiting forever for the next
+        # epoch's splits (TensorFlow's behaviour), a traceback, the generic exit status.
+        gone = result["dispatcher_gone"]
+        self.assertEqual(gone["code"], DISPATCHER_EXIT_CODE, gone["console"][-3000:])
+        self.assertLess(gone["seconds"], PEER_TIMEOUT + 30)
+        errors = [line for line in gone["console"].splitlines() if line.startswith("error:")]
+        self.assertLen(errors, 1, gone["console"][-3000:])
+        self.assertRegex(
+            errors[0],
+            rf"^error: the tf.data service dispatcher {result['dispatcher']} has not answered "
+            rf"for {PEER_TIMEOUT} s at step \d+; .*Restart the dispatcher and its workers, then "
+            "every worker with the same command",
+        )
+        self.assertNotIn("Traceback", gone["console"])
 
 
 if __name__ == "__main__":

@@ -27,15 +27,18 @@ def _png(rng, height, width):
     return tf.io.encode_png(pixels).numpy()
 
 
-def write_imagenet_layout(directory, files_per_split=(4, 2), per_file=5, one_based=True):
-    """Shards with labels 1..10 (or 0..9); returns {split: [(file, labels...)]}."""
+def write_imagenet_layout(
+    directory, files_per_split=(4, 2), per_file=5, one_based=True, classes=10
+):
+    """Shards with labels 1..classes (or 0..classes-1), record k of a split labelled
+    k mod classes; returns {split: [(file, labels...)]}."""
     rng = np.random.default_rng(0)
     written = {}
     for prefix, num_files in zip(("train", "validation"), files_per_split):
         written[prefix] = []
         for f in range(num_files):
             path = os.path.join(directory, f"{prefix}-{f:05d}-of-{num_files:05d}")
-            labels = [(f * per_file + i) % 10 for i in range(per_file)]
+            labels = [(f * per_file + i) % classes for i in range(per_file)]
             with tf.io.TFRecordWriter(path) as writer:
                 for label in labels:
                     writer.write(convert._example(_jpeg(rng, 40, 56), label + int(one_based)))

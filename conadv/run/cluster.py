@@ -24,17 +24,34 @@ its address, the step, the checkpoint a restart resumes from and that every
 worker must be restarted; ``main.py`` prints it and exits with ``EXIT_CODE``.
 The whole error, TensorFlow's C++ lines included, is in the worker's
 ``log.txt`` (``run_logging.native_stderr_to``).
+
+A tf.data service dispatcher that goes away is not reported by TensorFlow at
+all: an exact-mode reader keeps reading from its worker, a fast-mode one
+waits forever for the next epoch's splits (measured). TensorFlow has no
+client-side timeout for it, so ``DispatcherWatch`` connects to the
+dispatcher's port every few seconds while training runs; unreachable for
+``--peer_timeout`` seconds, it says so in one line and ends the process
+(exit ``DISPATCHER_EXIT_CODE``: the training thread may be blocked in the
+input, and the checkpoints on disk are complete).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import sys
+import threading
+import time
+import urllib.parse
 
 import tensorflow as tf
 
 #: The exit status of a run stopped by a lost or missing worker (BUILD.md).
 EXIT_CODE = 4
+#: The exit status of a run whose tf.data service dispatcher went away (BUILD.md).
+DISPATCHER_EXIT_CODE = 5
 
 #: The errors a collective, or the coordination service, raises when a peer is gone.
 PEER_ERRORS = (
@@ -166,3 +183,60 @@ def start_failure(error: BaseException, resolver, timeout: float) -> ClusterErro
     )
     _log_to_file(message, error)
     return ClusterError(message)
+
+
+class DispatcherWatch:
+    """While its ``with`` block runs, stops the process in one line once the tf.data
+    service dispatcher at ``service`` (``grpc://HOST:PORT``; None: no watch) has not
+    accepted a connection for ``timeout`` seconds."""
+
+    def __init__(self, service, model_dir: str, step, timeout: float, interval: float = 2.0):
+        self.service, self.model_dir, self.step = service, model_dir, step
+        self.timeout, self.interval = timeout, interval
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _reachable(self, host: str, port: int) -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=self.interval):
+                return True
+        except OSError:
+            return False
+
+    def _watch(self):
+        address = urllib.parse.urlparse(self.service)
+        since = None
+        while not self._stop.wait(self.interval):
+            if self._reachable(address.hostname, address.port):
+                since = None
+                continue
+            since = since or time.time()
+            if time.time() - since < self.timeout and not self._stop.is_set():
+                continue
+            if self._stop.is_set():
+                return
+            try:
+                step = f"at step {self.step()}"
+            except Exception:  # noqa: BLE001 - the line must be said
+                step = "during training"
+            message = (
+                f"the tf.data service dispatcher {self.service} has not answered for "
+                f"{self.timeout:g} s {step}; this worker stopped. Restart the dispatcher and "
+                f"its workers, then every worker with the same command: the run resumes from "
+                f"{latest_checkpoint(self.model_dir)}, its latest complete checkpoint"
+            )
+            _log_to_file(message, RuntimeError(message))
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(DISPATCHER_EXIT_CODE)  # the training thread may be blocked in the input
+
+    def __enter__(self):
+        if self.service:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False

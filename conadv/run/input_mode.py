@@ -1,0 +1,81 @@
+"""How the training input is made, said at start and kept in ``run_config.json``.
+
+With ``--tf_data_service`` the run's input is in one of two modes
+(``input_pipeline/data_service.py``): *exact*, one service worker making the
+seeded stream (a resumed run reads the very batches an uninterrupted run
+would), or *fast*, several workers sharing each epoch (every example once per
+epoch, in an order that is not reproducible; a resume re-draws the rest of
+its epoch). What a run can promise about its data order depends on the modes
+it was trained in, so the chief of each start whose mode differs from the
+last recorded one says so in one line and appends it to ``input_modes`` in
+``run_config.json``: ``mode``, ``tf_data_service``, ``workers``,
+``from_step`` (the checkpoint the start resumes from, 0 for a new run) and,
+for the fast mode, ``trade_off``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import tensorflow as tf
+
+from conadv.run import run_identity
+from conadv.run.run_files import write_json
+from input_pipeline import data_service
+
+#: The mode of a run without the service.
+LOCAL = "local"
+
+
+def settle(run):
+    """``run`` with ``--tf_data_service_workers=0`` replaced by the dispatcher's count."""
+    pipeline = run.data.pipeline
+    if not pipeline.tf_data_service or pipeline.tf_data_service_workers:
+        return run
+    workers = data_service.settle_workers(pipeline.tf_data_service, 0)
+    pipeline = dataclasses.replace(pipeline, tf_data_service_workers=workers)
+    return dataclasses.replace(run, data=dataclasses.replace(run.data, pipeline=pipeline))
+
+
+def current(run) -> dict:
+    """This start's input mode, as recorded."""
+    pipeline = run.data.pipeline
+    if not pipeline.tf_data_service:
+        return {"mode": LOCAL}
+    workers = pipeline.tf_data_service_workers
+    entry = {
+        "mode": data_service.mode(workers),
+        "tf_data_service": pipeline.tf_data_service,
+        "workers": workers,
+    }
+    if entry["mode"] == data_service.FAST:
+        entry["trade_off"] = data_service.TRADE_OFF
+    return entry
+
+
+def say_and_record(run) -> dict | None:
+    """The chief's: a fast-mode start says its trade-off in one line; a start whose mode
+    differs from the last recorded one (a service run's first) is appended to
+    ``input_modes``. Returns the entry appended, or None."""
+    entry = current(run)
+    if entry["mode"] == data_service.FAST:
+        print(
+            f"note: --tf_data_service={entry['tf_data_service']} with {entry['workers']} "
+            f"workers, fast mode: {data_service.TRADE_OFF}; recorded in "
+            f"{run_identity.RUN_CONFIG}",
+            flush=True,
+        )
+    path = os.path.join(run.model_dir, run_identity.RUN_CONFIG)
+    with tf.io.gfile.GFile(path) as f:
+        stored = json.load(f)
+    modes = stored.get("input_modes") or []
+    last = modes[-1] if modes else {"mode": LOCAL}
+    if {k: last.get(k) for k in entry} == entry:
+        return None
+    latest = tf.train.latest_checkpoint(run.model_dir)
+    entry["from_step"] = 0 if latest is None else int(latest.rsplit("-", 1)[-1])
+    stored["input_modes"] = [*modes, entry]
+    write_json(path, stored)
+    return entry
