@@ -5,7 +5,7 @@ With one worker: an epoch from step 0 and a stream resumed at step
 ``RESUME_AT``. Then a second worker registers: the worker count, the error
 of a pipeline built now, and what a pipeline built before it joined delivers
 in up to ``MANY`` batches. With both, in fast mode (``--tf_data_service_workers=2``):
-an epoch, a stream resumed at ``RESUME_AT``, the tasks each worker ran, and
+two epochs, a stream resumed at ``RESUME_AT``, the tasks each worker ran, and
 ``main.py`` training two steps through them (its console and run_config.json).
 
 Run by ``test_data_service.py`` inside a private network namespace whose only
@@ -146,7 +146,7 @@ def main(data_dir, num_train_examples):
     remote = make_source(data_dir, num_train_examples, service=dispatcher.target)
     result = {
         "dispatcher": dispatcher.target,
-        "local": read(local.dataset(TRAIN, BATCH), RESUME_AT + epoch_batches),
+        "local": read(local.dataset(TRAIN, BATCH), 2 * epoch_batches),
         "remote": read(remote.dataset(TRAIN, BATCH), epoch_batches),
         "resumed": read(remote.dataset(TRAIN, BATCH, start_step=RESUME_AT), epoch_batches),
         "counts": [data_service.count_workers(dispatcher.target)],
@@ -171,7 +171,7 @@ def main(data_dir, num_train_examples):
     # Fast mode: both workers share each epoch.
     tasks = [worker._num_tasks() for worker in workers]  # noqa: SLF001
     fast = make_source(data_dir, num_train_examples, service=dispatcher.target, workers=2)
-    result["fast"] = read(fast.dataset(TRAIN, BATCH), epoch_batches)
+    result["fast"] = read(fast.dataset(TRAIN, BATCH), 2 * epoch_batches)
     result["fast_resumed"] = read(
         fast.dataset(TRAIN, BATCH, start_step=RESUME_AT), 2 * epoch_batches - RESUME_AT
     )

@@ -107,9 +107,15 @@ def start_workers(model_dir, work_dir, tag, indices=(0, 1), extra=()):
     return procs
 
 
-def stopped(proc, since, console_log):
-    """How ``proc`` ended: exit status, seconds after ``since``, its console's lines."""
-    code = proc.wait(timeout=TIMEOUT)
+def stopped(proc, since, console_log, timeout):
+    """How ``proc`` ended: exit status (None: killed after ``timeout`` s), seconds after
+    ``since``, its console's lines."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        code = None
     seconds = time.time() - since
     with open(console_log) as f:
         console = f.read().splitlines()
@@ -182,7 +188,7 @@ def main():
         killed_at = time.time()
         procs[1].wait()
         result["survivor"] = stopped(
-            procs[0], killed_at, os.path.join(work_dir, "killed_worker0.log")
+            procs[0], killed_at, os.path.join(work_dir, "killed_worker0.log"), 3 * PEER_TIMEOUT
         )
         result["survivor"]["cluster"] = procs[0].cluster
         with open(os.path.join(killed, "log.txt")) as f:
@@ -209,7 +215,9 @@ def main():
             indices=(0,),
             extra=(f"--cluster_start_timeout={START_TIMEOUT}",),
         )
-        result["alone"] = stopped(alone[0], started, os.path.join(work_dir, "alone_worker0.log"))
+        result["alone"] = stopped(
+            alone[0], started, os.path.join(work_dir, "alone_worker0.log"), 8 * START_TIMEOUT
+        )
         result["alone"]["cluster"] = alone[0].cluster
 
         ref = model_variables(reference, STEPS)

@@ -61,8 +61,9 @@ class DataServiceTest(tf.test.TestCase):
         self.assertEqual(remote["labels"], local["labels"][:epoch_batches])
         self.assertAllClose(remote["checksums"], local["checksums"][:epoch_batches], rtol=1e-6)
         # Resumed at step RESUME_AT, across the epoch boundary: the local stream from that batch.
-        self.assertEqual(resumed["labels"], local["labels"][RESUME_AT:])
-        self.assertAllClose(resumed["checksums"], local["checksums"][RESUME_AT:], rtol=1e-6)
+        after = slice(RESUME_AT, RESUME_AT + epoch_batches)
+        self.assertEqual(resumed["labels"], local["labels"][after])
+        self.assertAllClose(resumed["checksums"], local["checksums"][after], rtol=1e-6)
 
         # The count is the number of workers started (the dispatcher agrees).
         self.assertEqual(result["registered"], 2)
@@ -97,17 +98,32 @@ class DataServiceTest(tf.test.TestCase):
         # batches made on the workers (a worker's partial last batch dropped: ids missing).
         fast = result["fast"]
         self.assertIsNone(fast["error"])
-        self.assertLen(fast["labels"], epoch_batches)
-        self.assertEqual(sorted(flat(fast["labels"])), sorted(written_labels))
+        self.assertLen(fast["labels"], 2 * epoch_batches)
         self.assertLen(set(written_labels), EPOCH)
+        # An example of epoch e is the local stream's example of epoch e (per-record seeds
+        # fold the epoch in): each epoch's images, every id once, and no epoch twice.
+        fast_ids, fast_sums = flat(fast["labels"]), flat(fast["checksums"])
+        local_ids, local_sums = flat(local["labels"]), flat(local["checksums"])
+        for epoch in (0, 1):
+            part = slice(epoch * EPOCH, (epoch + 1) * EPOCH)
+            self.assertEqual(sorted(fast_ids[part]), sorted(written_labels), epoch)
+            expected = dict(zip(local_ids[part], local_sums[part]))
+            got = [expected[i] for i in fast_ids[part]]
+            self.assertAllClose(fast_sums[part], got, rtol=1e-5, msg=f"epoch {epoch}")
         # Both workers made part of it (each ran a task of every epoch's job it joined).
         self.assertGreaterEqual(min(result["fast_tasks"]), 1, result["fast_tasks"])
         # Resumed at step RESUME_AT: the rest of epoch 0 re-drawn (no id twice), then epoch 1
         # whole. Catches a resume that reads a whole epoch again, or skips nothing.
         resumed = flat(result["fast_resumed"]["labels"])
+        resumed_sums = flat(result["fast_resumed"]["checksums"])
         rest = EPOCH - RESUME_AT * BATCH
         self.assertLen(set(resumed[:rest]), rest)
         self.assertEqual(sorted(resumed[rest : rest + EPOCH]), sorted(written_labels))
+        for epoch, part in ((0, slice(0, rest)), (1, slice(rest, rest + EPOCH))):
+            whole = slice(epoch * EPOCH, (epoch + 1) * EPOCH)
+            expected = dict(zip(local_ids[whole], local_sums[whole]))
+            got = [expected[i] for i in resumed[part]]
+            self.assertAllClose(resumed_sums[part], got, rtol=1e-5, msg=f"resumed {epoch}")
         # main.py through two workers: the trade-off said once and recorded.
         # Catches a fast mode run that says nothing, or a record without the mode.
         run = result["fast_run"]
