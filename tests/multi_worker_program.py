@@ -184,6 +184,12 @@ def main():
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the workers stopped (or hung) before their first checkpoint")
             time.sleep(0.02)
+        # ...and a step past it, so the step that is lost is not a checkpoint's.
+        console = os.path.join(work_dir, "killed_worker0.log")
+        while f"step {first + 1}/" not in open(console).read():
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the workers stopped (or hung) before step {first + 1}")
+            time.sleep(0.02)
         procs[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
         procs[1].wait()

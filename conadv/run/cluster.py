@@ -128,12 +128,12 @@ def _log_to_file(message: str, error: BaseException):
             handler.handle(record)
 
 
-def latest_checkpoint(model_dir: str) -> str:
-    """The run's latest complete checkpoint (the one a restart resumes from), by name."""
+def resumes_from(model_dir: str) -> str:
+    """Where a restart resumes: the run's latest complete checkpoint, by name."""
     path = tf.train.latest_checkpoint(model_dir)
     if path is None:
-        return "none yet (a restart starts from step 0)"
-    return path.rsplit("/", 1)[-1]
+        return "the run starts again from step 0 (no checkpoint yet)"
+    return f"the run resumes from {path.rsplit('/', 1)[-1]}, its latest complete checkpoint"
 
 
 class PeerWatch:
@@ -163,8 +163,7 @@ class PeerWatch:
         lost = _describe(_lost_tasks(str(error), _own_task(self.resolver)), self.resolver)
         message = (
             f"lost {lost} {step}; this worker stopped too. Restart every worker with the "
-            f"same command: the run resumes from {latest_checkpoint(self.model_dir)}, its "
-            "latest complete checkpoint (the whole error is in log.txt)"
+            f"same command: {resumes_from(self.model_dir)} (the whole error is in log.txt)"
         )
         _log_to_file(message, error)
         raise ClusterError(message) from None
@@ -222,8 +221,8 @@ class DispatcherWatch:
             message = (
                 f"the tf.data service dispatcher {self.service} has not answered for "
                 f"{self.timeout:g} s {step}; this worker stopped. Restart the dispatcher and "
-                f"its workers, then every worker with the same command: the run resumes from "
-                f"{latest_checkpoint(self.model_dir)}, its latest complete checkpoint"
+                f"its workers, then every worker with the same command: "
+                f"{resumes_from(self.model_dir)}"
             )
             _log_to_file(message, RuntimeError(message))
             print(f"error: {message}", file=sys.stderr, flush=True)
