@@ -140,7 +140,7 @@ class PeerWatch:
     """Turns a lost peer inside its ``with`` block into ``ClusterError``.
 
     ``step`` returns the current step (read after the failure: the step the
-    lost collective belonged to). Outside a multi-worker run it passes
+    lost collective belonged to). Outside a multi-worker or TPU run it passes
     every error through.
     """
 
@@ -148,7 +148,9 @@ class PeerWatch:
         self.resolver = getattr(strategy, "cluster_resolver", None)
         self.model_dir = model_dir
         self.step = step
-        self.active = multi_worker
+        # A TPU's host program talks to every TPU worker: one gone fails it alike
+        # (not testable here: no TPU).
+        self.active = multi_worker or isinstance(strategy, tf.distribute.TPUStrategy)
 
     def __enter__(self):
         return self
