@@ -59,21 +59,29 @@ def run_main(values) -> dict | None:
         from conadv.run.run_files import planned_private_dir
 
         private = planned_private_dir(run.model_dir, os.environ.get("TF_CONFIG", ""))
-        run_logging.native_stderr_to(os.path.join(private, run_logging.LOG_FILE))
+        if private is not None:  # else the strategy refuses TF_CONFIG in one line
+            run_logging.native_stderr_to(private)
     strategy = run.devices.build_strategy()
-    from conadv.run import input_mode
-
-    run = input_mode.settle(run)  # --tf_data_service_workers=0: the dispatcher's count
-    source = run.data.build_source()
-    run = run.for_strategy(strategy, source.image_size).with_data(source)
-
-    import tensorflow as tf
 
     from conadv.run import cluster, run_files
+
+    files = run_files.RunFiles(run.model_dir, strategy)
+    # A worker lost (or unreachable) in any mode stops this one in one line.
+    with cluster.PeerWatch(strategy, run.model_dir, files.multi_worker) as watch:
+        return _run_mode(run, values, strategy, files, watch)
+
+
+def _run_mode(run, values, strategy, files, watch) -> dict | None:
+    """``run_main`` once the strategy exists: the data, the trainer and the mode's work."""
+    import tensorflow as tf
+
+    from conadv.run import input_mode
     from conadv.run.run_files import write_json
     from conadv.trainer import Trainer
 
-    files = run_files.RunFiles(run.model_dir, strategy)
+    run, registered = input_mode.settle(run)  # the service's worker count (fast mode)
+    source = run.data.build_source()
+    run = run.for_strategy(strategy, source.image_size).with_data(source)
     tf.io.gfile.makedirs(run.model_dir)
     run_identity.check_or_record(run, record=files.is_chief)
     if run.mode == "sharpness":
@@ -82,10 +90,11 @@ def run_main(values) -> dict | None:
     log_file = run_logging.add_log_file(files.private_dir())
     logging.info("Full log in %s", log_file)
     trainer = Trainer(run.train, strategy, source, files=files)
+    watch.step = lambda: trainer.host_step
     if files.is_chief and run.mode in ("train", "train_and_eval"):
         # A new --train_steps/--train_epochs re-plans the decay: said and recorded.
         run_identity.check_schedule(run, trainer.steps_per_epoch, trainer.train_steps)
-        input_mode.say_and_record(run)  # the tf.data service's mode and its trade-off
+        input_mode.say_and_record(run, registered)  # the service's mode and its trade-off
     if run.mode in ("eval", "export", "sharpness"):  # a checkpoint is there (checked above)
         # Sharpness is measured in float32: a float16 run's loss-scaled optimizer
         # state does not fit the float32 optimizer, and the measurement needs none.
@@ -147,10 +156,7 @@ def run_main(values) -> dict | None:
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
     summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
-    with cluster.PeerWatch(
-        strategy, run.model_dir, lambda: trainer.global_step, files.multi_worker
-    ):
-        trainer.evaluator.precise_statistics()  # every worker, for the chief's export
+    trainer.evaluator.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:
         _finish(trainer, files, log_file)
         return summary  # the export and summary.json are the chief's (no collectives)

@@ -90,8 +90,6 @@ class TrainConfig:
     max_checkpoints: int = 3
     #: Eval top-1 whose first reaching is timed (summary.json ``time_to_target_s``).
     target_accuracy: float = 0.759
-    #: Seconds a peer (a worker, the tf.data service dispatcher) may not answer.
-    peer_timeout: float = 30.0
 
 
 @dataclasses.dataclass
@@ -192,6 +190,9 @@ class RunConfig:
     #: ``run_identity.check_schedule`` once the trainer has resolved the length.
     schedule_steps: int | None = None
     schedule_changes: list[dict] = dataclasses.field(default_factory=list)
+    #: Each start whose tf.data service mode differed from the last one's: kept in
+    #: run_config.json by ``conadv/run/input_mode.py`` (``say_and_record``).
+    input_modes: list[dict] = dataclasses.field(default_factory=list)
     #: The training data's fingerprint (``DataSource.fingerprint``: its content, not its
     #: path), set by ``with_data``; a resume on other data is refused (run_identity.py).
     data_fingerprint: str | None = None
@@ -266,7 +267,6 @@ class RunConfig:
             seed=v.seed,
             export_dir=v.export_dir,
             target_accuracy=v.target_accuracy,
-            peer_timeout=v.peer_timeout,
         )
         return cls(
             mode=v.mode,

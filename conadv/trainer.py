@@ -29,7 +29,7 @@ from conadv import steps as steps_lib
 from conadv.evaluation import Evaluator, summary_evaluations
 from conadv.ring_buffer import RingBuffer
 from conadv.run.checkpoints import CheckpointMismatchError, RunCheckpoints
-from conadv.run.cluster import DispatcherWatch, PeerWatch
+from conadv.run.cluster import DispatcherWatch
 from conadv.run.metrics import ReplicaSums
 from conadv.run.nonfinite import NonFiniteGuard
 from conadv.run.preemption import PreemptedError, PreemptionWatcher
@@ -118,6 +118,9 @@ class Trainer:
         )
         self._train_loop = tf.function(self._train_loop_fn)
         self.iterator = None  # opened by train(), at the step it starts from
+        #: The step the host last saw complete: read by the watches of conadv/run/cluster.py
+        #: from their threads, or after a failure, when a device variable could block.
+        self.host_step = 0
         self.evaluator = Evaluator(
             self.model, strategy, source, config, self.micro_batch, lambda: self.global_step
         )
@@ -138,9 +141,9 @@ class Trainer:
     def restore(self, weights_only: bool = False) -> int:
         """Restores the latest complete checkpoint, if any (``weights_only``: the model's
         weights and the step, for a measurement in another precision); returns the step."""
-        if weights_only:
-            return self.checkpoints.restore_weights()
-        return self.checkpoints.restore()
+        restore = self.checkpoints.restore_weights if weights_only else self.checkpoints.restore
+        self.host_step = restore()
+        return self.host_step
 
     # ------------------------------------------------------------- the loop
 
@@ -215,13 +218,16 @@ class Trainer:
         where training starts, where each host loop starts, each epoch boundary
         (host loops then also end there), each evaluation and the end.
         """
-        config, start = self.config, time.time()
-        # A worker lost (or unreachable) anywhere in here stops this one in one line.
-        step = lambda: self.global_step  # noqa: E731
-        lost = PeerWatch(self.strategy, config.model_dir, step, self.files.multi_worker)
-        service = self.source.options.tf_data_service
-        with lost, DispatcherWatch(service, config.model_dir, step, config.peer_timeout):
-            return self._train(start, evaluate, events)
+        # A tf.data service dispatcher gone silent stops this worker in one line (a lost
+        # worker: main.py's PeerWatch around every mode).
+        options = self.source.options
+        with DispatcherWatch(
+            options.tf_data_service,
+            self.config.model_dir,
+            lambda: self.host_step,
+            options.peer_timeout,
+        ):
+            return self._train(time.time(), evaluate, events)
 
     def _train(self, start: float, evaluate: bool, events) -> dict:
         config = self.config
@@ -239,6 +245,7 @@ class Trainer:
                 if events is not None:
                     events.loop_starting(step)
                 step, last_train = self._host_loop(step, stop)
+                self.host_step = step
                 at_eval = evaluate and (step % self.eval_every == 0 or step >= self.train_steps)
                 self._checkpoint(step, at_eval, preemption)
                 if events is not None and step % self.steps_per_epoch == 0:

@@ -81,7 +81,8 @@ def define(fv):
         "resumed run reads the very batches an uninterrupted one would); N > 1 = fast mode, "
         "the dispatcher's workers share each epoch (dynamic sharding: every example once per "
         "epoch, in an order that is not reproducible; a resume re-draws the current epoch's "
-        "remaining examples); 0 = the mode the dispatcher's worker count at start gives.",
+        "remaining examples; the dispatcher's count at start is recorded); 0 = the mode the "
+        "dispatcher's worker count at start gives.",
         flag_values=fv,
     )
     absl_flags.DEFINE_bool(

@@ -101,7 +101,8 @@ def define(fv):
         30.0,
         "multi_worker_mirrored: seconds without a worker's heartbeat before TensorFlow's "
         "coordination service declares it lost; every other worker then stops with one line "
-        "(exit 4, BUILD.md). A killed worker is noticed at the next collective, sooner.",
+        "(exit 4, BUILD.md). A killed worker is noticed at the next collective, sooner. "
+        "--tf_data_service: seconds its dispatcher may leave a question unanswered (exit 5).",
         flag_values=fv,
     )
     absl_flags.DEFINE_float(

@@ -78,6 +78,8 @@ class PipelineOptions:
     tf_data_service: str | None = None
     #: 1: exact mode (one service worker); N > 1: fast mode; 0: the dispatcher's count.
     tf_data_service_workers: int = 1
+    #: Seconds the tf.data service's dispatcher may leave a question unanswered.
+    peer_timeout: float = 30.0
 
 
 class DataSource(abc.ABC):

@@ -43,6 +43,8 @@ batches an uninterrupted run would have read (``TRADE_OFF``).
 
 from __future__ import annotations
 
+import threading
+
 import tensorflow as tf
 from absl import logging
 
@@ -55,21 +57,75 @@ _FIX = (
 )
 
 
-def count_workers(service: str) -> int:
+def _answer_within(call, timeout: float):
+    """``call()``'s result, or ``TimeoutError`` when it has not returned within ``timeout``
+    seconds (it goes on in a daemon thread: TensorFlow's tf.data service client waits
+    for an unanswering dispatcher without a deadline)."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def count_workers(service: str, timeout: float | None = None) -> int:
     """Workers of the tf.data service at ``service`` when the call is made.
 
     A one-element dataset read in ``parallel_epochs`` mode: every worker
     produces all of it, so each worker contributes the element once. Takes
     about a second (the reader's heartbeat); waits while no worker has
-    registered, as training would.
+    registered, as training would, at most ``timeout`` seconds (None: for
+    ever), then a one-line ``DataError``.
     """
-    with tf.init_scope():  # the count is read eagerly, also when asked inside a function
-        probe = tf.data.Dataset.range(1).apply(
-            tf.data.experimental.service.distribute(
-                processing_mode="parallel_epochs", service=service
+
+    def count():
+        with tf.init_scope():  # read eagerly, also when asked inside a function
+            probe = tf.data.Dataset.range(1).apply(
+                tf.data.experimental.service.distribute(
+                    processing_mode="parallel_epochs", service=service
+                )
             )
-        )
-        return int(probe.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+            return int(probe.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+    if timeout is None:
+        return count()
+    try:
+        return _answer_within(count, timeout)
+    except TimeoutError:
+        raise DataError(
+            f"--tf_data_service={service}: no dispatcher with a worker answered within "
+            f"{timeout:g} s (--peer_timeout); start the dispatcher and its workers "
+            "(python -m input_pipeline.service, BUILD.md), or leave --tf_data_service out"
+        ) from None
+
+
+def dispatcher_answers(service: str) -> bool:
+    """Whether the dispatcher at ``service`` answers one of the tf.data service's own
+    RPCs (the metadata of a dataset id no dataset has: it answers "not found"). A hung
+    dispatcher, whose port still accepts connections, does not; TensorFlow's client
+    retries an unreachable one without a deadline, so the call then blocks: the caller
+    times it (``conadv/run/cluster.py``). No public API asks a dispatcher anything; an
+    error other than TensorFlow's (this private API changed) is raised."""
+    from tensorflow.python.data.experimental.service import _pywrap_server_lib
+
+    protocol, address = service.split("://", 1)
+    try:
+        _pywrap_server_lib.TF_DATA_GetDataServiceMetadataByID("-1", address, protocol)
+    except RuntimeError as error:  # "Failed to get data service metadata: ... not found"
+        if "data service metadata" not in str(error):
+            raise
+    return True
 
 
 #: The two modes, as run_config.json records them.
@@ -83,18 +139,30 @@ TRADE_OFF = (
 )
 
 
-def settle_workers(service: str, workers: int) -> int:
-    """``--tf_data_service_workers``, with 0 replaced by the service's count now."""
-    if workers:
+def settle_workers(service: str, workers: int, timeout: float | None = None) -> int:
+    """``--tf_data_service_workers``: 1 stays (exact mode: ``distribute`` counts), else
+    the count of workers the dispatcher has now (0 asks for it; N > 1 is checked: the
+    record says what ran). At most ``timeout`` seconds (``count_workers``)."""
+    if workers == 1:
         return workers
-    count = count_workers(service)
+    count = count_workers(service, timeout)
     logging.info("The tf.data service at %s has %d workers", service, count)
+    if workers and count != workers:
+        logging.warning(
+            "--tf_data_service_workers=%d but the tf.data service at %s has %d workers now; "
+            "fast mode shares each epoch among the workers there are (recorded: %d)",
+            workers,
+            service,
+            count,
+            count,
+        )
     return count
 
 
 def mode(workers: int) -> str:
-    """The mode ``workers`` (settled) gives: one worker keeps the exact stream."""
-    return EXACT if workers <= 1 else FAST
+    """The mode ``--tf_data_service_workers`` asks for: 1 the exact stream, else fast (a
+    fast-mode dispatcher down to one worker still shares each epoch: once per epoch)."""
+    return EXACT if workers == 1 else FAST
 
 
 def distribute_epoch(epoch: tf.data.Dataset, service: str) -> tf.data.Dataset:
@@ -133,7 +201,9 @@ def _in_order(service: str):
     return check
 
 
-def distribute(dataset: tf.data.Dataset, service: str) -> tf.data.Dataset:
+def distribute(
+    dataset: tf.data.Dataset, service: str, timeout: float | None = None
+) -> tf.data.Dataset:
     """``dataset`` (an endless stream of batches) produced by the one worker at ``service``.
 
     Raises ``DataError`` when the service has more than one worker; a worker
@@ -141,7 +211,7 @@ def distribute(dataset: tf.data.Dataset, service: str) -> tf.data.Dataset:
     (``data_error_from`` finds it in the iterator's error).
     """
     logging.info("Asking the tf.data service at %s how many workers it has", service)
-    workers = count_workers(service)
+    workers = count_workers(service, timeout)
     if workers > 1:
         raise DataError(f"--tf_data_service={service} has {workers} workers; {_FIX}")
     numbered = dataset.enumerate()

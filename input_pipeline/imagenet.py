@@ -161,6 +161,9 @@ class ImageNetSource(RecordSource):
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds
 
+    def _train_file_count(self) -> int:
+        return len(self.train_files)
+
     def _split_records(self, split, input_context, epoch=None):
         files = self.eval_files if split == EVAL else self.train_files
         return self._records(files, input_context, epoch if split == TRAIN else None)

@@ -16,7 +16,14 @@ import tensorflow as tf
 from absl import logging
 
 from input_pipeline import data_service, epochs, preprocessing
-from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataSource, bad_record_message
+from input_pipeline.base import (
+    EVAL,
+    TRAIN,
+    TRAIN_EVAL,
+    DataError,
+    DataSource,
+    bad_record_message,
+)
 
 SHUFFLE_BUFFER = 10_000
 #: TRAIN_EVAL reads at most this many training examples (the first files).
@@ -207,10 +214,26 @@ class RecordSource(DataSource):
             records, block, epochs.epoch_seed(self.options.seed, epoch, salt=1)
         )
 
+    def _train_file_count(self) -> int:
+        """Files of the training split (fast mode needs one per input pipeline)."""
+        raise NotImplementedError
+
     def _fast_train_stream(self, per_replica_batch, input_context, start_step):
         """The training examples of epoch after epoch, each epoch shared by the tf.data
         service's workers (``data_service``, fast mode); from ``start_step`` on, the first
         epoch cut to the examples its remaining steps read."""
+        pipelines = input_context.num_input_pipelines if input_context is not None else 1
+        if self._train_file_count() < pipelines:
+            # Dynamic sharding hands out files; sharding each file's records among the
+            # input pipelines would be done per service worker, not per pipeline, and
+            # lose or repeat examples. ImageNet has 1024 files, more than any cluster's hosts.
+            raise DataError(
+                f"--tf_data_service_workers={self.options.tf_data_service_workers} (fast "
+                f"mode) shares each epoch's files among {pipelines} input pipelines, but the "
+                f"training split has {self._train_file_count()} files; write at least "
+                f"{pipelines} (python -m input_pipeline.convert) or use "
+                "--tf_data_service_workers=1"
+            )
         start = start_step * epochs.records_per_step(per_replica_batch, input_context)
         first, left = 0, -1
         if start > 0:
@@ -237,9 +260,11 @@ class RecordSource(DataSource):
         return stream.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
     def dataset(self, split, batch_size, input_context=None, start_step=0):
-        service, fast = self.options.tf_data_service, False
+        service, fast, timeout = self.options.tf_data_service, False, self.options.peer_timeout
         if service and split == TRAIN:
-            workers = data_service.settle_workers(service, self.options.tf_data_service_workers)
+            workers = self.options.tf_data_service_workers
+            if workers == 0:  # not settled by main.py: the dispatcher's count now
+                workers = data_service.settle_workers(service, 0, timeout)
             fast = data_service.mode(workers) == data_service.FAST
         if fast:
             ds = self._fast_train_stream(batch_size, input_context, start_step)
@@ -274,5 +299,5 @@ class RecordSource(DataSource):
             # Preprocessing runs on the service's one worker (several cannot
             # keep the stream's order, see data_service); every input pipeline
             # reads its own stream of epochs from its start step, as locally.
-            ds = data_service.distribute(ds, self.options.tf_data_service)
+            ds = data_service.distribute(ds, service, timeout)
         return ds.prefetch(tf.data.AUTOTUNE)

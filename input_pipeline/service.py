@@ -22,17 +22,24 @@ import socket
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("port", 5050, "Port to listen on.")
-flags.DEFINE_string(
-    "dispatcher",
-    None,
-    "HOST:PORT of the dispatcher: start a worker for it. Without it, start a dispatcher.",
-)
-flags.DEFINE_string(
-    "worker_host",
-    None,
-    "A worker's host name as the trainers reach it (default: this host's name).",
-)
+
+
+def define_flags(fv: flags.FlagValues = FLAGS):
+    """This program's flags, defined when it runs (``__main__``), not when imported: the
+    trainer's flags live in ``flags/``, which ``input_pipeline`` does not import."""
+    flags.DEFINE_integer("port", 5050, "Port to listen on.", flag_values=fv)
+    flags.DEFINE_string(
+        "dispatcher",
+        None,
+        "HOST:PORT of the dispatcher: start a worker for it. Without it, start a dispatcher.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "worker_host",
+        None,
+        "A worker's host name as the trainers reach it (default: this host's name).",
+        flag_values=fv,
+    )
 
 
 def main(argv):
@@ -58,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

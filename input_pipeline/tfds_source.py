@@ -113,6 +113,9 @@ class TFDSSource(RecordSource):
     def _split_name(self, split):
         return self.eval_split if split == EVAL else "train"
 
+    def _train_file_count(self) -> int:
+        return self.builder.info.splits[self._split_name(TRAIN)].num_shards
+
     def file_counts(self, split=TRAIN) -> list[tuple[str, int]]:
         """``(file, records)`` of each file of ``split``, in the order TFDS reads them.
 

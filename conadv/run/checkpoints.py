@@ -84,7 +84,7 @@ class RunCheckpoints:
 
     def _chief_steps(self) -> list[int]:
         """Steps of the chief's kept checkpoints (every worker reads model_dir)."""
-        return sorted(int(path.rsplit("-", 1)[-1]) for path in self.manager.checkpoints)
+        return _steps(self.manager.checkpoints)
 
     def resume_step(self) -> int:
         """The step to resume from: the latest every worker has its state for (-1: none).
@@ -104,11 +104,8 @@ class RunCheckpoints:
                 f"{self.model_dir} (steps {low} to {high}); every worker must use "
                 "the same shared directory"
             )
-        local = latest
-        if self.ring_manager is not None and self.ring_manager.checkpoints:
-            own = {int(path.rsplit("-", 1)[-1]) for path in self.ring_manager.checkpoints}
-            local = max((step for step in chief_steps if step in own), default=latest)
-        return self.files.agreed_step(local)
+        own = _steps(self.ring_manager.checkpoints) if self.ring_manager is not None else []
+        return self.files.agreed_step(_local_resume_step(chief_steps, own))
 
     def restore(self) -> int:
         """Restores the checkpoint to resume from, if any; returns the step.
@@ -166,6 +163,43 @@ class RunCheckpoints:
             logging.info("Saved checkpoint %s", path)
         self.last_saved = step
         return path
+
+
+def _steps(paths) -> list[int]:
+    """The steps of checkpoint paths (``.../ckpt-12``, ``.../ring-12``), sorted."""
+    return sorted(int(path.rsplit("-", 1)[-1]) for path in paths)
+
+
+def _local_resume_step(chief_steps: list[int], own_steps: list[int]) -> int:
+    """One worker's latest step to resume from (-1: none): the chief's newest checkpoint
+    for which this worker has its ring checkpoint; a worker with no ring checkpoint (or
+    none the chief kept) does not hold the others back (its ring is refilled)."""
+    latest = chief_steps[-1] if chief_steps else -1
+    own = set(own_steps)
+    return max((step for step in chief_steps if step in own), default=latest)
+
+
+def resumable_step(model_dir: str) -> int:
+    """The step a restart of the run in ``model_dir`` resumes from (-1: none), read from
+    the checkpoint state files alone: what ``RunCheckpoints.resume_step`` agrees on with
+    every worker (the chief's ``checkpoint`` and each ``worker_<i>/checkpoint``). For a
+    worker whose peers are gone and cannot be asked (``conadv/run/cluster.py``): the
+    chief's ckpt-N and a worker's ring-N are saved without a barrier, so the chief's
+    newest checkpoint is not always where a restart resumes."""
+    chief = _kept_steps(model_dir)
+    step = chief[-1] if chief else -1
+    for worker_dir in tf.io.gfile.glob(os.path.join(model_dir, "worker_*")):
+        step = min(step, _local_resume_step(chief, _kept_steps(worker_dir)))
+    return step
+
+
+def _kept_steps(directory: str) -> list[int]:
+    """The steps a CheckpointManager's state file in ``directory`` lists (none: [])."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError):  # a half-written state file: as none
+        state = None
+    return _steps(state.all_model_checkpoint_paths) if state is not None else []
 
 
 def _restore_into(checkpoint: tf.train.Checkpoint, path: str, every_weight: bool = False):

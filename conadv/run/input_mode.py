@@ -8,7 +8,8 @@ epoch, in an order that is not reproducible; a resume re-draws the rest of
 its epoch). What a run can promise about its data order depends on the modes
 it was trained in, so the chief of each start whose mode differs from the
 last recorded one says so in one line and appends it to ``input_modes`` in
-``run_config.json``: ``mode``, ``tf_data_service``, ``workers``,
+``run_config.json``: ``mode``, ``tf_data_service``, ``workers`` (as asked),
+``registered`` (the workers the dispatcher had at start, fast mode),
 ``from_step`` (the checkpoint the start resumes from, 0 for a new run) and,
 for the fast mode, ``trade_off``.
 """
@@ -22,6 +23,7 @@ import os
 import tensorflow as tf
 
 from conadv.run import run_identity
+from conadv.run.checkpoints import resumable_step
 from conadv.run.run_files import write_json
 from input_pipeline import data_service
 
@@ -29,17 +31,23 @@ from input_pipeline import data_service
 LOCAL = "local"
 
 
-def settle(run):
-    """``run`` with ``--tf_data_service_workers=0`` replaced by the dispatcher's count."""
+def settle(run) -> tuple:
+    """``run`` with ``--tf_data_service_workers=0`` replaced by the dispatcher's count, and
+    the count of workers the dispatcher has now in fast mode (None: exact or local). At
+    most ``--peer_timeout`` seconds (then a one-line ``DataError``)."""
     pipeline = run.data.pipeline
-    if not pipeline.tf_data_service or pipeline.tf_data_service_workers:
-        return run
-    workers = data_service.settle_workers(pipeline.tf_data_service, 0)
-    pipeline = dataclasses.replace(pipeline, tf_data_service_workers=workers)
-    return dataclasses.replace(run, data=dataclasses.replace(run.data, pipeline=pipeline))
+    if not pipeline.tf_data_service or pipeline.tf_data_service_workers == 1:
+        return run, None
+    registered = data_service.settle_workers(
+        pipeline.tf_data_service, pipeline.tf_data_service_workers, pipeline.peer_timeout
+    )
+    if pipeline.tf_data_service_workers == 0:
+        pipeline = dataclasses.replace(pipeline, tf_data_service_workers=registered)
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, pipeline=pipeline))
+    return run, registered
 
 
-def current(run) -> dict:
+def current(run, registered: int | None = None) -> dict:
     """This start's input mode, as recorded."""
     pipeline = run.data.pipeline
     if not pipeline.tf_data_service:
@@ -51,18 +59,19 @@ def current(run) -> dict:
         "workers": workers,
     }
     if entry["mode"] == data_service.FAST:
+        entry["registered"] = registered
         entry["trade_off"] = data_service.TRADE_OFF
     return entry
 
 
-def say_and_record(run) -> dict | None:
+def say_and_record(run, registered: int | None = None) -> dict | None:
     """The chief's: a fast-mode start says its trade-off in one line; a start whose mode
     differs from the last recorded one (a service run's first) is appended to
     ``input_modes``. Returns the entry appended, or None."""
-    entry = current(run)
+    entry = current(run, registered)
     if entry["mode"] == data_service.FAST:
         print(
-            f"note: --tf_data_service={entry['tf_data_service']} with {entry['workers']} "
+            f"note: --tf_data_service={entry['tf_data_service']} with {registered} "
             f"workers, fast mode: {data_service.TRADE_OFF}; recorded in "
             f"{run_identity.RUN_CONFIG}",
             flush=True,
@@ -72,10 +81,11 @@ def say_and_record(run) -> dict | None:
         stored = json.load(f)
     modes = stored.get("input_modes") or []
     last = modes[-1] if modes else {"mode": LOCAL}
-    if {k: last.get(k) for k in entry} == entry:
+    same = ("mode", "tf_data_service", "workers")
+    if all(last.get(k) == entry.get(k) for k in same):
         return None
-    latest = tf.train.latest_checkpoint(run.model_dir)
-    entry["from_step"] = 0 if latest is None else int(latest.rsplit("-", 1)[-1])
+    # The step this start resumes from, as the restart decides it (every worker's state).
+    entry["from_step"] = max(resumable_step(run.model_dir), 0)
     stored["input_modes"] = [*modes, entry]
     write_json(path, stored)
     return entry

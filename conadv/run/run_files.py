@@ -107,12 +107,17 @@ class RunFiles:
         return max(self._gather(int(local))) == 1
 
 
-def planned_private_dir(model_dir: str, tf_config: str) -> str:
+def planned_private_dir(model_dir: str, tf_config: str) -> str | None:
     """``RunFiles.private_dir`` of the task ``TF_CONFIG`` names, before the strategy exists
-    (where a worker's log goes while the cluster starts); no directory is created."""
-    config = json.loads(tf_config or "{}")
-    task, jobs = config.get("task", {}), config.get("cluster", {})
-    kind, index = task.get("type"), int(task.get("index", 0))
+    (where a worker's log goes while the cluster starts); no directory is created. None
+    when ``TF_CONFIG`` names no task of a cluster: ``official/distribute.py`` then says
+    what is wrong with it in one line."""
+    try:
+        config = json.loads(tf_config or "{}")
+        task, jobs = config["task"], config["cluster"]
+        kind, index = task["type"], int(task.get("index", 0))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
     if kind == "chief" or (kind == "worker" and index == 0 and "chief" not in jobs):
         return model_dir
     return os.path.join(model_dir, f"worker_{index + (1 if 'chief' in jobs else 0)}")

@@ -116,8 +116,17 @@ RESUMABLE_FLAGS = (
 READING_MODES = ("eval", "export", "sharpness")
 
 #: Flags a reading mode never takes from the record (``num_replicas``: a run trained on
-#: two devices is read on any).
-_NOT_FILLED = ("mode", "model_dir", "mlperf_log", "verbosity", "num_replicas")
+#: two devices is read on any; the tf.data service: it speeds up training, and a trained
+#: run is read without the dispatcher it trained with, which may be gone).
+_NOT_FILLED = (
+    "mode",
+    "model_dir",
+    "mlperf_log",
+    "verbosity",
+    "num_replicas",
+    "tf_data_service",
+    "tf_data_service_workers",
+)
 
 
 #: The flags of the adversarial examples: a vanilla run makes none.

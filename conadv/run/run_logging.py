@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
@@ -106,22 +107,69 @@ def configure_console():
         absl_handler.addFilter(ConsoleFilter())
 
 
-def native_stderr_to(path: str):
-    """From now on what TensorFlow's C++ code writes to stderr goes to ``path`` (appended);
-    Python's ``sys.stderr`` (absl's console handler, the one-line errors) stays the console.
+#: What the tee below still shows on the console of TensorFlow's C++ lines: what a
+#: process dies of (absl's FATAL lines and CHECK failures, std::terminate, a fatal Python
+#: error, NCCL's warnings); everything else (a lost peer's pages) only goes to the file.
+CONSOLE_NATIVE = (
+    r"^(F\d{4} |\*\*\* |.*Check failed|terminate called|Fatal Python error|.*NCCL WARN)"
+)
+
+#: The tee: a process of its own, so the lines a crashing process writes last still
+#: arrive (it reads until the pipe closes, also after its writer was killed).
+_TEE = """
+import re, sys
+shown = re.compile(sys.argv[2])
+with open(sys.argv[1], "ab", buffering=0) as log:
+    for line in sys.stdin.buffer:
+        log.write(line)
+        if shown.match(line.decode(errors="replace")):
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+"""
+
+_native_log: list = []  # [path, the tee process]
+
+
+def native_stderr_to(directory: str) -> str:
+    """From now on what TensorFlow's C++ code writes to stderr goes to ``directory``'s
+    ``log.txt`` (appended; a local one for a remote directory, as ``add_log_file``), and
+    only its fatal lines (``CONSOLE_NATIVE``) also to the console; Python's
+    ``sys.stderr`` (absl's console handler, the one-line errors) stays the console.
+    Returns the file's path.
 
     For multi-worker runs, whose C++ layers print pages when a peer is lost
     (``conadv/run/cluster.py``): the console keeps the one line. Call before the
-    strategy is built, with the worker's ``log.txt``.
+    strategy is built.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = os.path.join(local_log_dir(directory), LOG_FILE)
     sys.stderr.flush()
-    console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(target, 2)
-    os.close(target)
-    sys.stderr = console
-    absl_logging.get_absl_handler().python_handler.setStream(console)
+    console = os.dup(2)
+    tee = subprocess.Popen(
+        [sys.executable, "-I", "-c", _TEE, path, CONSOLE_NATIVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=console,
+    )
+    os.dup2(tee.stdin.fileno(), 2)
+    tee.stdin.close()  # fd 2 holds the pipe: it closes when this process ends
+    sys.stderr = os.fdopen(console, "w", buffering=1, encoding="utf-8", errors="replace")
+    absl_logging.get_absl_handler().python_handler.setStream(sys.stderr)
+    _native_log[:] = [path, tee]  # the tee kept: it ends when this process does
+    return path
+
+
+def native_log_path() -> str | None:
+    """The file TensorFlow's C++ lines go to (``native_stderr_to``), or None."""
+    return _native_log[0] if _native_log else None
+
+
+def local_log_dir(model_dir: str) -> str:
+    """Where ``model_dir``'s log is written, created: itself, or for a remote file system
+    (``gs://…``; Python's logging writes local files only) a local directory of that name."""
+    if "://" in model_dir:
+        model_dir = os.path.join(tempfile.gettempdir(), "conadv_logs", model_dir.split("://", 1)[1])
+    os.makedirs(model_dir, exist_ok=True)
+    return model_dir
 
 
 def remove_log_file(path: str):
@@ -142,11 +190,7 @@ def add_log_file(model_dir: str) -> str:
     local directory instead (Python's logging writes local files only); the
     run's first lines say where.
     """
-    if "://" in model_dir:
-        local = os.path.join(tempfile.gettempdir(), "conadv_logs", model_dir.split("://", 1)[1])
-        os.makedirs(local, exist_ok=True)
-        model_dir = local
-    path = os.path.join(model_dir, LOG_FILE)
+    path = os.path.join(local_log_dir(model_dir), LOG_FILE)
     root = logging.getLogger()
     for handler in root.handlers:
         if isinstance(handler, logging.FileHandler) and handler.baseFilename == os.path.abspath(
