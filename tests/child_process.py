@@ -7,6 +7,7 @@ starts, so they run in a fresh interpreter.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,18 +27,30 @@ def run_for_result(*python_args: str, timeout: int = 600, prefix: tuple = ()) ->
     """``python *python_args`` in the project root; the parsed last ``RESULT`` line.
 
     ``prefix`` runs the interpreter under another command (for example a
-    private network namespace).
+    private network namespace). The program runs in a session of its own: on a
+    timeout or a failure, it and every process it started are killed.
     """
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [*prefix, sys.executable, *python_args],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = "", f"timed out after {timeout} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the program's children, orphaned or not
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise AssertionError(f"child program failed:\n{_clipped(proc.stderr)}")
+        raise AssertionError(f"child program failed:\n{_clipped(stderr)}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 

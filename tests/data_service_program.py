@@ -7,6 +7,8 @@ of a pipeline built now, and what a pipeline built before it joined delivers
 in up to ``MANY`` batches. With both, in fast mode (``--tf_data_service_workers=2``):
 two epochs, a stream resumed at ``RESUME_AT``, the tasks each worker ran, and
 ``main.py`` training two steps through them (its console and run_config.json).
+Last, ``main.py`` through a dispatcher and a worker that ``python -m
+input_pipeline.service`` started, the dispatcher hung while it trains.
 
 Run by ``test_data_service.py`` inside a private network namespace whose only
 interface is loopback: the servers bind every interface of their namespace,
@@ -15,6 +17,8 @@ so nothing outside this machine's loopback can reach them.
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ from input_pipeline import data_service
 from input_pipeline.base import TRAIN, DataError, PipelineOptions, data_error_from
 from input_pipeline.imagenet import ImageNetSource
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
 RESUME_AT = 3
 MANY = 200
@@ -71,7 +76,7 @@ def start_worker(service, dispatcher_address):
 def main_args(data_dir, num_train_examples, service, name, steps):
     return [
         sys.executable,
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py"),
+        os.path.join(ROOT, "main.py"),
         "--dataset=imagenet",
         f"--data_dir={data_dir}",
         "--one_based_labels",
@@ -108,32 +113,85 @@ def train(data_dir, num_train_examples, service):
     return {"code": proc.returncode, "console": proc.stdout + proc.stderr, "input_modes": record}
 
 
-def dispatcher_gone(data_dir, num_train_examples, dispatcher):
-    """``main.py`` training in fast mode when the dispatcher stops: how it ends."""
-    console = os.path.join(data_dir, "gone.log")
-    with open(console, "w") as log:
-        proc = subprocess.Popen(
-            main_args(data_dir, num_train_examples, dispatcher.target, "gone_run", 10**6),
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def serve(log_path, *args):
+    """``python -m input_pipeline.service *args`` (a dispatcher or a worker), its output
+    in ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "input_pipeline.service", *args],
+            cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def dispatcher_gone(data_dir, num_train_examples):
+    """``main.py`` training through a dispatcher and a worker started by ``python -m
+    input_pipeline.service`` (``--tf_data_service_workers=0``: the dispatcher's count, one:
+    exact mode), the dispatcher hung (SIGSTOP: its port still accepts connections) at
+    step 2: how main.py ends."""
+    dispatcher_port, worker_port = free_ports(2)
+    logs = [os.path.join(data_dir, f"{name}.log") for name in ("dispatcher", "worker")]
+    servers = [
+        serve(logs[0], f"--port={dispatcher_port}"),
+        serve(
+            logs[1],
+            f"--dispatcher=localhost:{dispatcher_port}",
+            f"--port={worker_port}",
+            "--worker_host=localhost",
+        ),
+    ]
+    console = os.path.join(data_dir, "gone.log")
+    service = f"grpc://localhost:{dispatcher_port}"
+    args = main_args(data_dir, num_train_examples, service, "gone_run", 10**6)
+    args[args.index("--tf_data_service_workers=2")] = "--tf_data_service_workers=0"
+    proc = None
     try:
+        # Both serving (the worker registered) before main.py asks for the count.
+        if data_service.count_workers(service, timeout=120) != 1:
+            raise RuntimeError("python -m input_pipeline.service: not one worker registered")
+        with open(console, "w") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             with open(console) as f:
                 if "step 2/" in f.read():
                     break
             time.sleep(0.2)
-        dispatcher._stop()  # noqa: SLF001
+        servers[0].send_signal(signal.SIGSTOP)
         stopped = time.time()
         code = proc.wait(timeout=PEER_TIMEOUT + 120)
         seconds = time.time() - stopped
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for child in [proc, *servers]:
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
     with open(console) as f:
-        return {"code": code, "seconds": seconds, "console": f.read()}
+        text = f.read()
+    with open(os.path.join(data_dir, "gone_run", "run_config.json")) as f:
+        record = json.load(f).get("input_modes")
+    servers_said = []
+    for path in logs:
+        with open(path) as f:
+            servers_said.append(f.read())
+    return {
+        "code": code,
+        "seconds": seconds,
+        "console": text,
+        "input_modes": record,
+        "servers": servers_said,
+    }
 
 
 def main(data_dir, num_train_examples):
@@ -177,9 +235,10 @@ def main(data_dir, num_train_examples):
     )
     result["fast_tasks"] = [w._num_tasks() - n for w, n in zip(workers, tasks)]  # noqa: SLF001
     result["fast_run"] = train(data_dir, num_train_examples, dispatcher.target)
-    result["dispatcher_gone"] = dispatcher_gone(data_dir, num_train_examples, dispatcher)
     for worker in workers:
         worker._stop()
+    dispatcher._stop()  # noqa: SLF001
+    result["dispatcher_gone"] = dispatcher_gone(data_dir, num_train_examples)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -6,6 +6,7 @@ records the mode."""
 import collections
 import shutil
 import subprocess
+import sys
 
 import tensorflow as tf
 
@@ -138,21 +139,32 @@ class DataServiceTest(tf.test.TestCase):
         self.assertLen(run["input_modes"], 1)
         self.assertEqual(run["input_modes"][0]["mode"], "fast")
         self.assertEqual(run["input_modes"][0]["workers"], 2)
+        self.assertEqual(run["input_modes"][0]["registered"], 2)  # the dispatcher's count
         self.assertEqual(run["input_modes"][0]["from_step"], 0)
-        # The dispatcher stops while main.py trains. Catches: waiting forever for the next
-        # epoch's splits (TensorFlow's behaviour), a traceback, the generic exit status.
+        # The dispatcher hangs (SIGSTOP) while main.py trains, both started by python -m
+        # input_pipeline.service. Catches: waiting forever (TensorFlow's behaviour), a
+        # watch that only connects to the port (a hung process's port still accepts), a
+        # traceback, the generic exit status; the servers' program not serving.
         gone = result["dispatcher_gone"]
+        print(f"dispatcher hung: main.py exited {gone['seconds']:.1f} s later", file=sys.stderr)
         self.assertEqual(gone["code"], DISPATCHER_EXIT_CODE, gone["console"][-3000:])
         self.assertLess(gone["seconds"], PEER_TIMEOUT + 30)
         errors = [line for line in gone["console"].splitlines() if line.startswith("error:")]
         self.assertLen(errors, 1, gone["console"][-3000:])
         self.assertRegex(
             errors[0],
-            rf"^error: the tf.data service dispatcher {result['dispatcher']} has not answered "
+            rf"^error: the tf.data service dispatcher grpc://localhost:\d+ has not answered "
             rf"for {PEER_TIMEOUT} s at step \d+; .*Restart the dispatcher and its workers, then "
             "every worker with the same command",
         )
         self.assertNotIn("Traceback", gone["console"])
+        # --tf_data_service_workers=0 and one worker: the exact mode, recorded so.
+        # Catches: 0 taken for fast mode, or the mode not recorded.
+        self.assertEqual(
+            [(m["mode"], m["workers"]) for m in gone["input_modes"]], [("exact", 1)], gone
+        )
+        self.assertIn("tf.data service dispatcher at grpc://", gone["servers"][0])
+        self.assertIn("tf.data service worker localhost:", gone["servers"][1])
 
 
 if __name__ == "__main__":
