@@ -22,8 +22,8 @@ from tests.test_keras_fit import (
     BATCH,
     EPOCHS,
     FULL_BATCHES,
-    TOLERANCE,
     Recorder,
+    assert_trains_as_keras,
     data,
     net,
     optimizer,
@@ -135,22 +135,7 @@ class EveryKerasInputTest(tf.test.TestCase, parameterized.TestCase):
         # Keras runs whole executions of an endless generator: 6 steps an epoch for 3.
         steps = int(reference.optimizer.iterations)
         self.assertEqual(steps, (6 if case == "generator" and steps_per_execution == 3 else 5) * 2)
-        self.assertEqual(int(ours.optimizer.iterations), steps)
-        want = reference.get_weights()
-        got = ours.export_model().get_weights()
-        self.assertLen(got, len(want))
-        for a, b in zip(got, want):
-            self.assertAllClose(a, b, atol=TOLERANCE, rtol=TOLERANCE)
-        self.assertEqual(set(history.history) - {"clean_loss"}, set(theirs.history))
-        for key, values in theirs.history.items():
-            self.assertAllClose(history.history[key], values, rtol=TOLERANCE, msg=key)
-        self.assertEqual(
-            [(kind, index) for kind, index, _ in recorder.events],
-            [(kind, index) for kind, index, _ in keras_recorder.events],
-        )
-        for (_, _, logs), (_, _, keras_logs) in zip(recorder.events, keras_recorder.events):
-            for key, value in keras_logs.items():
-                self.assertAllClose(logs[key], value, rtol=TOLERANCE, msg=key)
+        assert_trains_as_keras(self, ours, reference, history, theirs, recorder, keras_recorder)
         # The weights matter: the weighted and unweighted accuracies differ somewhere.
         logged = theirs.history
         self.assertNotAllClose(logged["accuracy"], logged["weighted_accuracy"])
