@@ -35,6 +35,11 @@ How it differs from the separate attack (``conadv/attack.py``):
   reads the first τ batches of the stream only to make their adversarial
   images (with the input gradient of the same cross-entropy through the same
   branch, without an update); so does the refill of an emptied ring.
+- Example weights (``conadv.keras``'s ``sample_weight``) weight the clean
+  pass's cross-entropy, so the input gradient is the weighted one: its sign is
+  the same for a positive weight, and an example of weight 0, which adds
+  nothing to the update, is left unperturbed. ConAdv's ring keeps each
+  batch's weights with its adversarial images.
 """
 
 from __future__ import annotations
@@ -106,11 +111,14 @@ def _weights_and_input(ctx: StepContext, tape, scaled_cross_entropy, scaled_extr
     return grads, unscaled(ctx, input_gradient)
 
 
-def half_cross_entropy(ctx: StepContext, labels, logits):
-    """One pass's per-example cross-entropy (label-smoothed, as trained) and its half of
-    the objective, ½·ΣCE over the global batch. Through ``CLEAN_BRANCH`` it is the
-    loss whose input gradient the free attack takes, in its steps and its prologue."""
-    per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+def half_cross_entropy(ctx: StepContext, labels, logits, weights=None):
+    """One pass's per-example cross-entropy (label-smoothed, as trained; weighted, with
+    ``weights``) and its half of the objective, ½·ΣCE over the global batch. Through
+    ``CLEAN_BRANCH`` it is the loss whose input gradient the free attack takes, in its
+    steps and its prologue."""
+    per_example = objective.weighted(
+        losses.cross_entropy(labels, logits, ctx.label_smoothing), weights
+    )
     return per_example, 0.5 * tf.reduce_sum(per_example) / ctx.global_batch_size
 
 
@@ -118,7 +126,7 @@ def _half(extra):
     return None if extra is None else 0.5 * extra
 
 
-def clean_pass(ctx: StepContext, images, labels):
+def clean_pass(ctx: StepContext, images, labels, weights=None):
     """DisAdv's clean pass (training mode, through ``CLEAN_BRANCH``): the gradients of its
     half of the objective, ½·(CE + the clean network's regularizers), the unscaled
     input gradient of its cross-entropy alone, the logits, the per-example losses and
@@ -127,20 +135,20 @@ def clean_pass(ctx: StepContext, images, labels):
         tape.watch(images)
         logits = call_model(ctx.model, images, True, CLEAN_BRANCH)
         extra = additional_loss(ctx.model, {CLEAN_BRANCH: 1.0})
-        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits)
+        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits, weights)
         scaled = _scaled_terms(ctx, cross_entropy, _half(extra))
     grads, input_gradient = _weights_and_input(ctx, tape, *scaled, images)
     return grads, input_gradient, logits, per_example, extra
 
 
-def _adversarial_pass(ctx: StepContext, adversarial, labels):
+def _adversarial_pass(ctx: StepContext, adversarial, labels, weights=None):
     """DisAdv's adversarial pass (training mode, auxiliary branch): the gradients of its
     half of the objective, ½·(CE + the adversarial network's regularizers), the
     per-example losses and the regularizers' loss (or None)."""
     with tf.GradientTape() as tape:
         logits = call_model(ctx.model, adversarial, True, "aux")
         extra = additional_loss(ctx.model, {"aux": 1.0})
-        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits)
+        per_example, cross_entropy = half_cross_entropy(ctx, labels, logits, weights)
         loss = objective.with_extra(ctx, cross_entropy, _half(extra))
         scaled_loss = ctx.optimizer.scale_loss(loss)
     return objective.weight_gradients(ctx, tape, scaled_loss), per_example, extra
@@ -157,40 +165,42 @@ def _add_sums(ctx, labels, logits, clean, adv_labels, adv, adversarial, attacked
         )
 
 
-def disadv_gradients(ctx: StepContext, images, labels, index):
+def disadv_gradients(ctx: StepContext, images, labels, index, weights=None):
     """DisAdv on (micro-)batch ``index``: its clean pass gives x_adv(θ_t), then the
     adversarial pass; the gradient of ½·(CE_clean + CE_adv) is the two passes' sum."""
     images = as_stored(ctx, images)
-    grads, input_gradient, logits, clean, clean_extra = clean_pass(ctx, images, labels)
+    grads, input_gradient, logits, clean, clean_extra = clean_pass(ctx, images, labels, weights)
     adversarial = adversarial_from_gradient(ctx, images, input_gradient)
-    adv_grads, adv, adv_extra = _adversarial_pass(ctx, adversarial, labels)
+    adv_grads, adv, adv_extra = _adversarial_pass(ctx, adversarial, labels, weights)
     grads = [a + b for a, b in zip(grads, adv_grads)]
     extra = objective.mean_of_present(clean_extra, adv_extra)
     _add_sums(ctx, labels, logits, clean, labels, adv, adversarial, images)
-    return StepGradients(grads, [], labels, logits, clean, adv, extra)
+    return StepGradients(grads, [], labels, logits, clean, adv, extra, weights)
 
 
-def conadv_gradients(ctx: StepContext, images, labels, index):
+def conadv_gradients(ctx: StepContext, images, labels, index, weights=None):
     """ConAdv on (micro-)batch ``index``: the update on its clean batch and the ring's
     adversarial batch (made τ steps ago from another batch), whose clean pass makes
-    this batch's x_adv(θ_t) and writes it, with its labels, where that slot was."""
+    this batch's x_adv(θ_t) and writes it, with its labels (and weights), where that
+    slot was."""
     images = as_stored(ctx, images)
     slot = tf.cast(index % ctx.ring.staleness, tf.int32)
     _, adv_labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
+    adv_weights = ctx.ring.read_weights(slot)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(images)
         # Of this cross-entropy only the clean half reads ``images``.
         cross_entropy, logits, clean, adv, extra = objective.adversarial_cross_entropy(
-            ctx, images, labels, adversarial, adv_labels
+            ctx, images, labels, adversarial, adv_labels, weights, adv_weights
         )
         scaled = _scaled_terms(ctx, cross_entropy, extra)
     grads, input_gradient = _weights_and_input(ctx, tape, *scaled, images)
     next_adversarial = adversarial_from_gradient(ctx, images, input_gradient)
     with tf.control_dependencies(grads):
-        ctx.ring.write(slot, None, labels, next_adversarial)
+        ctx.ring.write(slot, None, labels, next_adversarial, weights)
     _add_sums(ctx, labels, logits, clean, adv_labels, adv, next_adversarial, images)
     # The gradients (hence the write) have read θ_t before the update.
-    return StepGradients(grads, [], labels, logits, clean, adv, extra)
+    return StepGradients(grads, [], labels, logits, clean, adv, extra, weights)
 
 
 def build_prologue(ctx: StepContext):
@@ -200,15 +210,16 @@ def build_prologue(ctx: StepContext):
     gradient), with its labels, into its slot."""
 
     def prologue_step(batch, index):
-        images, labels = batch
+        images, labels, *weights = batch
         images = as_stored(ctx, images)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(images)
             logits = call_model(ctx.model, images, True, CLEAN_BRANCH, update_stats=False)
-            _, cross_entropy = half_cross_entropy(ctx, labels, logits)
+            _, cross_entropy = half_cross_entropy(ctx, labels, logits, *weights)
             scaled_loss = ctx.optimizer.scale_loss(cross_entropy)
         input_gradient = unscaled(ctx, tape.gradient(scaled_loss, images))
         slot = tf.cast(index % ctx.ring.staleness, tf.int32)
-        ctx.ring.write(slot, None, labels, adversarial_from_gradient(ctx, images, input_gradient))
+        adversarial = adversarial_from_gradient(ctx, images, input_gradient)
+        ctx.ring.write(slot, None, labels, adversarial, *weights)
 
     return prologue_step

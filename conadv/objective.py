@@ -6,6 +6,12 @@ auxiliary one), summed over the replica's examples and divided by the
 accumulator over micro-batches), plus the model's own regularizers
 (``model.losses``, ``official/model_losses.py``) weighted as their branches
 are. Vanilla's objective is the clean term alone.
+
+Example weights (``conadv.keras``'s ``sample_weight`` and ``class_weight``)
+multiply each example's clean and adversarial cross-entropy before the sum,
+which is still divided by the global batch: Keras' ``sum_over_batch_size``
+reduction of a weighted loss. An adversarial example carries the weight of
+the clean example it was made from.
 """
 
 from __future__ import annotations
@@ -53,13 +59,18 @@ def with_extra(ctx: StepContext, loss, extra):
     return loss if extra is None else loss + extra_share(ctx, extra)
 
 
-def clean_gradients(ctx: StepContext, images, labels):
+def weighted(per_example, weights):
+    """Each example's loss times its weight (the loss as it is when ``weights`` is None)."""
+    return per_example if weights is None else per_example * weights
+
+
+def clean_gradients(ctx: StepContext, images, labels, weights=None):
     """Gradients of the clean loss through the main branch (one micro-batch), the
-    logits, the per-example losses and the regularizers' loss (or None)."""
+    logits, the per-example (weighted) losses and the regularizers' loss (or None)."""
     with tf.GradientTape() as tape:
         logits = call_model(ctx.model, images, True, "main")
         extra = additional_loss(ctx.model, {"main": 1.0})
-        per_example = losses.cross_entropy(labels, logits, ctx.label_smoothing)
+        per_example = weighted(losses.cross_entropy(labels, logits, ctx.label_smoothing), weights)
         loss = with_extra(ctx, tf.reduce_sum(per_example) / ctx.global_batch_size, extra)
         scaled_loss = ctx.optimizer.scale_loss(loss)
     grads = weight_gradients(ctx, tape, scaled_loss)
@@ -75,24 +86,36 @@ def mean_of_present(a, b):
     return 0.5 * ((0.0 if a is None else a) + (0.0 if b is None else b))
 
 
-def adversarial_loss(ctx: StepContext, images, labels, adversarial, adversarial_labels=None):
+def adversarial_loss(ctx: StepContext, images, labels, adversarial, weights=None):
     """½·(CE_clean through main + CE_adv through aux), over the global batch, plus the
-    regularizers' ½·(clean + adversarial) share.
+    regularizers' ½·(clean + adversarial) share; each example's two terms weighted by
+    its weight, if ``weights``.
 
     A training-mode forward pass (both branches' moving statistics update) in
     the context's ``update_pass`` form. Returns the loss, the clean logits,
-    the per-example clean and adversarial cross-entropies, and the
+    the per-example (weighted) clean and adversarial cross-entropies, and the
     regularizers' loss (or None).
     """
     loss, clean_logits, clean, adv, extra = adversarial_cross_entropy(
-        ctx, images, labels, adversarial, adversarial_labels
+        ctx, images, labels, adversarial, weights=weights
     )
     return with_extra(ctx, loss, extra), clean_logits, clean, adv, extra
 
 
-def adversarial_cross_entropy(ctx: StepContext, images, labels, adversarial, adversarial_labels):
+def adversarial_cross_entropy(
+    ctx: StepContext,
+    images,
+    labels,
+    adversarial,
+    adversarial_labels=None,
+    weights=None,
+    adversarial_weights=None,
+):
     """``adversarial_loss`` without the regularizers' share: ½·(CE_clean + CE_adv) over the
-    global batch, then what ``adversarial_loss`` returns after its loss."""
+    global batch, then what ``adversarial_loss`` returns after its loss. The
+    adversarial rows are the clean batch's copy, with its labels and weights, unless
+    ``adversarial_labels`` (and ``adversarial_weights``) say otherwise (the free attack's
+    ConAdv trains on another batch's)."""
     images = tf.cast(images, tf.float32)
     adversarial = tf.cast(adversarial, tf.float32)
     if ctx.update_pass == CONCATENATED:
@@ -105,20 +128,25 @@ def adversarial_cross_entropy(ctx: StepContext, images, labels, adversarial, adv
         clean_extra = additional_loss(ctx.model, {"main": 1.0})
         adv_logits = call_model(ctx.model, adversarial, True, "aux")
         extra = mean_of_present(clean_extra, additional_loss(ctx.model, {"aux": 1.0}))
-    clean = losses.cross_entropy(labels, clean_logits, ctx.label_smoothing)
+    clean = weighted(losses.cross_entropy(labels, clean_logits, ctx.label_smoothing), weights)
     if adversarial_labels is None:  # the adversarial copy of the clean batch
-        adversarial_labels = labels
-    adv = losses.cross_entropy(adversarial_labels, adv_logits, ctx.label_smoothing)
+        adversarial_labels, adversarial_weights = labels, weights
+    adv = weighted(
+        losses.cross_entropy(adversarial_labels, adv_logits, ctx.label_smoothing),
+        adversarial_weights,
+    )
     loss = 0.5 * (tf.reduce_sum(clean) + tf.reduce_sum(adv)) / ctx.global_batch_size
     return loss, clean_logits, clean, adv, extra
 
 
-def adversarial_gradients(ctx: StepContext, images, labels, adversarial):
+def adversarial_gradients(ctx: StepContext, images, labels, adversarial, weights=None):
     """Gradients of ½·(CE_clean through main + CE_adv through aux) (one micro-batch),
-    the clean logits, the per-example clean and adversarial losses and the
+    the clean logits, the per-example (weighted) clean and adversarial losses and the
     regularizers' loss (or None)."""
     with tf.GradientTape() as tape:
-        loss, clean_logits, clean, adv, extra = adversarial_loss(ctx, images, labels, adversarial)
+        loss, clean_logits, clean, adv, extra = adversarial_loss(
+            ctx, images, labels, adversarial, weights
+        )
         scaled_loss = ctx.optimizer.scale_loss(loss)
     grads = weight_gradients(ctx, tape, scaled_loss)
     if ctx.sums is not None:

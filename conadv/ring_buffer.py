@@ -54,6 +54,8 @@ from official.per_replica import per_replica_variable
 
 #: The buffer's arrays, in the order ``read`` returns them and ``write`` takes them.
 FIELDS = ("images", "labels", "adversarial")
+#: The examples' weights, kept beside the batch for ``conadv.keras``'s sample weights.
+WEIGHTS = "weights"
 
 
 def example_shape(image_size) -> tuple[int, ...]:
@@ -71,13 +73,15 @@ def bytes_per_replica(
     label_shape: tuple[int, ...] = (),
     label_dtype=tf.int32,
     clean_images: bool = True,
+    sample_weights: bool = False,
 ) -> int:
     """Memory one replica's slots take: clean (unless not kept) and adversarial images,
-    and labels."""
+    labels, and the examples' weights if kept."""
     examples = staleness * per_replica_batch
     pixels = examples * math.prod(example_shape(image_size))
     label_bytes = examples * math.prod(label_shape) * tf.as_dtype(label_dtype).size
-    return (1 + int(clean_images)) * pixels * tf.as_dtype(dtype).size + label_bytes
+    weight_bytes = examples * 4 if sample_weights else 0
+    return (1 + int(clean_images)) * pixels * tf.as_dtype(dtype).size + label_bytes + weight_bytes
 
 
 class _Untracked:
@@ -112,7 +116,10 @@ class RingBuffer:
     ``conadv.keras``, a target distribution (``label_shape=(C,)``, float32).
     ``clean_images=False`` keeps labels and adversarial images only (the free
     attack's ring, ``conadv/free_attack.py``): ``read`` then gives None for the
-    images and ``write`` takes None.
+    images and ``write`` takes None. ``sample_weights=True`` keeps each example's
+    weight (float32) with its batch (``conadv.keras``'s ``sample_weight``), so the
+    weight made at step t−τ is the one trained at step t: ``read_weights`` and
+    ``write(..., weights=)``.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class RingBuffer:
         label_shape: tuple[int, ...] = (),
         label_dtype: tf.DType = tf.int32,
         clean_images: bool = True,
+        sample_weights: bool = False,
     ):
         if staleness < 1:
             raise ValueError(f"staleness must be >= 1, got {staleness}")
@@ -139,7 +147,10 @@ class RingBuffer:
         self.label_dtype = tf.as_dtype(label_dtype)
         labels_shape = [self.staleness, per_replica_batch, *self.label_shape]
         self.clean_images = bool(clean_images)
-        self.fields = FIELDS if clean_images else FIELDS[1:]
+        self.sample_weights = bool(sample_weights)
+        self.fields = (FIELDS if clean_images else FIELDS[1:]) + (
+            (WEIGHTS,) if sample_weights else ()
+        )
         with strategy.scope():
             self._vars = _Untracked(
                 images=(
@@ -149,6 +160,11 @@ class RingBuffer:
                 ),
                 labels=self._variable(labels_shape, self.label_dtype, "ring_labels"),
                 adversarial=self._variable(self.image_shape, self.dtype, "ring_adversarial"),
+                weights=(
+                    self._variable(labels_shape[:2], tf.float32, "ring_weights")
+                    if sample_weights
+                    else None
+                ),
             )
         # Set once the prologue (or a restored checkpoint) has filled every slot.
         self.filled = tf.Variable(False, trainable=False, name="ring_filled")
@@ -162,6 +178,7 @@ class RingBuffer:
         self.layout = (
             f"v2_r{self.num_local_replicas}_b{per_replica_batch}_s{size_tag}"
             f"_t{self.staleness}{dtype_tag}{label_tag}{'' if clean_images else '_noclean'}"
+            f"{'_w' if sample_weights else ''}"
         )
 
     @staticmethod
@@ -179,6 +196,7 @@ class RingBuffer:
             self.label_shape,
             self.label_dtype,
             self.clean_images,
+            self.sample_weights,
         )
 
     # ------------------------------------------------- inside strategy.run
@@ -192,12 +210,20 @@ class RingBuffer:
             for name in FIELDS
         )
 
-    def write(self, slot: tf.Tensor, images, labels, adversarial) -> tf.Operation:
+    def read_weights(self, slot: tf.Tensor) -> tf.Tensor | None:
+        """This replica's example weights in ``slot`` (None when the ring keeps none)."""
+        if not self.sample_weights:
+            return None
+        return _read_slot(self._vars.weights, tf.cast(slot, tf.int32))
+
+    def write(self, slot: tf.Tensor, images, labels, adversarial, weights=None) -> tf.Operation:
         """Overwrites this replica's ``slot`` (images are cast to the buffer's dtype)."""
         slot = tf.cast(slot, tf.int32)
-        values = dict(zip(FIELDS, (images, labels, adversarial)))
+        values = dict(zip(FIELDS, (images, labels, adversarial)), weights=weights)
         if (values["images"] is None) == self.clean_images:
             raise ValueError("give clean images exactly when the ring keeps them")
+        if (weights is None) == self.sample_weights:
+            raise ValueError("give example weights exactly when the ring keeps them")
         return tf.group(
             *(_write_slot(getattr(self._vars, n), slot, values[n]) for n in self.fields)
         )
@@ -205,7 +231,8 @@ class RingBuffer:
     # ----------------------------------------------------------- on the host
 
     def local_slots(self, name: str) -> list[tf.Variable]:
-        """This worker's per-replica components of ``images``, ``labels`` or ``adversarial``."""
+        """This worker's per-replica components of ``images``, ``labels``, ``adversarial`` or
+        ``weights``."""
         return list(self.strategy.experimental_local_results(getattr(self._vars, name)))
 
     def checkpoint_items(self) -> dict:

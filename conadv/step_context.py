@@ -83,7 +83,10 @@ class StepGradients(NamedTuple):
     metrics such as ``conadv.keras.ConAdvModel``'s; ``extra_loss`` is what
     the model's regularizers added to the objective (``model.losses``, see
     ``official/model_losses.py``; None without any); ``wait_for`` are the
-    tensors that must read θ_t before the update overwrites it.
+    tensors that must read θ_t before the update overwrites it. With example
+    weights (``conadv.keras``'s ``sample_weight``) the per-example losses are
+    weighted as the objective weights them, and ``sample_weight`` holds the
+    weights of the batch trained on (None without weights).
     """
 
     grads: list
@@ -93,6 +96,7 @@ class StepGradients(NamedTuple):
     clean_losses: tf.Tensor
     adv_losses: tf.Tensor | None
     extra_loss: tf.Tensor | None = None
+    sample_weight: tf.Tensor | None = None
 
     @property
     def clean_sum(self) -> tf.Tensor:

@@ -8,7 +8,8 @@ makes it wait, except that θ_t must be read before it is overwritten.
 
 ``TrainStep`` runs one optimizer step from the iterator, inside the training
 loop's ``tf.function``: one ``strategy.run`` of ``build_step``'s replica
-function on the next per-replica batch ``(images, labels)`` or, under
+function on the next per-replica batch ``(images, labels)`` (``conadv.keras``
+adds each example's weight: ``(images, labels, weights)``) or, under
 gradient accumulation of N micro-batches, N runs of ``build_micro_step``'s
 (``(micro-batch, i)``) and one of ``build_apply_step``'s. Each replica's loss
 is a sum divided by the *global* batch, because the optimizer sums gradients
@@ -81,42 +82,50 @@ def _apply(ctx: StepContext, grads, clean_sum, adversarial_sum=None, wait_for=()
     ctx.optimizer.apply_gradients(zip(grads, ctx.model.trainable_variables))
 
 
-def vanilla_gradients(ctx: StepContext, images, labels, index):
+def vanilla_gradients(ctx: StepContext, images, labels, index, weights=None):
     """Vanilla on one (micro-)batch: the clean loss through the main branch."""
-    grads, logits, clean, extra = objective.clean_gradients(ctx, as_stored(ctx, images), labels)
-    return StepGradients(grads, [], labels, logits, clean, None, extra)
+    grads, logits, clean, extra = objective.clean_gradients(
+        ctx, as_stored(ctx, images), labels, weights
+    )
+    return StepGradients(grads, [], labels, logits, clean, None, extra, weights)
 
 
-def disadv_gradients(ctx: StepContext, images, labels, index):
-    """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss."""
+def disadv_gradients(ctx: StepContext, images, labels, index, weights=None):
+    """DisAdv on (micro-)batch ``index``: attack it with θ_t, then the adversarial loss.
+
+    The attack maximises each example's own cross-entropy, whatever its weight:
+    a weight scales the example's share of the update, not its worst case.
+    """
     images = as_stored(ctx, images)
     adversarial = run_attack(ctx, images, labels, batch_index=index)
     grads, logits, clean, adv, extra = objective.adversarial_gradients(
-        ctx, images, labels, adversarial
+        ctx, images, labels, adversarial, weights
     )
-    return StepGradients(grads, [], labels, logits, clean, adv, extra)
+    return StepGradients(grads, [], labels, logits, clean, adv, extra, weights)
 
 
-def conadv_gradients(ctx: StepContext, next_images, next_labels, index):
+def conadv_gradients(ctx: StepContext, next_images, next_labels, index, next_weights=None):
     """ConAdv on (micro-)batch ``index``: train on its ring slot, attack the incoming one into it.
 
     The ring holds τ·N micro-batches (N = 1 without accumulation): micro-batch
     m lives in slot m mod τN, was attacked τ optimizer steps ago, and the
     incoming micro-batch m + τN (``next_images``) is attacked with the current
-    weights and takes its slot once it has been read.
+    weights and takes its slot once it has been read. Example weights travel
+    in the ring with their batch: those trained now came with it τ steps ago.
     """
     ring_size = ctx.ring.staleness
     next_images = as_stored(ctx, next_images)
     slot = tf.cast(index % ring_size, tf.int32)
     images, labels, adversarial = ctx.ring.read(slot)  # made with θ_{t−τ}
+    weights = ctx.ring.read_weights(slot)
     next_adversarial = run_attack(ctx, next_images, next_labels, batch_index=index + ring_size)
     grads, logits, clean, adv, extra = objective.adversarial_gradients(
-        ctx, images, labels, adversarial
+        ctx, images, labels, adversarial, weights
     )
     with tf.control_dependencies(grads):
-        ctx.ring.write(slot, next_images, next_labels, next_adversarial)
+        ctx.ring.write(slot, next_images, next_labels, next_adversarial, next_weights)
     # The update may only overwrite θ_t once the attack has read it.
-    return StepGradients(grads, [next_adversarial], labels, logits, clean, adv, extra)
+    return StepGradients(grads, [next_adversarial], labels, logits, clean, adv, extra, weights)
 
 
 _GRADIENTS = {
@@ -151,14 +160,15 @@ def build_step(method: str, ctx: StepContext):
     """The replica step of one batch: its gradients, then the optimizer step (step t).
 
     The step returns its ``StepGradients`` (the loop of ``main.py`` ignores them;
-    ``ConAdvModel`` updates its metrics from them).
+    ``ConAdvModel`` updates its metrics from them). ``batch`` is ``(images,
+    labels)`` or ``(images, labels, weights)``.
     """
     gradients = _gradients_fn(method, ctx)
 
     def step(batch):
-        images, labels = batch
+        images, labels, *weights = batch
         index = tf.cast(ctx.optimizer.iterations, tf.int64)
-        result = gradients(ctx, images, labels, index)
+        result = gradients(ctx, images, labels, index, *weights)
         _apply(ctx, result.grads, result.clean_sum, result.adv_sum, result.wait_for)
         return result._replace(grads=[], wait_for=[])
 
@@ -225,10 +235,10 @@ def build_conadv_prologue(ctx: StepContext):
         return free_attack.build_prologue(ctx)
 
     def prologue_step(batch, index):
-        images, labels = batch
+        images, labels, *weights = batch
         images = as_stored(ctx, images)
         adversarial = run_attack(ctx, images, labels, batch_index=index)
         slot = tf.cast(index % ctx.ring.staleness, tf.int32)
-        ctx.ring.write(slot, images, labels, adversarial)
+        ctx.ring.write(slot, images, labels, adversarial, *weights)
 
     return prologue_step

@@ -107,6 +107,27 @@ def conadv_fit(model, x, y, *, steps_per_execution=1, epochs=EPOCHS, **kwargs):
     return history, recorder
 
 
+def assert_trains_as_keras(test, ours, reference, history, theirs, recorder, keras_recorder):
+    """Our vanilla ``ConAdvModel`` and Keras' fit of ``reference`` ended on the same weights,
+    History (ours adds ``clean_loss``) and batch and epoch logs."""
+    test.assertEqual(int(ours.optimizer.iterations), int(reference.optimizer.iterations))
+    want = reference.get_weights()
+    got = ours.export_model().get_weights()
+    test.assertLen(got, len(want))
+    for a, b in zip(got, want):
+        test.assertAllClose(a, b, atol=TOLERANCE, rtol=TOLERANCE)
+    test.assertEqual(set(history.history) - {"clean_loss"}, set(theirs.history))
+    for key, values in theirs.history.items():
+        test.assertAllClose(history.history[key], values, rtol=TOLERANCE, msg=key)
+    test.assertEqual(
+        [(kind, index) for kind, index, _ in recorder.events],
+        [(kind, index) for kind, index, _ in keras_recorder.events],
+    )
+    for (_, _, logs), (_, _, keras_logs) in zip(recorder.events, keras_recorder.events):
+        for key, value in keras_logs.items():
+            test.assertAllClose(logs[key], value, rtol=TOLERANCE, msg=key)
+
+
 def vanilla(model, **kwargs):
     kwargs.setdefault("label_smoothing", 0.0)
     return conadv_keras.ConAdvModel(model, method="vanilla", **kwargs)
@@ -125,21 +146,7 @@ class KerasIsTheReferenceTest(tf.test.TestCase, parameterized.TestCase):
 
     def compare(self, ours, reference, history, theirs, recorder, keras_recorder):
         self.assertEqual(int(ours.optimizer.iterations), FULL_BATCHES * EPOCHS)
-        want = reference.get_weights()
-        got = ours.export_model().get_weights()
-        self.assertLen(got, len(want))
-        for a, b in zip(got, want):
-            self.assertAllClose(a, b, atol=TOLERANCE, rtol=TOLERANCE)
-        self.assertEqual(set(history.history) - {"clean_loss"}, set(theirs.history))
-        for key, values in theirs.history.items():
-            self.assertAllClose(history.history[key], values, rtol=TOLERANCE, msg=key)
-        self.assertEqual(
-            [(kind, index) for kind, index, _ in recorder.events],
-            [(kind, index) for kind, index, _ in keras_recorder.events],
-        )
-        for (_, _, logs), (_, _, keras_logs) in zip(recorder.events, keras_recorder.events):
-            for key, value in keras_logs.items():
-                self.assertAllClose(logs[key], value, rtol=TOLERANCE, msg=key)
+        assert_trains_as_keras(self, ours, reference, history, theirs, recorder, keras_recorder)
 
     @parameterized.parameters(1, 2, 3)
     def test_vanilla_trains_as_keras_fit(self, steps_per_execution):

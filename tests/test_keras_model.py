@@ -163,13 +163,15 @@ def attack(params, images, labels, position):
     return tf.clip_by_value(step, lower, upper)
 
 
-def objective(params, images, labels, branch, l2, replicas, moments, activity=True):
-    """One replica's share of one network's loss: Σ CE over its shard / global batch, plus
-    its L2 penalties (the shared kernel's, its own γ's, its features' mean squared norm)
-    over the replicas, as Keras divides ``model.losses``. Also the per-example CE, the
-    logits and the penalties (undivided)."""
+def objective(params, images, labels, branch, l2, replicas, moments, activity=True, weights=None):
+    """One replica's share of one network's loss: Σ (weight ·) CE over its shard / global
+    batch, plus its L2 penalties (the shared kernel's, its own γ's, its features' mean
+    squared norm) over the replicas, as Keras divides ``model.losses``. Also the
+    per-example (weighted) CE, the logits and the penalties (undivided)."""
     logits, pooled = forward(params, images, branch, moments, features=True)
     per_example = cross_entropy(labels, logits, SMOOTHING)
+    if weights is not None:
+        per_example = per_example * weights
     loss = tf.reduce_sum(per_example) / BATCH
     penalty = 0.0
     if l2:
@@ -184,24 +186,25 @@ def objective(params, images, labels, branch, l2, replicas, moments, activity=Tr
 
 
 def update(params, statistics, shards, l2=0.0, logs=None, activity=True):
-    """θ − lr·∇ of the sum over the replicas' shards ``(images, labels, adversarial)`` of
-    ½·(clean objective (main) + adversarial objective (aux)), or of the clean objective
-    alone (adversarial None). Each shard normalises with its own batch statistics; the
-    moving statistics move toward their mean over the replicas. ``logs`` sums the
-    per-example losses and correct answers."""
+    """θ − lr·∇ of the sum over the replicas' shards ``(images, labels, adversarial,
+    weights)`` of ½·(clean objective (main) + adversarial objective (aux)), or of the clean
+    objective alone (adversarial None), each example's two terms times its weight (weights
+    None: 1). Each shard normalises with its own batch statistics; the moving statistics
+    move toward their mean over the replicas. ``logs`` sums the per-example losses and
+    correct answers."""
     names = sorted(params)
     moments = []
     with tf.GradientTape() as tape:
         tape.watch([params[n] for n in names])
         loss = 0.0
-        for images, labels, adversarial in shards:
+        for images, labels, adversarial, weights in shards:
             term, clean, logits, penalty = objective(
-                params, images, labels, "main", l2, len(shards), moments, activity
+                params, images, labels, "main", l2, len(shards), moments, activity, weights
             )
             per_example = clean
             if adversarial is not None:
                 adv_term, adv, _, adv_penalty = objective(
-                    params, adversarial, labels, "aux", l2, len(shards), moments, activity
+                    params, adversarial, labels, "aux", l2, len(shards), moments, activity, weights
                 )
                 term, per_example = 0.5 * (term + adv_term), 0.5 * (clean + adv)
                 penalty = 0.5 * (penalty + adv_penalty)
@@ -230,27 +233,45 @@ def update(params, statistics, shards, l2=0.0, logs=None, activity=True):
 
 
 def reference_run(
-    net, method, staleness, images, labels, with_bn=True, l2=0.0, replicas=1, activity=True
+    net,
+    method,
+    staleness,
+    images,
+    labels,
+    with_bn=True,
+    l2=0.0,
+    replicas=1,
+    activity=True,
+    weights=None,
 ):
     """(parameters, moving statistics, logs) after STEPS steps of ``method``, eagerly, on
-    ``replicas`` equal shards of every batch.
+    ``replicas`` equal shards of every batch (with ``weights``, each example's terms
+    weighted).
 
     ConAdv's stream is the ring's fill (the first τ batches) followed by the
-    epoch's batches; step t trains on position t, attacked with θ_{t−τ} (θ_0
-    for the fill), and attacks position t + τ with θ_t. Replica r attacks its
-    shard of position p with the seed of p·replicas + r. ``logs`` holds the
+    epoch's batches; step t trains on position t (its images, labels and
+    weights), attacked with θ_{t−τ} (θ_0 for the fill), and attacks position
+    t + τ with θ_t. Replica r attacks its shard of position p with the seed of
+    p·replicas + r; the attack maximises the unweighted loss. ``logs`` holds the
     means Keras' History reports (loss, clean_loss, adv_loss, accuracy).
     """
     history = [initial_parameters(net, with_bn)]
     statistics = initial_statistics(net) if with_bn else None
     stream_images = [tf.constant(x) for x in images]
     stream_labels = [tf.constant(y) for y in labels]
+    stream_weights = [None] * len(images)
+    if weights is not None:
+        stream_weights = [tf.constant(w) for w in weights]
     if method == "conadv":
         stream_images = stream_images[:staleness] + stream_images
         stream_labels = stream_labels[:staleness] + stream_labels
+        stream_weights = stream_weights[:staleness] + stream_weights
     sums = dict(loss=0.0, clean_loss=0.0, adv_loss=0.0, correct=0, examples=0)
     for t in range(STEPS):
         shards = []
+        weight_shards = [None] * replicas
+        if stream_weights[t] is not None:
+            weight_shards = tf.split(stream_weights[t], replicas)
         for r, (x, y) in enumerate(
             zip(tf.split(stream_images[t], replicas), tf.split(stream_labels[t], replicas))
         ):
@@ -260,7 +281,7 @@ def reference_run(
                 adversarial = attack(history[max(t - staleness, 0)], x, y, position)
             elif method == "disadv":
                 adversarial = attack(history[t], x, y, position)
-            shards.append((x, y, adversarial))
+            shards.append((x, y, adversarial, weight_shards[r]))
         history.append(update(history[t], statistics, shards, l2, sums, activity))
     examples = sums.pop("examples")
     logs = {key: value / examples for key, value in sums.items()}
@@ -306,15 +327,17 @@ class ReferenceTest(tf.test.TestCase):
         tolerance=TOLERANCE,
         callbacks=(),
         l2=0.0,
+        weights=None,
         **kwargs,
     ):
         images, labels = make_batches()
         net = small_net(with_bn, l2=l2)
-        want, statistics, logs = reference_run(net, method, staleness, images, labels, with_bn, l2)
-        model = conadv_model(net, method, staleness, jit_compile=jit_compile, **kwargs)
-        history = model.fit(
-            dataset_of(images, labels), epochs=1, verbose=0, callbacks=list(callbacks)
+        want, statistics, logs = reference_run(
+            net, method, staleness, images, labels, with_bn, l2, weights=weights
         )
+        model = conadv_model(net, method, staleness, jit_compile=jit_compile, **kwargs)
+        batches = (images, labels) if weights is None else (images, labels, weights)
+        history = model.fit(dataset_of(*batches), epochs=1, verbose=0, callbacks=list(callbacks))
         self.assertEqual(int(model.optimizer.iterations), STEPS)
         got = network_parameters(model, with_bn)
         for name, value in want.items():
@@ -357,6 +380,19 @@ class ReferenceTest(tf.test.TestCase):
         for update_pass in ("concatenated", "separate"):
             self.check("conadv", 1, l2=0.05, update_pass=update_pass)
         self.check("disadv", 1, l2=0.05)
+
+    def test_sample_weights_weight_both_terms_and_travel_in_the_ring(self):
+        """Each example's clean and adversarial cross-entropy times its weight (zeros among
+        them), in the update and the logged losses; ConAdv τ = 2 trains at step t the
+        weights that came with its batch at step t − 2. Catches: a weight applied to the
+        clean term only, the ring not keeping the weights (the incoming batch's used), the
+        weights of the ring's slot off by one, the loss divided by the sum of weights."""
+        rng = np.random.default_rng(9)
+        weights = rng.uniform(0.0, 3.0, (STEPS, BATCH)).astype("float32")
+        weights[:, :2] = 0.0
+        self.check("conadv", 2, weights=weights)
+        self.check("disadv", 1, weights=weights)
+        self.check("vanilla", 1, weights=weights)
 
     def test_conadv_compiled_by_xla(self):
         """The TPU path: every replica step and the ring's fill as one XLA program
@@ -602,15 +638,22 @@ class RefusalTest(tf.test.TestCase):
         model.compile(optimizer="sgd")
         images, labels = make_batches()
         x, y = images.reshape(-1, *SHAPE), labels.reshape(-1)
+        weights = np.ones(len(y))
+        batches = dataset_of(x, y).batch(4)
         refusals = (
             (lambda: model.fit(x, batch_size=4, verbose=0), "labels"),
-            (lambda: model.fit(x, y, sample_weight=np.ones(len(y)), verbose=0), "weight"),
-            (lambda: model.fit(x, y, class_weight={0: 2.0}, verbose=0), "class_weight"),
-            (lambda: model.fit(x, y, validation_split=0.2, verbose=0), "validation_data"),
+            (
+                lambda: model.fit(x, y, 4, sample_weight=weights, class_weight={0: 2.0}),
+                "class_weight or sample weights, not both",
+            ),
+            (lambda: model.fit(batches, validation_split=0.2, verbose=0), "validation_data"),
+            (lambda: model.fit(batches, sample_weight=weights, verbose=0), "in its batches"),
+            (lambda: model.fit(iter([(x, y)]), class_weight={0: 2.0}), "yield"),
+            (lambda: model.fit([x, y], verbose=0), "generator of"),
             (lambda: model.fit(x, np.zeros((len(y), 2)), batch_size=4, verbose=0), "one-hot"),
             (
-                lambda: model.fit(dataset_of(x, y, np.ones(len(y))).batch(4), verbose=0),
-                "sample weights",
+                lambda: model.fit(dataset_of(x, y, np.ones((len(y), 2))).batch(4), verbose=0),
+                r"sample weights of shape \(batch,\)",
             ),
         )
         for fit, expected in refusals:
@@ -619,8 +662,7 @@ class RefusalTest(tf.test.TestCase):
             self.assertOneLine(caught.exception)
 
     def test_a_dataset_without_labels_is_refused_for_its_labels(self):
-        """Catches the missing labels reported as sample weights ("does not weight
-        examples"), and the refusal of weights lost."""
+        """Catches the missing labels reported as something else (sample weights)."""
         model = conadv_keras.ConAdvModel(small_net())
         model.compile(optimizer="sgd")
         images, labels = make_batches()
@@ -641,9 +683,6 @@ class RefusalTest(tf.test.TestCase):
             self.assertIn("give a dataset of (images, labels)", message)
             self.assertNotIn("weight", message)
             self.assertOneLine(caught.exception)
-        with self.assertRaisesRegex(ValueError, "does not weight examples") as caught:
-            model.fit(dataset_of(x, y, np.ones(len(y))).batch(4), verbose=0)
-        self.assertIn("(images, labels, sample weights)", str(caught.exception))
         with self.assertRaisesRegex(ValueError, "got batches of 4 components"):
             model.fit(dataset_of(x, y, y, y).batch(4), verbose=0)
         self.assertEqual(int(model.optimizer.iterations), 0)

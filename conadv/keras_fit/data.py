@@ -17,10 +17,12 @@ import dataclasses
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
+
+from conadv.keras_fit import inputs
 
 IDS, TARGETS = "ids", "targets"
 
@@ -55,14 +57,25 @@ class SkippedBatches:
 
 @dataclasses.dataclass
 class TrainingData:
-    """What ``fit`` trains on: full batches of a static shape."""
+    """What ``fit`` trains on: full batches of a static shape, ``(images, labels)`` or
+    ``(images, labels, weights)``."""
 
-    dataset: tf.data.Dataset
+    #: What Keras' ``fit`` reads (``inputs.StreamAdapter``).
+    adapter: inputs.StreamAdapter
     batch_size: int
     #: A few images of the first batch (for ``ConAdvModel``'s check of its outputs).
     first_images: tf.Tensor
+    #: Whether the batches carry example weights (sample or class weights).
+    weighted: bool
+    #: ``fill(n)``: the first n batches for ConAdv's ring, read apart from training;
+    #: None where the ring is filled from the training stream (a generator).
+    fill: Callable[[int], tf.data.Dataset] | None
     #: The counter of skipped partial batches, for a dataset whose batches vary.
     skipped: SkippedBatches | None = None
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        return self.adapter.get_tf_dataset()
 
 
 def _skip_message(examples: int, batches: int, batch_size: int, where: str) -> str:
@@ -135,15 +148,10 @@ def _check_element(spec) -> None:
             "and no labels: give a dataset of (images, labels), e.g. "
             "tf.data.Dataset.zip((images, labels))"
         )
-    if len(spec) == 3:
+    if len(spec) not in (2, 3):
         raise ValueError(
-            "ConAdvModel.fit trains on (images, labels) batches, got (images, labels, "
-            "sample weights): ConAdv does not weight examples; give a dataset of (images, labels)"
-        )
-    if len(spec) != 2:
-        raise ValueError(
-            f"ConAdvModel.fit trains on (images, labels) batches, got batches of {len(spec)} "
-            "components: give a dataset of (images, labels)"
+            f"ConAdvModel.fit trains on (images, labels) or (images, labels, sample weights) "
+            f"batches, got batches of {len(spec)} components"
         )
     images = spec[0]
     if not isinstance(images, tf.TensorSpec) or images.shape.rank is None:
@@ -156,43 +164,24 @@ def _check_element(spec) -> None:
             f"ConAdvModel.fit needs images of one known size (the ring's slots are fixed), got "
             f"batches of shape {images.shape}: resize them to one size in the dataset"
         )
+    if len(spec) == 3:
+        weights = spec[2]
+        shape = getattr(weights, "shape", tf.TensorShape(None))
+        if not (shape.rank == 1 or (shape.rank == 2 and shape[-1] == 1)):
+            raise ValueError(
+                f"ConAdvModel.fit weights each example: give sample weights of shape (batch,) "
+                f"or (batch, 1), got {_describe(weights)}"
+            )
 
 
-def _from_arrays(x, y, batch_size: int | None, shuffle: bool, seed: int):
-    """Batches of ``batch_size`` (default 32) from arrays; the remainder is skipped each epoch."""
-    if y is None:
-        raise ValueError("fit(images, labels, batch_size=...): the labels (class ids) are missing")
-    count = len(y)
-    batch_size = int(batch_size or 32)
-    if count < batch_size:
-        raise ValueError(
-            f"fit got {count} examples, fewer than one batch of {batch_size}: "
-            "give a smaller batch_size"
-        )
-    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(x), np.asarray(y)))
-    if shuffle:
-        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-    remainder = count % batch_size
-    if remainder:
-        where = f"each epoch ({count} examples, batches of {batch_size})"
-        warnings.warn(_skip_message(remainder, 1, batch_size, where), stacklevel=_user_stacklevel())
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-    return dataset, batch_size, tf.convert_to_tensor(np.asarray(x[:batch_size])), None
-
-
-def _from_dataset(dataset: tf.data.Dataset):
-    """The dataset's batches of the size of its first, the others skipped and counted."""
-    _check_element(dataset.element_spec)
-    first = next(iter(dataset.take(1)), None)
-    if first is None:
-        raise ValueError("ConAdvModel.fit: the training dataset is empty")
-    static = dataset.element_spec[0].shape[0]
-    if static is not None:
-        return dataset, int(static), first[0], None
-    batch_size = int(tf.shape(first[0])[0])
+def _full_batches(dataset: tf.data.Dataset, batch_size: int):
+    """The dataset's batches of ``batch_size``, and the counter of those skipped (None when
+    every batch has that size by the dataset's own shape)."""
+    if dataset.element_spec[0].shape[0] is not None:
+        return dataset, None
     skipped = SkippedBatches()
 
-    def full(images, labels):
+    def full(images, *rest):
         size = tf.shape(images)[0]
         return tf.cond(
             tf.equal(size, batch_size),
@@ -200,35 +189,58 @@ def _from_dataset(dataset: tf.data.Dataset):
             lambda: tf.py_function(skipped.note, [size], tf.bool),
         )
 
-    return dataset.filter(full), batch_size, first[0], skipped
+    return dataset.filter(full), skipped
 
 
-def training_data(x, y, batch_size, shuffle: bool, seed: int, num_classes) -> TrainingData:
-    """``fit``'s inputs (a dataset, or arrays with ``batch_size``) as ``TrainingData``;
-    ``num_classes(image_spec)`` is the number of classes the model scores."""
-    if isinstance(x, tf.data.Dataset):
-        if y is not None or batch_size is not None:
-            raise ValueError(
-                "fit(dataset): give the labels and batch size in the dataset, not here"
-            )
-        dataset, batch_size, first, skipped = _from_dataset(x)
-    elif isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
-        dataset, batch_size, first, skipped = _from_arrays(x, y, batch_size, shuffle, seed)
-    else:
-        raise ValueError(
-            f"ConAdvModel.fit takes a tf.data.Dataset of (images, labels) or arrays, "
-            f"got {type(x).__name__}"
+def training_data(
+    x, y, batch_size, shuffle: bool, seed: int, num_classes, sample_weight=None, class_weight=None
+) -> TrainingData:
+    """``fit``'s inputs (``inputs.read``) as ``TrainingData``; ``num_classes(image_spec)``
+    is the number of classes the model scores."""
+    if inputs.is_arrays(x):
+        batch_size = int(batch_size or 32)
+    source = inputs.read(x, y, sample_weight, class_weight, batch_size, shuffle, seed)
+    _check_element(source.raw.element_spec)
+    first_images = tf.convert_to_tensor(source.first[0])
+    batch_size = int(first_images.shape[0])
+    if source.remainder:
+        count = source.num_batches * batch_size + source.remainder
+        where = f"each epoch ({count} examples, batches of {batch_size})"
+        warnings.warn(
+            _skip_message(source.remainder, 1, batch_size, where), stacklevel=_user_stacklevel()
         )
-    images, labels = dataset.element_spec
+    images, labels, *weights = source.raw.element_spec
     kind = label_kind(labels.shape, num_classes(images))
 
-    def as_trained(images, labels):
+    def as_trained(images, labels, *weights):
         images = tf.ensure_shape(images, [batch_size, *images.shape[1:]])
         if kind == IDS:
-            return images, tf.ensure_shape(
-                tf.cast(tf.reshape(labels, [-1]), tf.int32), [batch_size]
-            )
-        return images, tf.ensure_shape(tf.cast(labels, tf.float32), [batch_size, labels.shape[-1]])
+            labels = tf.ensure_shape(tf.cast(tf.reshape(labels, [-1]), tf.int32), [batch_size])
+        else:
+            labels = tf.ensure_shape(tf.cast(labels, tf.float32), [batch_size, labels.shape[-1]])
+        weights = [tf.reshape(tf.cast(w, tf.float32), [batch_size]) for w in weights]
+        return (images, labels, *weights)
 
-    dataset = dataset.map(as_trained).prefetch(tf.data.AUTOTUNE)
-    return TrainingData(dataset, batch_size, first[:16], skipped)
+    def batches(dataset):
+        return dataset.map(as_trained).prefetch(tf.data.AUTOTUNE)
+
+    dataset, skipped = _full_batches(source.raw, batch_size)
+    if skipped is not None and source.keras_adapter is None:
+        # A dataset's cardinality counts the batches it skips: Keras learns the epoch's
+        # length from the first. (A PyDataset's length stays, so that Keras starts each
+        # epoch's pass anew after it, with or without steps_per_epoch.)
+        source.num_batches = None
+    fill = None
+    if source.fill is not None:
+
+        def fill(count):
+            return batches(_full_batches(source.fill(count), batch_size)[0]).take(count)
+
+    return TrainingData(
+        inputs.StreamAdapter(batches(dataset), source),
+        batch_size,
+        first_images[:16],
+        bool(weights),
+        fill,
+        skipped,
+    )

@@ -4,7 +4,10 @@
 for one batch shape, ConAdv's ring and what filled it. The ring follows
 the data: a ``fit`` on the same data (the same objects) continues its
 stream, so two ``fit``s of one epoch are one of two; other data, or weights
-loaded or set, refill it from the current weights before the next step.
+loaded or set, refill it from the current weights before the next step,
+with the first τ batches of a fresh pass over the data (of the training
+stream itself for a generator, which is read once), attacked with the seeds
+of stream positions t … t+τ−1 for the optimizer's step t.
 
 ``train_function`` is the loop Keras' ``fit`` calls: up to
 ``steps_per_execution`` replica steps in one ``tf.function``, a
@@ -94,6 +97,15 @@ def _check_activity_regularizers(network, strategy):
         )
 
 
+def _next_batches(iterator, count: int):
+    """Up to ``count`` batches from ``iterator`` (fewer where it ends)."""
+    for _ in range(count):
+        batch = iterator.get_next_as_optional()
+        if not bool(batch.has_value()):
+            return
+        yield batch.get_value()
+
+
 class FitState:
     """The step context, replica step and ring of a ``ConAdvModel`` for one batch shape."""
 
@@ -106,15 +118,16 @@ class FitState:
         # call of the train function would make the host wait for the device.
         self.ring_ready = False
         self._source = None  # weak references to what the ring was filled from
-        self._fill_dataset = None
+        self._data: data_lib.TrainingData | None = None
         self._prologue = None
         self._outputs_checked = False
 
     def mark_for_refill(self):
         self.ring_ready = False
 
-    def begin(self, x, y, batch_size, shuffle: bool) -> data_lib.TrainingData:
-        """What a ``fit`` on ``x`` (and ``y``) trains on, the step context ready for it."""
+    def begin(self, x, y, batch_size, shuffle, sample_weight, class_weight):
+        """What a ``fit`` on ``x`` (and ``y``, ``sample_weight``, ``class_weight``) trains
+        on (``data.TrainingData``), the step context ready for it."""
         model = self.model
         classes = {}
 
@@ -124,18 +137,21 @@ class FitState:
 
         # Each fit shuffles arrays in an order of its own (it starts at another step).
         seed = model.seed + int(model.optimizer.iterations.numpy())
-        data = data_lib.training_data(x, y, batch_size, shuffle, seed, num_classes)
+        data = data_lib.training_data(
+            x, y, batch_size, shuffle, seed, num_classes, sample_weight, class_weight
+        )
         if not self._outputs_checked:
             _check_outputs_are_logits(model.network, data.first_images, model.distribute_strategy)
             self._outputs_checked = True
-        self.prepare(data.dataset, (x, y), classes["n"])
+        self.prepare(data, (x, y, sample_weight, class_weight), classes["n"])
         return data
 
-    def prepare(self, dataset: tf.data.Dataset, source: tuple, num_classes: int):
-        """The context (and ConAdv's ring) for batches of ``dataset``'s shape; the ring is
-        refilled if ``source`` (the user's x and y) is not what it was filled from."""
+    def prepare(self, data: data_lib.TrainingData, source: tuple, num_classes: int):
+        """The context (and ConAdv's ring) for batches of ``data``'s shape; the ring is
+        refilled if ``source`` (the user's x, y and weights) is not what it was filled
+        from."""
         model = self.model
-        images, labels = dataset.element_spec
+        images, labels, *weights = data.dataset.element_spec
         strategy = model.distribute_strategy
         replicas = strategy.num_replicas_in_sync
         _check_activity_regularizers(model.network, strategy)
@@ -149,10 +165,13 @@ class FitState:
         if len(previous) != len(source) or any(a is not b for a, b in zip(previous, source)):
             self.ring_ready = False
         self._source = tuple(_reference(value) for value in source)
-        self._fill_dataset = dataset
+        self._data = data
         shapes = (tuple(images.shape[1:]), tuple(labels.shape[1:]))
         if self.context is not None and self.context.global_batch_size == global_batch:
-            if self.ring is None or (self.ring.example_shape, self.ring.label_shape) == shapes:
+            if self.ring is None or (
+                (self.ring.example_shape, self.ring.label_shape) == shapes
+                and self.ring.sample_weights == data.weighted
+            ):
                 return
         with strategy.scope():
             if not model.optimizer.built:
@@ -167,6 +186,7 @@ class FitState:
                     label_shape=shapes[1],
                     label_dtype=labels.dtype,
                     clean_images=model.attack_source == steps_lib.SEPARATE_ATTACK,
+                    sample_weights=data.weighted,
                 )
                 self.ring_ready = False
         self.context = steps_lib.StepContext(
@@ -188,10 +208,12 @@ class FitState:
 
     def release_data(self):
         """Drops the reference to the training data once ``fit`` ends."""
-        self._fill_dataset = None
+        self._data = None
 
-    def fill_ring(self):
-        """The first ``staleness`` batches, attacked with the current weights, into the ring.
+    def fill_ring(self, iterator):
+        """The first ``staleness`` batches, attacked with the current weights, into the ring:
+        those of a fresh pass over the data, or, for a stream read once, the next ones of
+        ``iterator`` (the training stream).
 
         Batch i of the fill is stream position t + i for the optimizer's step t,
         so it takes the slot and the attack seed step t + i would read.
@@ -204,7 +226,10 @@ class FitState:
             )
         first = int(model.optimizer.iterations.numpy())
         staleness = self.ring.staleness
-        batches = strategy.experimental_distribute_dataset(self._fill_dataset.take(staleness))
+        if self._data.fill is None:
+            batches = _next_batches(iterator, staleness)
+        else:
+            batches = strategy.experimental_distribute_dataset(self._data.fill(staleness))
         count = 0
         for batch in batches:
             strategy.run(self._prologue, args=(batch, tf.constant(first + count, tf.int64)))
@@ -250,7 +275,7 @@ class FitState:
 
         def train_function(iterator):
             if self.ring is not None and not self.ring_ready:
-                self.fill_ring()
+                self.fill_ring(iterator)
             logs, count = run_steps(iterator)
             if int(count) == 0:
                 raise StopIteration

@@ -9,9 +9,13 @@ with ``SparseCategoricalCrossentropy(from_logits=True)`` (or
 ``CategoricalCrossentropy`` on one-hot labels): the same steps, weights,
 History and callback logs.
 
-What Keras users pass is taken as Keras takes it (``data.py``): a dataset
-batched without ``drop_remainder`` or arrays (the last partial batch of an
-epoch is skipped, with one warning: the ring has one batch shape), labels
+What Keras users pass is taken as Keras takes it (``inputs.py``,
+``data.py``): arrays (with ``validation_split``), a dataset batched without
+``drop_remainder``, a ``PyDataset`` or a generator (the last partial batch of
+an epoch is skipped, with one warning: the ring has one batch shape),
+``sample_weight`` and ``class_weight`` (each example's clean and adversarial
+cross-entropy weighted, as Keras weights a loss; ConAdv's ring keeps the
+weights with their batch), labels
 as class ids (B,) or (B, 1) or one-hot (B, C), a model that ends in a
 softmax (trained on its logits; ``predict`` and ``export_model`` give the
 softmax back), and regularizers (``model.losses``, in both the clean and
@@ -35,6 +39,7 @@ import tensorflow as tf
 
 from conadv import attack as attack_lib
 from conadv import steps as steps_lib
+from conadv.keras_fit import batch_norm_callbacks, inputs
 from conadv.keras_fit import data as data_lib
 from conadv.keras_fit.fit_state import FitState
 from official.model_conversion import (
@@ -254,28 +259,18 @@ class ConAdvModel(keras.Model):
         sample_weight=None,
         **kwargs,
     ):
-        """As ``keras.Model.fit``, on batches of one size.
-
-        ``x`` is a ``tf.data.Dataset`` of ``(images, labels)`` batches, or arrays
-        with ``y`` and ``batch_size`` (default 32, shuffled each epoch and each
-        ``fit`` anew). Batches of another size than the first (a last partial
-        batch) are skipped, with one warning. Examples are not weighted:
-        ``class_weight`` and ``sample_weight`` are refused.
-        """
-        if validation_split:
-            raise ValueError(
-                "ConAdvModel.fit takes validation_data, not validation_split: "
-                "split the arrays first"
-            )
-        if class_weight is not None or sample_weight is not None:
-            raise ValueError(
-                "ConAdvModel.fit does not weight examples (class_weight, sample_weight): "
-                "ConAdv's clean and adversarial terms are plain means; resample the data instead"
-            )
+        """As ``keras.Model.fit`` (inputs as ``inputs.py`` reads them), on batches of one
+        size: arrays are shuffled each epoch and each ``fit`` anew; batches of another
+        size than the first (a last partial batch) are skipped, with one warning."""
         if not self.compiled:
             raise ValueError("compile the ConAdvModel (an optimizer, metrics) before fit")
-        data = self._fit.begin(x, y, batch_size, shuffle)
+        if validation_split and validation_data is None:
+            (x, y, sample_weight), validation_data = inputs.validation_split(
+                x, y, sample_weight, validation_split
+            )
+        data = self._fit.begin(x, y, batch_size, shuffle, sample_weight, class_weight)
         callbacks = list(callbacks or [])
+        callbacks.append(batch_norm_callbacks.InitialStatisticsWarning())
         if data.skipped is not None:
             callbacks.append(data_lib.SkipReporter(data.skipped, data.batch_size))
         kwargs.setdefault("validation_batch_size", batch_size)
@@ -286,7 +281,7 @@ class ConAdvModel(keras.Model):
                     # warns at each epoch's end that the data "ran out": it did not.
                     warnings.filterwarnings("ignore", message="Your input ran out of data")
                 return super().fit(
-                    data.dataset,
+                    data.adapter,
                     epochs=epochs,
                     verbose=verbose,
                     callbacks=callbacks,
@@ -305,19 +300,22 @@ class ConAdvModel(keras.Model):
     def train_step(self, data):
         """One replica's step on its part of the batch (inside ``strategy.run``)."""
         result = self._fit.replica_step(data)
-        clean = result.clean_losses
+        clean = result.clean_losses  # weighted, with example weights
         self.clean_loss_tracker.update_state(clean)
         objective = clean
         if self.adv_loss_tracker is not None:
             self.adv_loss_tracker.update_state(result.adv_losses)
             objective = 0.5 * (clean + result.adv_losses)
-        # As Keras' fit: the batch's mean loss plus model.losses, weighted by the batch.
+        # As Keras' fit: the batch's (weighted) loss summed over its examples and divided
+        # by their count, plus model.losses; the epoch's mean weights each batch by its size.
         loss = tf.reduce_mean(objective)
         if result.extra_loss is not None:
             loss += result.extra_loss
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(clean)[0])
         if self._compile_metrics is not None:
-            self._compile_metrics.update_state(result.labels, self._outputs(result.clean_logits))
+            self._compile_metrics.update_state(
+                result.labels, self._outputs(result.clean_logits), result.sample_weight
+            )
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:
