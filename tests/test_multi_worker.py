@@ -139,9 +139,9 @@ class MultiWorkerTest(tf.test.TestCase):
 
     def test_a_worker_that_never_starts_stops_the_cluster_in_one_line(self):
         # Catches: waiting TensorFlow's default hour for the cluster, a line that does not
-        # name the missing task (for the leader too: the survivor then only knows the
-        # coordination service is unreachable), a traceback on the console or none in
-        # the log file (no log file is open yet), the generic exit status.
+        # name the missing task (the leader too, which runs the coordination service),
+        # a traceback on the console or none in the log file (no log file is open yet),
+        # the generic exit status.
         for name, missing in (("alone", 1), ("no_leader", 0)):
             alone = self.result[name]
             self.assertEqual(alone["code"], CLUSTER_EXIT_CODE, alone["console"][-30:])

@@ -87,10 +87,10 @@ class ClusterError(RuntimeError):
     """A worker of the cluster was lost or never came up; the message is one line."""
 
 
-def _lost_tasks(text: str, own, resolver=None) -> list[tuple[str, int]]:
-    """The tasks ``text`` blames (not this worker itself), in the order named. When it
-    names none but says this worker lost the coordination service, the service's
-    leader (worker 0, or the chief), where the service runs, is the one gone."""
+def _lost_tasks(text: str, own) -> list[tuple[str, int]]:
+    """The tasks ``text`` blames (not this worker itself), in the order named. TensorFlow
+    names a lost or missing worker 0, the coordination service's leader, the same way
+    (tests/test_multi_worker.py: no guess is needed for it)."""
     for pattern in _BLAMED:
         tasks = []
         for match in pattern.finditer(text):
@@ -100,22 +100,7 @@ def _lost_tasks(text: str, own, resolver=None) -> list[tuple[str, int]]:
                     tasks.append(task)
         if tasks:
             return tasks
-    leader = _leader(resolver)
-    if leader is not None and leader != own and "coordination service" in text.lower():
-        return [leader]
     return []
-
-
-def _leader(resolver) -> tuple[str, int] | None:
-    if resolver is None:
-        return None
-    from tensorflow.python.distribute import multi_worker_util
-
-    try:
-        found = _TASK.findall(multi_worker_util.coordination_leader(resolver.cluster_spec()))
-    except (ValueError, KeyError, TypeError):
-        return None
-    return (found[0][0], int(found[0][1])) if found else None
 
 
 def _describe(tasks: list[tuple[str, int]], resolver) -> str:
@@ -215,7 +200,7 @@ class PeerWatch:
             step = f"at step {self.step()}" if self.step is not None else "while starting"
         except Exception:  # noqa: BLE001 - the step is a courtesy; the line must be said
             step = "during training"
-        lost = _describe(_lost_tasks(str(error), own, self.resolver), self.resolver)
+        lost = _describe(_lost_tasks(str(error), own), self.resolver)
         _log_to_file(f"lost {lost} {step}", error)
         message = (
             f"lost {lost} {step}; this worker stopped too. Restart every worker with the "
@@ -231,7 +216,7 @@ def start_failure(error: BaseException, resolver, timeout: float) -> ClusterErro
     own = _own_task(resolver)
     if not is_peer_failure(error, own):
         return None
-    lost = _describe(_lost_tasks(str(error), own, resolver), resolver)
+    lost = _describe(_lost_tasks(str(error), own), resolver)
     _log_to_file(f"{lost} never registered", error)
     return ClusterError(
         f"the cluster did not come up within --cluster_start_timeout={timeout:g} s: "
