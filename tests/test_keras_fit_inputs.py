@@ -46,6 +46,10 @@ class Batches(keras.utils.PyDataset):
     def __init__(self, x, y, w, **kwargs):
         super().__init__(**kwargs)
         self.arrays = (x, y, w)
+        self.epochs_ended = 0
+
+    def on_epoch_end(self):
+        self.epochs_ended += 1
 
     def __len__(self):
         return -(-len(self.arrays[0]) // BATCH)
@@ -189,7 +193,9 @@ class ConAdvStreamsTest(tf.test.TestCase):
             if kind == "dataset":
                 model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(BATCH), verbose=0)
             elif kind == "py_dataset":
-                model.fit(Batches(x, y, w, workers=2, use_multiprocessing=False), shuffle=False)
+                batches = Batches(x, y, w, workers=2, use_multiprocessing=False)
+                model.fit(batches, shuffle=False)
+                self.assertEqual(batches.epochs_ended, 1)  # its epoch hook ran, as in Keras
             else:
                 order = [0, 1, 0, 1, 2]
                 stream = (tuple(a[i * BATCH : (i + 1) * BATCH] for a in (x, y, w)) for i in order)
@@ -233,3 +239,24 @@ class UniformWeightsTest(tf.test.TestCase):
                 runs.append(model.network.get_weights())
             for a, b in zip(*runs):
                 self.assertAllClose(a, b, atol=1e-6, rtol=1e-6, msg=f"{method} {source}")
+
+
+class ClassWeightOnADatasetTest(tf.test.TestCase):
+    def test_a_dataset_with_class_weight_trains_as_the_arrays(self):
+        """The dataset's class weights (mapped in the pipeline) against the arrays' (checked
+        against Keras' fit above), with labels of shape (N, 1) and a class without a
+        weight. Catches a class without a weight given 0, or the labels' classes misread."""
+        x, y = data()
+        column = y[:, None]  # class ids of shape (N, 1)
+        runs = []
+        for as_dataset in (False, True):
+            model = vanilla(net())
+            compile_for_reference(model, 1)
+            if as_dataset:
+                batches = tf.data.Dataset.from_tensor_slices((x[:FULL], column[:FULL]))
+                model.fit(batches.batch(BATCH), class_weight=CLASS_WEIGHT, verbose=0)
+            else:
+                model.fit(x[:FULL], column[:FULL], BATCH, class_weight=CLASS_WEIGHT, shuffle=False)
+            runs.append(model.network.get_weights())
+        for a, b in zip(*runs):
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-6)

@@ -60,8 +60,8 @@ class TrainingData:
     """What ``fit`` trains on: full batches of a static shape, ``(images, labels)`` or
     ``(images, labels, weights)``."""
 
-    #: What Keras' ``fit`` reads (``inputs.StreamAdapter``).
-    adapter: inputs.StreamAdapter
+    #: What Keras' ``fit`` reads: the batches kept.
+    dataset: tf.data.Dataset
     batch_size: int
     #: A few images of the first batch (for ``ConAdvModel``'s check of its outputs).
     first_images: tf.Tensor
@@ -72,10 +72,8 @@ class TrainingData:
     fill: Callable[[int], tf.data.Dataset] | None
     #: The counter of skipped partial batches, for a dataset whose batches vary.
     skipped: SkippedBatches | None = None
-
-    @property
-    def dataset(self) -> tf.data.Dataset:
-        return self.adapter.get_tf_dataset()
+    #: The PyDataset whose epoch hooks ``fit`` calls (``inputs.EpochHooks``), or None.
+    py_dataset: keras.utils.PyDataset | None = None
 
 
 def _skip_message(examples: int, batches: int, batch_size: int, where: str) -> str:
@@ -225,11 +223,9 @@ def training_data(
         return dataset.map(as_trained).prefetch(tf.data.AUTOTUNE)
 
     dataset, skipped = _full_batches(source.raw, batch_size)
-    if skipped is not None and source.keras_adapter is None:
-        # A dataset's cardinality counts the batches it skips: Keras learns the epoch's
-        # length from the first. (A PyDataset's length stays, so that Keras starts each
-        # epoch's pass anew after it, with or without steps_per_epoch.)
-        source.num_batches = None
+    kept = batches(dataset)
+    if skipped is None and source.num_batches is not None:
+        kept = kept.apply(tf.data.experimental.assert_cardinality(source.num_batches))
     fill = None
     if source.fill is not None:
 
@@ -237,10 +233,11 @@ def training_data(
             return batches(_full_batches(source.fill(count), batch_size)[0]).take(count)
 
     return TrainingData(
-        inputs.StreamAdapter(batches(dataset), source),
+        kept,
         batch_size,
         first_images[:16],
         bool(weights),
         fill,
         skipped,
+        source.py_dataset,
     )

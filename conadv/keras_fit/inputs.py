@@ -1,42 +1,33 @@
 """What ``ConAdvModel.fit`` reads: every input Keras' ``fit`` reads, read as Keras reads it.
 
-Keras' ``fit`` of the same model is the reference for how an input becomes
-batches, so its own data adapters do it wherever they can:
+- arrays: batched here, ``class_weight`` mapped to sample weights by Keras'
+  rule (class ids, or the argmax of one-hot labels; a class without a weight
+  has 1), ``validation_split`` as Keras splits (the last fraction, before
+  shuffling); the order of a shuffle is a seeded permutation per epoch,
+  another for each ``fit`` (``FitState.begin``), so a ConAdv run repeats;
+- a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches;
+- a ``keras.utils.PyDataset``: its batches read in order by ``workers``
+  threads (``use_multiprocessing`` is refused: tf.data runs threads), its
+  batch order shuffled each epoch when ``shuffle``, its ``on_epoch_begin`` /
+  ``on_epoch_end`` called by ``EpochHooks``;
+- a Python generator, or any iterator: read once, as a stream.
 
-- a ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches, with
-  ``class_weight`` mapped to sample weights by Keras' rule;
-- a ``keras.utils.PyDataset``: Keras' enqueuer runs its ``workers`` (threads,
-  or processes with ``use_multiprocessing``), shuffles its batch order when
-  ``shuffle``, and starts and stops with each epoch;
-- a Python generator, or any iterator (which Keras' ``fit`` refuses; it is
-  read as a generator of its items): read once, as a stream.
-
-Arrays are read here, as Keras' array adapter reads them (``class_weight``
-by Keras' own rule, ``validation_split`` by Keras' own split: the last
-fraction, before shuffling), except for the order of a shuffle: a seeded
-permutation per epoch, another for each ``fit`` (``FitState.begin``), so a
-ConAdv run can be repeated.
-
-``fit`` hands Keras an adapter of its own (``StreamAdapter``) that serves the
-batches ``data.py`` keeps and passes Keras' epoch hooks on to the adapter
-that needs them. Keras has no public API for its adapters
-(``keras.src.trainers.data_adapters``): this module alone imports them.
+Only Keras' public API is used, so a Keras upgrade does not break ``fit``;
+Keras' own ``fit`` of the same model is the test of every input
+(``tests/test_keras_fit_inputs.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import types
 from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
-from keras.src.trainers.data_adapters import get_data_adapter as keras_data_adapter
-from keras.src.trainers.data_adapters.data_adapter import DataAdapter
-from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 
 #: The refusal of a class_weight beside sample weights (Keras refuses it too).
 _BOTH_WEIGHTS = (
@@ -50,8 +41,8 @@ class Source:
     """The batches an input gives, before ``data.py`` keeps those of one size.
 
     ``raw``: its ``(x, y)`` or ``(x, y, sample_weight)`` batches, for training.
-    ``first``: its first batch. ``keras_adapter``: the Keras adapter whose epoch
-    hooks must run (a PyDataset's enqueuer), or None. ``fill(n)``: a dataset of
+    ``first``: its first batch. ``py_dataset``: the PyDataset whose epoch hooks
+    must run, or None. ``fill(n)``: a dataset of
     its first n batches for ConAdv's ring, read apart from the training stream;
     None for a stream read once (a generator), whose ring is filled from the
     training stream itself. ``num_batches``: batches per epoch as Keras counts
@@ -60,7 +51,7 @@ class Source:
 
     raw: tf.data.Dataset
     first: tuple
-    keras_adapter: DataAdapter | None = None
+    py_dataset: keras.utils.PyDataset | None = None
     fill: Callable[[int], tf.data.Dataset] | None = None
     num_batches: int | None = None
     #: Examples each epoch leaves out (arrays: the remainder of the last batch).
@@ -75,7 +66,16 @@ def validation_split(x, y, sample_weight, fraction):
             f"validation_split takes arrays, got {type(x).__name__}: pass validation_data "
             "for a dataset, PyDataset or generator"
         )
-    return array_slicing.train_validation_split((x, y, sample_weight), validation_split=fraction)
+    count = len(y)
+    split_at = int(math.floor(count * (1.0 - fraction)))
+    if split_at in (0, count):
+        raise ValueError(
+            f"validation_split={fraction} leaves no training or no validation example of "
+            f"the {count}: give a fraction that splits them"
+        )
+    arrays = (x, y, sample_weight)
+    train = tuple(None if a is None else a[:split_at] for a in arrays)
+    return train, tuple(None if a is None else a[split_at:] for a in arrays)
 
 
 def is_arrays(x) -> bool:
@@ -84,10 +84,18 @@ def is_arrays(x) -> bool:
     )
 
 
+def _class_ids(y) -> np.ndarray:
+    """Class ids of labels as Keras reads them for ``class_weight``: ids of shape (N,) or
+    (N, 1), rounded, or the argmax of one-hot (N, C)."""
+    y = np.asarray(y)
+    if y.ndim > 1:
+        y = np.argmax(y, axis=-1) if y.shape[-1] != 1 else np.squeeze(y, axis=-1)
+    return np.round(y).astype("int32")
+
+
 def _class_weights_of(y, class_weight) -> np.ndarray:
-    """Each example's weight by its class: Keras' rule (class ids, or the argmax of one-hot
-    labels; a class without a weight has 1)."""
-    return data_adapter_utils.class_weight_to_sample_weights(np.asarray(y), class_weight)
+    """Each example's weight by its class: Keras' rule (a class without a weight has 1)."""
+    return np.array([class_weight.get(int(c), 1.0) for c in _class_ids(y)], np.float32)
 
 
 def from_arrays(x, y, sample_weight, class_weight, batch_size: int, shuffle, seed: int) -> Source:
@@ -124,12 +132,27 @@ def from_arrays(x, y, sample_weight, class_weight, batch_size: int, shuffle, see
     return Source(dataset, first, None, dataset.take, count // batch_size, count % batch_size)
 
 
+def _with_class_weights(dataset: tf.data.Dataset, class_weight) -> tf.data.Dataset:
+    """A dataset's ``(x, y)`` batches with ``class_weight`` as their third element."""
+    table = tf.constant(
+        [class_weight.get(c, 1.0) for c in range(max(class_weight) + 1)], tf.float32
+    )
+
+    def weigh(x, y):
+        ids = tf.ensure_shape(tf.numpy_function(_class_ids, [y], tf.int32), y.shape[:1])
+        weights = tf.gather(table, tf.clip_by_value(ids, 0, len(table) - 1))
+        outside = tf.logical_or(ids < 0, ids >= len(table))  # a class without a weight: 1
+        return x, y, tf.where(outside, tf.ones_like(weights), weights)
+
+    return dataset.map(weigh)
+
+
 def from_dataset(dataset: tf.data.Dataset, class_weight) -> Source:
-    """A dataset's batches; ``class_weight`` applied as Keras' dataset adapter applies it."""
+    """A dataset's batches; ``class_weight`` applied as Keras applies it."""
     if class_weight is not None and len(dataset.element_spec) == 3:
         raise ValueError(_BOTH_WEIGHTS)
     if class_weight is not None:
-        dataset = TFDatasetAdapter(dataset, class_weight=class_weight).get_tf_dataset()
+        dataset = _with_class_weights(dataset, class_weight)
     first = next(iter(dataset.take(1)), None)
     if first is None:
         raise ValueError("ConAdvModel.fit: the training dataset is empty")
@@ -137,25 +160,60 @@ def from_dataset(dataset: tf.data.Dataset, class_weight) -> Source:
     return Source(dataset, tuple(first), fill=dataset.take, num_batches=max(cardinality, 0) or None)
 
 
+def _as_batch(batch, class_weight) -> tuple:
+    """A PyDataset's or generator's batch as a tuple of arrays, class weights added."""
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    if not isinstance(batch, tuple):
+        batch = (batch,)
+    if class_weight is not None:
+        if len(batch) == 3:
+            raise ValueError(_BOTH_WEIGHTS)
+        batch = (*batch, _class_weights_of(batch[1], class_weight))
+    return tuple(np.asarray(part) for part in batch)
+
+
+def _signature(batch: tuple) -> tuple:
+    return tuple(tf.TensorSpec((None, *a.shape[1:]), tf.as_dtype(a.dtype)) for a in batch)
+
+
 def from_py_dataset(py_dataset: keras.utils.PyDataset, class_weight, shuffle: bool) -> Source:
-    """A PyDataset's batches, produced by Keras' adapter (its workers, its shuffle); the
-    ring is filled from its first batches, read here in order on this thread."""
-    adapter = keras_data_adapter(py_dataset, class_weight=class_weight, shuffle=shuffle)
-    raw = adapter.get_tf_dataset()
-    first = adapter._standardize_batch(py_dataset[0])
+    """A PyDataset's batches, read by ``workers`` threads in order (the order shuffled each
+    epoch when ``shuffle``); the ring is filled from its first batches."""
+    if py_dataset.use_multiprocessing:
+        raise ValueError(
+            "ConAdvModel.fit reads a PyDataset with threads (its workers): give "
+            "use_multiprocessing=False"
+        )
+    first = _as_batch(py_dataset[0], class_weight)
+    spec = _signature(first)
+    count = py_dataset.num_batches
 
-    def fill(count: int) -> tf.data.Dataset:
-        def first_batches():
-            for index in range(min(count, py_dataset.num_batches or count)):
-                yield adapter._standardize_batch(py_dataset[index])
+    def load(index):
+        return _as_batch(py_dataset[int(index)], class_weight)
 
-        return tf.data.Dataset.from_generator(first_batches, output_signature=raw.element_spec)
+    def batches(indices: tf.data.Dataset) -> tf.data.Dataset:
+        def read(index):
+            parts = tf.numpy_function(load, [index], [s.dtype for s in spec])
+            return tuple(tf.ensure_shape(p, s.shape) for p, s in zip(parts, spec))
 
-    return Source(raw, tuple(first), adapter, fill, py_dataset.num_batches)
+        workers = max(int(py_dataset.workers), 1)
+        return indices.map(read, num_parallel_calls=workers, deterministic=True)
+
+    indices = tf.data.Dataset.range(count) if count is not None else tf.data.Dataset.counter()
+    training = indices
+    if shuffle and count is not None:
+        training = indices.shuffle(count, reshuffle_each_iteration=True)
+    raw = batches(training).prefetch(max(int(py_dataset.max_queue_size), 1))
+
+    def fill(n: int) -> tf.data.Dataset:
+        return batches(indices.take(n))
+
+    return Source(raw, first, py_dataset, fill, count)
 
 
 def from_stream(stream, class_weight) -> Source:
-    """A generator's (or an iterator's) batches, read once by Keras' generator adapter."""
+    """A generator's (or an iterator's) batches, read once."""
     if class_weight is not None:
         raise ValueError(
             "fit(generator) takes no class_weight (neither does Keras'): yield "
@@ -165,11 +223,11 @@ def from_stream(stream, class_weight) -> Source:
     first = next(stream, None)
     if first is None:
         raise ValueError("ConAdvModel.fit: the training generator yields no batch")
-    if not isinstance(first, tuple):
-        first = tuple(first) if isinstance(first, list) else (first,)
-    generator = (batch for batch in itertools.chain([first], stream))
-    adapter = keras_data_adapter(generator)
-    return Source(adapter.get_tf_dataset(), first, adapter)
+    first = _as_batch(first, None)
+    rest = (_as_batch(batch, None) for batch in stream)
+    batches = itertools.chain([first], rest)
+    raw = tf.data.Dataset.from_generator(lambda: batches, output_signature=_signature(first))
+    return Source(raw, first)
 
 
 def read(x, y, sample_weight, class_weight, batch_size, shuffle, seed: int) -> Source:
@@ -193,39 +251,15 @@ def read(x, y, sample_weight, class_weight, batch_size, shuffle, seed: int) -> S
     )
 
 
-class StreamAdapter(DataAdapter):
-    """What Keras' ``fit`` reads: ``dataset``, with the epoch hooks of ``keras_adapter``."""
+class EpochHooks(keras.callbacks.Callback):
+    """Calls a PyDataset's ``on_epoch_begin`` and ``on_epoch_end``, as Keras' fit does."""
 
-    def __init__(self, dataset: tf.data.Dataset, source: Source):
-        self._dataset = dataset
-        self._source = source
+    def __init__(self, py_dataset: keras.utils.PyDataset):
+        super().__init__()
+        self.py_dataset = py_dataset
 
-    def get_tf_dataset(self):
-        return self._dataset
+    def on_epoch_begin(self, epoch, logs=None):
+        self.py_dataset.on_epoch_begin()
 
-    def get_numpy_iterator(self):
-        raise NotImplementedError("ConAdvModel runs on the TensorFlow backend")
-
-    def on_epoch_begin(self):
-        if self._source.keras_adapter is not None:
-            self._source.keras_adapter.on_epoch_begin()
-
-    def on_epoch_end(self):
-        if self._source.keras_adapter is not None:
-            self._source.keras_adapter.on_epoch_end()
-
-    @property
-    def num_batches(self):
-        return self._source.num_batches
-
-    @property
-    def batch_size(self):
-        return None
-
-    @property
-    def has_partial_batch(self):
-        return False
-
-    @property
-    def partial_batch_size(self):
-        return None
+    def on_epoch_end(self, epoch, logs=None):
+        self.py_dataset.on_epoch_end()

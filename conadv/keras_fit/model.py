@@ -273,6 +273,8 @@ class ConAdvModel(keras.Model):
         callbacks.append(batch_norm_callbacks.InitialStatisticsWarning())
         if data.skipped is not None:
             callbacks.append(data_lib.SkipReporter(data.skipped, data.batch_size))
+        if data.py_dataset is not None:
+            callbacks.append(inputs.EpochHooks(data.py_dataset))
         kwargs.setdefault("validation_batch_size", batch_size)
         try:
             with warnings.catch_warnings():
@@ -281,7 +283,7 @@ class ConAdvModel(keras.Model):
                     # warns at each epoch's end that the data "ran out": it did not.
                     warnings.filterwarnings("ignore", message="Your input ran out of data")
                 return super().fit(
-                    data.adapter,
+                    data.dataset,
                     epochs=epochs,
                     verbose=verbose,
                     callbacks=callbacks,
