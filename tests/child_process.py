@@ -8,6 +8,7 @@ starts, so they run in a fresh interpreter.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -74,3 +75,14 @@ def run_main(*args: str, expect_ok: bool = True, env: dict | None = None):
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"main.py {' '.join(args)} failed:\n{_clipped(proc.stderr)}")
     return proc
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` loopback ports free at the time of asking (for servers a test starts)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

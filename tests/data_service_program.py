@@ -18,7 +18,6 @@ so nothing outside this machine's loopback can reach them.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import tensorflow as tf
 from input_pipeline import data_service
 from input_pipeline.base import TRAIN, DataError, PipelineOptions, data_error_from
 from input_pipeline.imagenet import ImageNetSource
+from tests.child_process import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 4
@@ -111,16 +111,6 @@ def train(data_dir, num_train_examples, service):
         with open(os.path.join(model_dir, "run_config.json")) as f:
             record = json.load(f).get("input_modes")
     return {"code": proc.returncode, "console": proc.stdout + proc.stderr, "input_modes": record}
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def serve(log_path, *args):

@@ -24,10 +24,11 @@ before it exits, also when something fails.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from tests.child_process import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CHECKPOINT_EVERY = 10, 3
@@ -59,16 +60,6 @@ COMMON = (
 TIMEOUT = 600
 
 _children: list[subprocess.Popen] = []
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def start(args, log_path, env=None):
