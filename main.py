@@ -102,6 +102,9 @@ def _run_mode(run, values, strategy, files, watch) -> dict | None:
     if run.mode == "eval":
         result = trainer.evaluator.evaluate()
         result["global_step"] = trainer.global_step
+        from conadv import evaluation
+
+        result.update(evaluation.selection_evaluation(trainer.evaluator))
         if files.is_chief:
             write_json(os.path.join(run.model_dir, "eval.json"), result)
         trainer.summaries.log_evaluation(trainer.global_step, result)
@@ -167,8 +170,13 @@ def _run_mode(run, values, strategy, files, watch) -> dict | None:
     _finish(trainer, files, log_file)
     if summary["eval_top1"] is not None:
         print(
-            f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f})"
-            f" in {summary['wall_time_s']:.0f} s; summary in {run.model_dir}/summary.json",
+            f"done: eval top1 {summary['eval_top1']:.4f} (train top1 {summary['train_top1']:.4f}"
+            + (
+                f", selection top1 {summary['selection_top1']:.4f}"
+                if summary.get("selection_top1") is not None
+                else ""
+            )
+            + f") in {summary['wall_time_s']:.0f} s; summary in {run.model_dir}/summary.json",
             flush=True,
         )
     return summary

@@ -22,7 +22,7 @@ from absl import logging
 from conadv import attack as attack_lib
 from conadv.run import export as export_lib
 from conadv.run.metrics import ReplicaSums
-from input_pipeline.base import EVAL, TRAIN_EVAL, DataSource
+from input_pipeline.base import EVAL, SELECTION, TRAIN_EVAL, DataSource
 from official import losses, precision
 from official import split_batch_norm as bn_lib
 from official.precise_bn import PreciseBatchNorm
@@ -228,4 +228,21 @@ def summary_evaluations(evaluator: Evaluator, eval_result: dict) -> dict:
     }
     if values["bn_statistics"]["kind"] == "precise":
         values["eval_top1_moving_average"] = evaluator.evaluate(EVAL, precise=False)["top1"]
+    values.update(selection_evaluation(evaluator))
     return values
+
+
+def selection_evaluation(evaluator: Evaluator) -> dict:
+    """The run on its selection set (``--selection_examples``), as evaluated: what a study
+    chooses its learning rate by. Empty without a selection set."""
+    source = evaluator.source
+    if source.selection is None:
+        return {}
+    result = evaluator.evaluate(SELECTION)
+    return {
+        "selection_top1": result["top1"],
+        "selection_top5": result["top5"],
+        "selection_loss": result["loss"],
+        "selection_examples": int(result["examples"]),
+        "selection_rule": source.selection.describe(),
+    }

@@ -25,6 +25,24 @@ def define(fv):
         "run; train top-1 and precise BatchNorm statistics use the subset too.",
         flag_values=fv,
     )
+    absl_flags.DEFINE_float(
+        "selection_examples",
+        0,
+        "Hold this many training examples (or this fraction, if below 1) out of training "
+        "as the selection set, on which a study chooses its learning rate instead of on the "
+        "test set: stratified by class, the same for every method and --seed "
+        "(input_pipeline/selection.py). Training, train top-1 and precise BatchNorm "
+        "statistics leave it out; the finished run is evaluated on it (summary.json "
+        "selection_top1). 0: none.",
+        flag_values=fv,
+    )
+    absl_flags.DEFINE_integer(
+        "selection_seed",
+        0,
+        "Which part --selection_examples holds out (not --seed: every run of a study holds "
+        "out the same part).",
+        flag_values=fv,
+    )
     absl_flags.DEFINE_integer(
         "batch_size",
         256,

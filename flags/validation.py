@@ -132,6 +132,20 @@ def validate_sharpness(v):
         _require(value > 0, f"--{name}={value} must be > 0")
 
 
+def validate_selection(v):
+    """``--selection_examples``: a count, a fraction below 1, or 0; on fixed examples."""
+    amount = v.selection_examples
+    _require(
+        amount >= 0 and (amount < 1 or float(amount).is_integer()),
+        f"--selection_examples={amount:g} must be a count (1, 2, ...), a fraction in (0, 1), "
+        "or 0 for none",
+    )
+    _require(
+        not amount or v.dataset != "synthetic",
+        "--selection_examples: --dataset=synthetic has no fixed training examples to hold out",
+    )
+
+
 def validate(values, num_replicas: int = 1):
     """Raises ``FlagError`` for the first bad value in ``values`` (absl FLAGS or alike)."""
     from input_pipeline import registry
@@ -170,6 +184,7 @@ def validate(values, num_replicas: int = 1):
             v.train_examples >= 10,
             f"--train_examples={v.train_examples} must be at least 10 (one per class)",
         )
+    validate_selection(v)
     _require(v.width_multiplier > 0, f"--width_multiplier={v.width_multiplier} must be > 0")
     validate_sharpness(v)
 

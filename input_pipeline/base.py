@@ -26,6 +26,10 @@ EVAL = "eval"
 #: possibly a fixed subset): the model's accuracy on it minus eval accuracy is
 #: the generalization gap of the paper's Table 4.
 TRAIN_EVAL = "train_eval"
+#: The selection set (``--selection_examples``, ``input_pipeline/selection.py``): training
+#: examples held out of TRAIN and TRAIN_EVAL, read like ``EVAL``; a study chooses its
+#: learning rate on it, never on the evaluation split.
+SELECTION = "selection"
 
 
 class DataError(ValueError):
@@ -80,6 +84,10 @@ class PipelineOptions:
     tf_data_service_workers: int = 1
     #: Seconds the tf.data service's dispatcher may leave a question unanswered.
     peer_timeout: float = 30.0
+    #: The selection set held out of training (``input_pipeline/selection.py``): a count,
+    #: a fraction below 1, or 0 for none; and which part.
+    selection_examples: float = 0
+    selection_seed: int = 0
 
 
 class DataSource(abc.ABC):
@@ -94,6 +102,9 @@ class DataSource(abc.ABC):
     #: (classes, training examples, evaluation examples) known without reading
     #: any file, for ``--mode=dry_run``; None where only the files can tell.
     nominal_sizes: tuple[int, int, int] | None = None
+    #: Whether the source can hold a selection set out of its training examples (it has
+    #: fixed examples with keys: ``input_pipeline/selection.py``).
+    holds_out_selection: bool = False
 
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
@@ -111,11 +122,25 @@ class DataSource(abc.ABC):
     ):
         self.image_size = int(image_size)
         self.options = options or PipelineOptions()
+        from input_pipeline.selection import Selection
+
+        #: The rule of the selection set, or None (``--selection_examples``).
+        self.selection = Selection.from_flags(
+            self.options.selection_examples, self.options.selection_seed
+        )
+        if self.selection is not None and not self.holds_out_selection:
+            raise DataError(
+                f"--selection_examples: --dataset={self.name} has no fixed training examples "
+                "to hold out; use digits, folder, imagenet or tfds:NAME"
+            )
         #: Number of label classes.
         self.num_classes = int(num_classes)
         #: Examples in one training epoch, and in the evaluation split.
         self.num_train_examples = int(num_train_examples)
         self.num_eval_examples = int(num_eval_examples)
+        #: Training examples held out as the selection set (``SELECTION``), not counted in
+        #: ``num_train_examples``; 0 without ``--selection_examples``.
+        self.num_selection_examples = 0
 
     def content(self) -> dict:
         """What the data is, not where it lives: the description its fingerprint hashes.
@@ -158,8 +183,9 @@ class DataSource(abc.ABC):
 
         ``split`` is ``TRAIN`` (shuffled, augmented, repeated forever, static
         batch shape), ``EVAL`` (one pass in a fixed order, no augmentation, the
-        last batch may be partial) or ``TRAIN_EVAL`` (the training examples
-        read like ``EVAL``; a source may use a fixed subset of them).
+        last batch may be partial), ``TRAIN_EVAL`` (the training examples
+        read like ``EVAL``; a source may use a fixed subset of them) or
+        ``SELECTION`` (the held-out training examples read like ``EVAL``).
         ``batch_size`` is the per-replica batch. ``input_context`` shards the
         data across input pipelines when the strategy has more than one.
         ``start_step`` (``TRAIN`` only) makes the stream begin with the batches

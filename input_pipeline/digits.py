@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import epochs, preprocessing
-from input_pipeline.base import EVAL, TRAIN, TRAIN_EVAL, DataError, DataSource
+from input_pipeline.base import EVAL, SELECTION, TRAIN, TRAIN_EVAL, DataError, DataSource
 
 _SPLIT_SEED = 20220425  # fixed: the split must never change between runs
 _EVAL_FRACTION = 0.2
@@ -41,6 +41,7 @@ class DigitsSource(DataSource):
     nominal_sizes = (10, 1_437, 360)
     # The scans are 8×8; 16 px keeps the default run within minutes on a CPU.
     default_image_size = 16
+    holds_out_selection = True
 
     @classmethod
     def create(cls, *, name, image_size, data_dir, num_classes, options, **kwargs):
@@ -68,8 +69,22 @@ class DigitsSource(DataSource):
             num_train_examples=len(self._splits[TRAIN][1]),
             num_eval_examples=len(self._splits[EVAL][1]),
         )
+        if self.selection is not None:
+            self._hold_out_selection()
         self._pixels = {split: self._resize(images) for split, (images, _) in self._splits.items()}
         self.class_names = [str(digit) for digit in range(10)]
+
+    def _hold_out_selection(self):
+        """Moves the selection set out of the training split: each example is keyed by its
+        index in the fixed split (``input_pipeline/selection.py``), before
+        ``--train_examples`` keeps a subset of the rest."""
+        images, labels = self._splits[TRAIN]
+        keys = [f"digits/train/{index}" for index in range(len(labels))]
+        held = self.selection.held_out(keys, labels, self.num_classes)
+        self._splits[SELECTION] = (images[held], labels[held])
+        self._splits[TRAIN] = (images[~held], labels[~held])
+        self.num_selection_examples = int(held.sum())
+        self.num_train_examples = len(labels) - self.num_selection_examples
 
     def content(self) -> dict:
         return {"dataset": self.name, "sha256": self._digest}
@@ -113,9 +128,11 @@ class DigitsSource(DataSource):
     def dataset(self, split, batch_size, input_context=None, start_step=0):
         if split == TRAIN:
             return self._train_stream(batch_size, input_context, start_step)
-        if split not in (EVAL, TRAIN_EVAL):
+        if split not in (EVAL, TRAIN_EVAL, SELECTION):
             raise ValueError(f"unknown split {split!r}")
-        source_split = EVAL if split == EVAL else TRAIN
+        if split == SELECTION and SELECTION not in self._splits:
+            raise ValueError("no selection set: the source was built without --selection_examples")
+        source_split = TRAIN if split == TRAIN_EVAL else split
         ds = tf.data.Dataset.from_tensor_slices(
             (self._pixels[source_split], self._splits[source_split][1])
         )

@@ -34,6 +34,8 @@ DEFINING_FLAGS = (
     "image_size",
     "num_classes",
     "train_examples",
+    "selection_examples",
+    "selection_seed",
     "one_based_labels",
     "augment",
     "autoaugment_policy",
@@ -160,12 +162,21 @@ def relevant_values(defining: dict) -> dict:
         dropped.add("staleness")
     if method != "vanilla" and defining.get("attack_source") == "clean_pass":
         dropped.update(CLEAN_PASS_FIXED)
+    if not defining.get("selection_examples"):
+        # No selection set: its seed picks nothing, and the run is the one recorded
+        # before the flags existed (the same hash and configuration).
+        dropped.update(("selection_examples", "selection_seed"))
     return {name: value for name, value in defining.items() if name not in dropped}
 
 
 #: Defining flags added after runs had been recorded, with the value those runs had: at
 #: that value a flag is left out of the hash, so older runs keep their directories.
-ADDED_LATER = {"train_examples": None, "attack_source": "separate"}
+ADDED_LATER = {
+    "train_examples": None,
+    "attack_source": "separate",
+    "selection_examples": 0,
+    "selection_seed": 0,
+}
 
 
 def run_hash(defining: dict) -> str:

@@ -39,10 +39,16 @@ def _replicas(run: RunConfig) -> tuple[int, str]:
 def _dataset_sizes(run: RunConfig) -> tuple[int, int, int, int]:
     """(image size, classes, training examples, evaluation examples)."""
     from input_pipeline import registry
+    from input_pipeline.selection import Selection
 
     cls = registry.source_class(run.data.dataset)
     if cls.nominal_sizes is not None:
         classes, train, evaluation = cls.nominal_sizes
+        selection = Selection.from_flags(
+            run.data.pipeline.selection_examples, run.data.pipeline.selection_seed
+        )
+        if selection is not None:
+            train -= selection.count(train)
         if run.data.train_examples is not None:
             train = min(train, run.data.train_examples)
         return (
