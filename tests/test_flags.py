@@ -75,6 +75,9 @@ class ValidationTest(tf.test.TestCase):
         (["--sharpness_steps=-1"], "--sharpness_steps"),
         (["--sharpness_eps=-0.001"], "--sharpness_eps"),
         (["--sharpness_tolerance=0"], "--sharpness_tolerance"),
+        (["--selection_examples=-1"], "--selection_examples"),
+        (["--selection_examples=1.5"], "--selection_examples"),
+        (["--dataset=synthetic", "--selection_examples=10"], "--selection_examples"),
     ]
 
     def test_each_bad_value_names_its_flag_in_one_line(self):

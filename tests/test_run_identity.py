@@ -43,6 +43,13 @@ def reference_lr(
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+def parse_main(*args):
+    values = absl_flags.FlagValues()
+    conadv_flags.define_all(values)
+    values(["main.py", *args])
+    return values
+
+
 def read_run_config(model_dir):
     with open(os.path.join(model_dir, run_identity.RUN_CONFIG)) as f:
         return json.load(f)
@@ -108,6 +115,26 @@ class RunConfigTest(tf.test.TestCase):
 
 
 class RunIdentityTest(tf.test.TestCase):
+    def test_the_selection_set_defines_a_run_and_leaves_runs_without_it_as_they_were(self):
+        """Catches: a run held out of 200 examples given the hash (and --model_dir) of one
+        trained on all of them; --selection_seed ignored; a run without a selection set
+        given a new hash because the flags were added (its finished run would be lost)."""
+        values = run_identity.defining_values(parse_main())
+        before = {k: v for k, v in values.items() if not k.startswith("selection_")}
+        plain = run_identity.run_hash(run_identity.relevant_values(values))
+        self.assertEqual(plain, run_identity.run_hash(run_identity.relevant_values(before)))
+        self.assertEqual(run_identity.run_hash(values), run_identity.run_hash(before))
+        held = {**values, "selection_examples": 200.0}
+        other_part = {**held, "selection_seed": 1}
+        hashes = {
+            run_identity.run_hash(run_identity.relevant_values(v))
+            for v in (values, held, other_part)
+        }
+        self.assertLen(hashes, 3)
+        # Without a selection set its seed selects nothing: the same run.
+        unused = {**values, "selection_seed": 1}
+        self.assertEqual(plain, run_identity.run_hash(run_identity.relevant_values(unused)))
+
     def test_default_runs_with_different_settings_get_different_directories(self):
         tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
         first = run_main(*SHORT, env={"TMPDIR": tmp})
