@@ -186,8 +186,8 @@ class FolderSelectionTest(tf.test.TestCase):
             self.assertEqual([image_ids(images) for images, _ in resumed], straight, start)
 
     def test_input_pipelines_share_the_selection(self):
-        """Catches: a pipeline holding out by its own records (its own thresholds or keys),
-        or the filter applied after sharding by record."""
+        """Catches: SELECTION not sharded among the input pipelines (each evaluating all of
+        it), or sharded so that some held-out records are read by none."""
         whole = ids_of(self.source().dataset(SELECTION, 5))
         for pipelines in (2, 5):  # whole files; every 5th record
             parts = []
@@ -197,11 +197,20 @@ class FolderSelectionTest(tf.test.TestCase):
             self.assertCountEqual(parts, whole)
 
     def test_the_pass_is_remembered_and_checked(self):
-        """Catches: the label pass made again for each source; a count that disagrees with
-        the files accepted silently."""
+        """Catches: the label pass made again for each source, or remembered by the data's
+        path (a copy elsewhere holds out the same records, from the same table); a count
+        that disagrees with the files, or a hash collision, accepted silently."""
         self.source().dataset(SELECTION, 5)
+        copy = os.path.join(self.root, "copy")
+        shutil.copytree(self.data_dir, copy)
         with mock.patch.object(selection_table, "compute", side_effect=AssertionError):
             self.assertEqual(set(ids_of(self.source().dataset(SELECTION, 5))), self.expected_held())
+            moved = FolderSource(copy, image_size=16, options=self.source().options)
+            self.assertEqual(set(ids_of(moved.dataset(SELECTION, 5))), self.expected_held())
+        collision = selection_table.SelectionTable(np.zeros(3, np.int64), {"f": (90, HELD - 1)})
+        with mock.patch.object(selection_table, "compute", return_value=collision):
+            with self.assertRaisesRegex(DataError, "not 12 .a hash collision"):
+                self.source(selection_seed=5).dataset(TRAIN, 8)
         wrong = ImageNetSource(
             self.data_dir,
             image_size=16,
@@ -221,6 +230,7 @@ class FolderSelectionTest(tf.test.TestCase):
             "--dataset=folder",
             f"--data_dir={self.data_dir}",
             *TINY_RESNET,
+            "--method=vanilla",
             "--image_size=16",
             "--batch_size=8",
             "--eval_batch_size=8",
