@@ -147,9 +147,10 @@ def table_for(source, records: tf.data.Dataset, label_fn) -> SelectionTable:
         table = compute(source.selection, records, label_fn, source.num_classes)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
+            temporary = f"{path}.{os.getpid()}.tmp"  # workers may write at once
+            with open(temporary, "w") as f:
                 json.dump(table.to_json(), f)
-            os.replace(path + ".tmp", path)
+            os.replace(temporary, path)
         except OSError as error:  # a read-only home: compute again next time
             logging.warning("Could not remember the selection set in %s: %s", path, error)
     expected = source.num_selection_examples
