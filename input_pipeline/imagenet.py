@@ -8,7 +8,9 @@ and a ``labels.txt`` and ``counts.json`` beside the shards (``--dataset=folder``
 Training reads files in parallel (sharded per host by file when there are
 enough files) and shuffles; the evaluation pass reads files in a fixed order.
 Decoding, cropping, augmentation and the bad-record checks are shared with the
-other record sources (``input_pipeline.records``).
+other record sources (``input_pipeline.records``). ``--selection_examples``
+holds out records keyed by shard base name and index in the shard; a resumed
+run takes the held-out records per file from the selection table.
 """
 
 from __future__ import annotations
@@ -130,8 +132,9 @@ class ImageNetSource(RecordSource):
             return files[i::n], False  # what Dataset.shard(n, i) keeps
         return files, True
 
-    def _records(self, files, input_context, epoch=None):
-        """(file name, index in file, serialized record), sharded per input pipeline."""
+    def _records(self, files, input_context, epoch=None, split=None):
+        """(file name, index in file, serialized record), sharded per input pipeline; the
+        records of ``split`` (``RecordSource._select``) before any sharding by record."""
         files, shard_records = self._pipeline_files(files, input_context)
         if shard_records:
             logging.warning(
@@ -157,6 +160,7 @@ class ImageNetSource(RecordSource):
             num_parallel_calls=tf.data.AUTOTUNE if training else None,
             deterministic=self.options.deterministic if training else None,
         )
+        ds = self._select(ds, split)
         if shard_records:
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds
@@ -166,11 +170,14 @@ class ImageNetSource(RecordSource):
 
     def _split_records(self, split, input_context, epoch=None):
         files = self.eval_files if split == EVAL else self.train_files
-        return self._records(files, input_context, epoch if split == TRAIN else None)
+        return self._records(files, input_context, epoch if split == TRAIN else None, split)
 
     def _epoch_record_count(self, input_context):
         files, shard_records = self._pipeline_files(self.train_files, input_context)
-        total = self._train_record_count(files)
+        if self.selection is not None:  # the table counts every file's kept records
+            total = self._selection_table().kept(files)
+        else:
+            total = self._train_record_count(files)
         if shard_records:
             n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
             return len(range(i, total, n))
@@ -202,6 +209,11 @@ class ImageNetSource(RecordSource):
         except OSError as error:  # a read-only home: count again next time
             logging.warning("Could not remember the record count in %s: %s", cache, error)
         return count
+
+    def _record_label(self, record):
+        label_only = {"image/class/label": FEATURES["image/class/label"]}
+        label = tf.io.parse_single_example(record, label_only)["image/class/label"]
+        return tf.cast(label, tf.int32) - self.label_offset
 
     def _decode_record(self, record):
         example = tf.io.parse_single_example(record, FEATURES)

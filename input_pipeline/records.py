@@ -5,6 +5,9 @@ index in file, record)``; this module turns that stream into batches: the
 MLPerf-style crop decoded in one op, ``--augment``, and the in-graph checks
 that stop a run at a bad label or an undecodable image naming the file and
 record (``--skip_corrupt_records`` skips the images and counts them).
+With ``--selection_examples`` the records are filtered in the graph, before
+any sharding by record: ``TRAIN`` and ``TRAIN_EVAL`` keep the training records
+not held out, ``SELECTION`` the held-out ones (``input_pipeline/selection_table.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import sys
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline import data_service, epochs, preprocessing
+from input_pipeline import data_service, epochs, preprocessing, selection_table
 from input_pipeline.base import (
     EVAL,
+    SELECTION,
     TRAIN,
     TRAIN_EVAL,
     DataError,
@@ -28,6 +32,9 @@ from input_pipeline.base import (
 SHUFFLE_BUFFER = 10_000
 #: TRAIN_EVAL reads at most this many training examples (the first files).
 TRAIN_EVAL_EXAMPLES = 50_000
+#: For ``_split_records``: every training record in a fixed order, none held out (the pass
+#: that chooses the selection set reads it).
+ALL_TRAINING = "all_training"
 
 
 def _one_element_options() -> tf.data.Options:
@@ -48,6 +55,21 @@ class RecordSource(DataSource):
     """A source of encoded JPEG/PNG images with integer labels, in files."""
 
     default_image_size = 224
+    holds_out_selection = True
+
+    def __init__(self, image_size, options, num_classes, num_train_examples, num_eval_examples):
+        super().__init__(
+            image_size,
+            options,
+            num_classes=num_classes,
+            num_train_examples=num_train_examples,
+            num_eval_examples=num_eval_examples,
+        )
+        self._table = None
+        if self.selection is not None:
+            # Known without reading the data; the first stream checks it (selection_table).
+            self.num_selection_examples = self.selection.count(self.num_train_examples)
+            self.num_train_examples -= self.num_selection_examples
 
     @property
     def small_images(self) -> bool:
@@ -55,12 +77,38 @@ class RecordSource(DataSource):
 
     @abc.abstractmethod
     def _split_records(self, split, input_context, epoch=None):
-        """``(file name, index in file, record)`` of ``TRAIN``, ``EVAL`` or
-        ``TRAIN_EVAL``, sharded per input pipeline, one pass.
+        """``(file name, index in file, record)`` of ``TRAIN``, ``EVAL``,
+        ``TRAIN_EVAL``, ``SELECTION`` or ``ALL_TRAINING``, sharded per input
+        pipeline, one pass; ``_select`` applied before any sharding by record.
 
         For ``TRAIN``, ``epoch`` (an int64 tensor) seeds the file order of
         that epoch; otherwise the order is fixed.
         """
+
+    def _record_label(self, record):
+        """A record's 0-based label, parsing no more than it needs (the selection pass)."""
+        return self._decode_record(record)[1]
+
+    def _selection_table(self) -> selection_table.SelectionTable:
+        """The selection set's thresholds and per-file counts: one pass over the training
+        labels the first time (eagerly, before a stream is built), then remembered."""
+        if self._table is None:
+            records = self._split_records(ALL_TRAINING, None)
+            self._table = selection_table.table_for(self, records, self._record_label)
+        return self._table
+
+    def _select(self, records, split):
+        """``records`` of ``split`` less the held-out ones (``TRAIN``, ``TRAIN_EVAL``) or only
+        them (``SELECTION``); others unchanged."""
+        if self.selection is None or split not in (TRAIN, TRAIN_EVAL, SELECTION):
+            return records
+        table, keep_held = self._selection_table(), split == SELECTION
+
+        def keep(filename, index, record):
+            held = table.held_out(self.selection, filename, index, self._record_label(record))
+            return held if keep_held else tf.logical_not(held)
+
+        return records.filter(keep)
 
     def _epoch_record_count(self, input_context) -> int:
         """Records of one training epoch of this input pipeline.
@@ -260,6 +308,10 @@ class RecordSource(DataSource):
         return stream.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
 
     def dataset(self, split, batch_size, input_context=None, start_step=0):
+        if split == SELECTION and self.selection is None:
+            raise ValueError("no selection set: the source was built without --selection_examples")
+        if self.selection is not None:
+            self._selection_table()  # eagerly: the streams' functions only read it
         service, fast, timeout = self.options.tf_data_service, False, self.options.peer_timeout
         if service and split == TRAIN:
             workers = self.options.tf_data_service_workers
@@ -281,7 +333,7 @@ class RecordSource(DataSource):
                 deterministic=self.options.deterministic,
             )
             ds = self._drop_corrupt(ds).batch(batch_size, drop_remainder=True)
-        elif split in (EVAL, TRAIN_EVAL):
+        elif split in (EVAL, TRAIN_EVAL, SELECTION):
             ds = self._split_records(split, input_context)
             if split == TRAIN_EVAL:
                 ds = ds.take(TRAIN_EVAL_EXAMPLES)

@@ -8,6 +8,9 @@ the file and record a check names come from the example's ``tfds_id``. The
 evaluation split is ``validation`` when the dataset has one, else ``test``.
 A resumed run takes an epoch's length from the records per file that TFDS
 wrote into the dataset's metadata, without reading the split.
+``--selection_examples`` holds out records keyed by the file part of their
+``tfds_id`` and their index in that file; the metadata's counts less the
+selection table's held-out records per file give a resumed epoch's length.
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ class TFDSSource(RecordSource):
         # A resumed run needs this pipeline's epoch length; the metadata has it,
         # so the split (all of ImageNet for tfds:imagenet2012) is never read for it.
         counts = [records for _, records in self.file_counts(TRAIN)]
+        if self.selection is not None:  # less each file's held-out records
+            table = self._selection_table()
+            counts = [r - table.held_in(name) for name, r in self.file_counts(TRAIN)]
         if input_context is None or input_context.num_input_pipelines <= 1:
             return sum(counts)
         n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
@@ -162,20 +168,21 @@ class TFDSSource(RecordSource):
             shuffle_files=False,
             read_config=read_config,
             decoders={self.image_key: tfds.decode.SkipDecoding()},
-        )
+        ).map(self._locate)
+        ds = self._select(ds, split)  # before sharding by record
         if pipelines > 1 and not by_file:
             logging.warning(
                 "%d files for %d input pipelines: sharding by record instead", shards, pipelines
             )
             ds = ds.shard(pipelines, input_context.input_pipeline_id)
+        return ds
 
-        def locate(example):
-            # tfds_id is "<file>__<index in file>".
-            parts = tf.strings.split(example["tfds_id"], "__")
-            index = tf.strings.to_number(parts[-1], tf.int64)
-            return parts[0], index, example
-
-        return ds.map(locate)
+    @staticmethod
+    def _locate(example):
+        # tfds_id is "<file>__<index in file>".
+        parts = tf.strings.split(example["tfds_id"], "__")
+        index = tf.strings.to_number(parts[-1], tf.int64)
+        return parts[0], index, example
 
     def _decode_record(self, record):
         return record[self.image_key], tf.cast(record[self.label_key], tf.int32)
