@@ -19,6 +19,8 @@ import json
 import tensorflow as tf
 
 from input_pipeline import augment
+from input_pipeline.errors import DataError
+from input_pipeline.selection import Selection
 
 TRAIN = "train"
 EVAL = "eval"
@@ -30,10 +32,6 @@ TRAIN_EVAL = "train_eval"
 #: examples held out of TRAIN and TRAIN_EVAL, read like ``EVAL``; a study chooses its
 #: learning rate on it, never on the evaluation split.
 SELECTION = "selection"
-
-
-class DataError(ValueError):
-    """A problem with the user's data or data flags, reported as one line."""
 
 
 #: Marks the message of a failed in-graph data check (see ``bad_record_message``).
@@ -122,8 +120,6 @@ class DataSource(abc.ABC):
     ):
         self.image_size = int(image_size)
         self.options = options or PipelineOptions()
-        from input_pipeline.selection import Selection
-
         #: The rule of the selection set, or None (``--selection_examples``).
         self.selection = Selection.from_flags(
             self.options.selection_examples, self.options.selection_seed

@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline.base import DataError
+from input_pipeline.errors import DataError
 
 #: Hash values lie in [0, HASH_BUCKETS): 2**62 makes two keys' collision in a split of
 #: ImageNet's size about one in ten million.

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from input_pipeline.base import DataError
+from input_pipeline.errors import DataError
 from input_pipeline.selection import Selection
 
 #: Where tables are remembered (``~`` expanded when used).
