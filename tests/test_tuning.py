@@ -177,18 +177,26 @@ class NoChoiceOnTestTest(tf.test.TestCase):
         self.assertIn("never chooses a learning rate", message)
         self.assertIn("--selection_examples", message)
 
-    def test_a_sweep_without_the_axes_has_no_tuned_report_or_plot(self):
-        """Catches: the tuning section or the learning-rate plot written for a sweep that
-        swept no learning rate and has no selection numbers."""
-        out = tempfile.mkdtemp(dir=self.get_temp_dir())
-        for (method, m), by_seed in VALUES.items():
-            if m == 1.0:
-                for seed, (selection, test) in by_seed.items():
-                    write_run(out, tuned_run(method, seed, m), summary(selection, test, False))
-        [report] = quiet_report(out)
-        self.assertIsNone(report.tuning)
-        self.assertNotIn("accuracy_vs_lr.png", report.figures)
-        self.assertFalse(os.path.exists(os.path.join(out, "accuracy_vs_lr.png")))
+    def test_a_sweep_without_the_axes_has_no_learning_rate_plot(self):
+        """Catches: the learning-rate plot written for a sweep of one learning rate (with
+        selection numbers or without), or a tuned section without selection numbers or
+        several rates."""
+        for with_selection in (False, True):
+            out = tempfile.mkdtemp(dir=self.get_temp_dir())
+            for (method, m), by_seed in VALUES.items():
+                if m == 1.0:
+                    for seed, (selection, test) in by_seed.items():
+                        run = tuned_run(method, seed, m)
+                        write_run(out, run, summary(selection, test, with_selection))
+            [report] = quiet_report(out)
+            self.assertEqual(report.tuning is None, not with_selection)
+            self.assertNotIn("accuracy_vs_lr.png", report.figures)
+            self.assertFalse(os.path.exists(os.path.join(out, "accuracy_vs_lr.png")))
+            if with_selection:
+                self.assertIn(
+                    "1 learning rate × 1 warmup = 1 setting per (method, batch) cell.",
+                    report.markdown,
+                )
 
 
 class SweepAxesTest(tf.test.TestCase):
@@ -234,6 +242,8 @@ class SweepAxesTest(tf.test.TestCase):
             values = experiments._main_values(main_args, run)
             self.assertAllClose(values.learning_rate, run.learning_rate)
             self.assertEqual(run.record()["lr_multiplier"], run.lr_multiplier)
+            # The name a sweep without the axes gives (literally: not the same code twice).
+            self.assertRegex(base.name, r"^(vanilla|conadv)_b\d+(_eps4_tau1)?_seed0_[0-9a-f]{8}$")
             if run.lr_multiplier == 1 and run.warmup_multiplier == 1:
                 self.assertEqual(run.name, base.name)
                 self.assertEqual(run.identity, base.identity)
@@ -262,7 +272,10 @@ class SweepAxesTest(tf.test.TestCase):
         only choose the learning rate on the test set)."""
         for extra in (["--learning_rates=0.5,1,2"], ["--warmups=1,2"]):
             with self.assertRaises(SystemExit) as raised:
-                experiments.main(["sweep", "--out=/nonexistent", "--dataset=digits", *extra])
+                # A dry run: were the refusal missing, nothing would be trained.
+                experiments.main(
+                    ["sweep", "--out=/nonexistent", "--dataset=digits", "--dry_run", *extra]
+                )
             message = str(raised.exception.code)
             self.assertNotIn("\n", message)
             self.assertIn(
