@@ -4,6 +4,7 @@ training data (``selection_top1``), never on the test set. Fake finished runs (r
 and summary.json), no training."""
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -14,7 +15,7 @@ import tensorflow as tf
 
 from conadv.studies import experiments, grid, sweep_flags
 from flags.validation import FlagError
-from tests.test_experiments import write_run
+from tests.test_experiments import measure, write_run
 
 #: Student's t, 0.975 quantile, 1 degree of freedom (published tables).
 T975_1 = 12.706204736174698
@@ -58,10 +59,21 @@ def summary(selection, test, with_selection=True):
     return out
 
 
-def write_study(out, with_selection=True):
+SHARPNESS = {"sharpness_examples": 64, "sharpness_eps": 0.001}
+
+
+def eigenvalue(method, m, seed):
+    return 100.0 * m + seed + (0.5 if method == "conadv" else 0.0)
+
+
+def write_study(out, with_selection=True, sharpness=False):
     for (method, m), by_seed in VALUES.items():
         for seed, (selection, test) in by_seed.items():
-            write_run(out, tuned_run(method, seed, m), summary(selection, test, with_selection))
+            run = tuned_run(method, seed, m)
+            directory = write_run(out, run, summary(selection, test, with_selection))
+            if sharpness:
+                value = eigenvalue(method, m, seed)
+                measure(directory, value, value / 100, SHARPNESS)
 
 
 def quiet_report(out):
@@ -80,7 +92,7 @@ class TunedReportTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.out = tempfile.mkdtemp()
-        write_study(cls.out)
+        write_study(cls.out, sharpness=True)
         [cls.report] = quiet_report(cls.out)
 
     def test_chooses_on_the_mean_selection_top1_and_reports_its_test_top1(self):
@@ -161,6 +173,29 @@ class TunedReportTest(tf.test.TestCase):
             index = 0 if what == "selection" else 1
             want = [np.mean([v[index] for v in VALUES[(method, m)].values()]) for m in MULTIPLIERS]
             self.assertAllClose(line.get_ydata(), want)
+
+    def test_sharpness_is_that_of_the_chosen_setting(self):
+        """Catches: sharpness cells of another learning rate than the chosen one (or of
+        every rate pooled), or a sharpness column of the tuned table showing the other
+        metric."""
+        [group] = self.report.sharpness
+        rows = [line for line in self.report.markdown.splitlines() if "| 64 | lr×" in line]
+        for method, m in CHOSEN.items():
+            want = {s: eigenvalue(method, m, s) for s in VALUES[(method, m)]}
+            self.assertEqual(group.top_eigenvalue[(method, BATCH)].by_seed, want)
+            cell = group.eps_sharpness[(method, BATCH)]
+            self.assertAllClose(cell.mean, np.mean(list(want.values())) / 100)
+            # The tuned table's row of the chosen setting: its columns end with the
+            # eigenvalue and then the ε-sharpness.
+            name = {"vanilla": "vanilla", "conadv": "ConAdv"}[method]
+            # (The tuned table's rows have 11 columns, those of every setting 8.)
+            [row] = [
+                r for r in rows if r.startswith(f"| {name} | 64 | lr×{m:g},") and r.count("|") == 12
+            ]
+            columns = [c.strip() for c in row.strip("|").split("|")]
+            eig = group.top_eigenvalue[(method, BATCH)]
+            self.assertEqual(columns[-2], dataclasses.replace(eig, varied=()).text())
+            self.assertEqual(columns[-1], dataclasses.replace(cell, varied=()).text())
 
 
 class NoChoiceOnTestTest(tf.test.TestCase):
@@ -282,7 +317,24 @@ class SweepAxesTest(tf.test.TestCase):
                 "tuning needs held-out training data to choose on: add --selection_examples N",
                 message,
             )
-        self.parse("--learning_rates=2")  # one rate: nothing to choose among
+        # One rate: nothing to choose among; the dry run lists its rate at each batch.
+        plain = {r.batch_size: r for r in experiments.plan(*self.parse("--methods=vanilla")[1:])}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            experiments.main(
+                ["sweep", "--out=/nonexistent", "--methods=vanilla", "--batch_sizes=16,64"]
+                + ["--base_batch_size=16", "--seeds=0", "--dataset=digits", "--dry_run"]
+                + ["--learning_rates=2"]
+            )
+        for batch, run in plain.items():
+            rate = 2 * run.learning_rate
+            self.assertIn(f"batch {batch}: learning rates ×2 = {rate:.4g}", out.getvalue())
+            self.assertIn(
+                f"batch {batch}: warmups (epochs) ×1 = {run.warmup_epochs:.4g}", out.getvalue()
+            )
+            self.assertIn(
+                run.name.replace("_seed0", "_lrx2_seed0").rsplit("_", 1)[0], out.getvalue()
+            )
         for held_out in (1000, 0.1):
             sweep_flags.require_held_out_data([1.0, 2.0], [1.0], held_out)
         for held_out in (None, 0):
