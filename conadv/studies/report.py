@@ -4,17 +4,27 @@ run's ``run.json`` and ``summary.json`` (the plots: ``figures.py``).
 Runs are grouped into sections by their own recorded configuration
 (``sections.py``).
 
-Top-1 is the evaluation top-1 of ``summary.json`` (with the BatchNorm
+Top-1 is the evaluation (test) top-1 of ``summary.json`` (with the BatchNorm
 statistics it names, precise by default). A cell over seeds is
 "mean ± sample standard deviation (n)". Sharpness (``sharpness/*.json``, a
 file per measurement setting) is reported per setting (``--sharpness_*``): measurements of other
-settings never share a cell or a paired difference. Where ε or τ was swept, the
-method × batch tables use, for each method and batch, the setting with the
-best mean top-1 (named in the cell): a choice made on the same numbers, so
-those cells are optimistic, the more so the more settings were tried.
+settings never share a cell or a paired difference.
+
+Where a (method, batch) was trained at several settings (learning-rate and
+warmup multipliers, ε, τ, source), the method × batch tables use one of them,
+chosen by ``tuning.py``: where every run of the cell has a selection top-1
+(main.py ``--selection_examples``), the setting of best mean selection top-1
+over seeds. That choice is made on held-out *training* data, never on the
+test set, so the test top-1 at the chosen setting is not optimistic; the
+tuned comparison then shows each method at its own setting, how many
+settings each cell tried and every setting's selection and test top-1.
+Without selection numbers, ε, τ or source is chosen by the best mean test
+top-1 (named in the cell): a choice made on the same numbers, so those cells
+are optimistic, the more so the more settings were tried; several learning
+rates or warmups without selection numbers are refused (``ReportError``).
 Paired differences take the same seed of both methods (same initial weights
-and data order) and give a Student-t 95 % interval over seeds
-(``statistics.paired_difference``).
+and data order), each method at its own chosen setting, and give a Student-t
+95 % interval over seeds (``statistics.paired_difference``).
 """
 
 from __future__ import annotations
