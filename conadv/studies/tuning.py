@@ -83,7 +83,7 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
             method, batch = key
             raise ReportError(
                 f"{METHOD_NAMES.get(method, method)} at batch {batch} has several "
-                f"{' and '.join(tuned)} multipliers but {missing['directory']} has no "
+                f"{' and '.join(tuned)} multipliers but {missing.get('directory', 'a run')} has no "
                 "selection top-1: the report never chooses a learning rate or warmup on the "
                 "test set; train the sweep with main.py's --selection_examples N"
             )
