@@ -3,6 +3,7 @@
     conadv-experiments sweep --out DIR --methods vanilla,disadv,conadv \\
         --batch_sizes 256,1024,4096 --seeds 0,1,2 [--attack_eps 2,4,8] [--staleness 1,2] \\
         [--lr_scaling linear|sqrt|none] [--base_batch_size 256] [--parallel N] [--dry_run] \\
+        [--learning_rates 0.5,1,2 --warmups 1 --selection_examples 10000] \\
         [any main.py flag, e.g. --dataset=imagenet --train_epochs=90]
     conadv-experiments report --out DIR
 
@@ -15,12 +16,19 @@ progress line per run shows an ETA, and each finished run is recorded in
 TensorBoard's HParams dashboard (``tensorboard --logdir DIR``). Learning
 rate and warmup scale with the batch size by ``--lr_scaling`` from
 ``--base_batch_size`` (``conadv/studies/grid.py`` states the rule).
-``--dry_run`` lists the runs, their learning rates and lengths, and trains
-nothing.
+``--learning_rates`` and ``--warmups`` sweep multiples of the scaled learning
+rate and warmup (tuning axes; a run's name spells a multiplier other than 1,
+``_lrx2``); several of either need main.py's ``--selection_examples``, the
+held-out training examples the report chooses each method's setting on.
+``--dry_run`` lists the runs, their learning rates (each multiplier's, per
+batch) and lengths, and trains nothing.
 
 ``report`` writes ``DIR/results.csv`` (a row per finished run), ``DIR/report.md``
 (the paper's tables with spreads over seeds and paired intervals) and PNG
-plots (``conadv/studies/report.py``).
+plots (``conadv/studies/report.py``). Where several settings of a method and
+batch were trained, the report picks one by its mean selection top-1 on the
+held-out training examples (``conadv/studies/tuning.py``); several learning
+rates or warmups are never chosen among by test top-1.
 """
 
 from __future__ import annotations
@@ -34,123 +42,14 @@ from absl import flags as absl_flags
 
 import flags as main_flags
 from conadv.studies import grid
+from conadv.studies.sweep_flags import define, multipliers, parse
 from flags import sharpness as sharpness_flags
-from flags.method import ATTACK_SOURCES
-from flags.validation import FlagError, distinct_numbers, settle_attack_source
-
-COMMANDS = ("sweep", "report")
-
-
-def define(fv: absl_flags.FlagValues):
-    absl_flags.DEFINE_string("out", None, "The study's directory.", flag_values=fv)
-    absl_flags.DEFINE_list(
-        "methods", ["vanilla", "disadv", "conadv"], "Methods to train.", flag_values=fv
-    )
-    absl_flags.DEFINE_list(
-        "batch_sizes", ["256"], "Global batch sizes (main.py --batch_size).", flag_values=fv
-    )
-    absl_flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (main.py --seed).", flag_values=fv)
-    absl_flags.DEFINE_list(
-        "attack_eps",
-        None,
-        "Attack budgets to sweep for DisAdv and ConAdv (default: main.py's --attack_eps, "
-        "not swept).",
-        flag_values=fv,
-    )
-    absl_flags.DEFINE_list(
-        "staleness", None, "ConAdv τ values to sweep (default: main.py's).", flag_values=fv
-    )
-    absl_flags.DEFINE_list(
-        "attack_source",
-        None,
-        "Attack sources to sweep for DisAdv and ConAdv: separate, clean_pass (default: "
-        "main.py's --attack_source, not swept).",
-        flag_values=fv,
-    )
-    absl_flags.DEFINE_enum(
-        "lr_scaling",
-        "linear",
-        list(grid.LR_SCALING),
-        "How learning rate and warmup scale with the batch (conadv/studies/grid.py).",
-        flag_values=fv,
-    )
-    absl_flags.DEFINE_integer(
-        "base_batch_size",
-        256,
-        "The batch at which main.py's --learning_rate and --warmup_epochs hold.",
-        flag_values=fv,
-    )
-    absl_flags.DEFINE_integer("parallel", 1, "Runs trained at once.", flag_values=fv)
-    absl_flags.DEFINE_bool(
-        "dry_run",
-        False,
-        "List the runs, their learning rates and lengths; train nothing.",
-        flag_values=fv,
-    )
-    absl_flags.DEFINE_bool(
-        "sharpness",
-        False,
-        "After each run, measure the sharpness of its weights (main.py --mode sharpness): "
-        "the top Hessian eigenvalue and the ε-sharpness of the training loss, with the "
-        "--sharpness_* flags given to the sweep (a run measured with others is measured again).",
-        flag_values=fv,
-    )
+from flags.validation import FlagError, settle_attack_source
 
 
 def _require(condition: bool, message: str):
     if not condition:
         raise FlagError(message)
-
-
-def parse(argv: list[str]):
-    """(command, the sweep's flags, main.py's flags for the rest, the rest as given)."""
-    if not argv or argv[0] not in COMMANDS:
-        raise FlagError(
-            f"the first argument must be one of {', '.join(COMMANDS)} "
-            "(conadv-experiments sweep --out DIR ...)"
-        )
-    command, rest = argv[0], argv[1:]
-    fv = absl_flags.FlagValues()
-    define(fv)
-    try:
-        unparsed = fv(["experiments", *rest], known_only=True)[1:]
-    except absl_flags.Error as error:
-        raise FlagError(str(error).splitlines()[0]) from None
-    _require(bool(fv.out), "--out is required: the study's directory")
-    if command == "report":
-        if unparsed:
-            raise FlagError(f"report takes only --out; {unparsed[0]} is not for it")
-        return command, fv, None, []
-    for name in fv.methods:
-        _require(name in ("vanilla", "disadv", "conadv"), f"--methods: {name!r} is unknown")
-    distinct_numbers("batch_sizes", fv.batch_sizes, int)
-    distinct_numbers("seeds", fv.seeds, int, positive=False)
-    if fv.attack_eps:
-        distinct_numbers("attack_eps", fv.attack_eps, float, positive=False)
-    if fv.staleness:
-        distinct_numbers("staleness", fv.staleness, int)
-    for name in fv.attack_source or []:
-        _require(
-            name in ATTACK_SOURCES,
-            f"--attack_source: {name!r} is not one of {', '.join(ATTACK_SOURCES)}",
-        )
-    _require(fv.base_batch_size > 0, "--base_batch_size must be positive")
-    _require(fv.parallel >= 1, "--parallel must be at least 1")
-    main_fv = absl_flags.FlagValues()
-    main_flags.define_all(main_fv)
-    try:
-        main_fv(["main.py", *unparsed])
-    except absl_flags.Error as error:
-        raise FlagError(
-            f"{str(error).splitlines()[0]} (flags after the sweep's own go to main.py)"
-        ) from None
-    for name in grid.SWEEP_OWNED_FLAGS:
-        _require(
-            not main_fv[name].present,
-            f"--{name} is set by the sweep for each run; remove it"
-            + (" (use --batch_sizes)" if name == "batch_size" else ""),
-        )
-    return command, fv, main_fv, unparsed
 
 
 def _main_values(main_args: list[str], run: grid.Run) -> absl_flags.FlagValues:
@@ -211,6 +110,8 @@ def plan(fv, main_fv, main_args: list[str]) -> list[grid.Run]:
         base_batch_size=fv.base_batch_size,
         base_learning_rate=main_fv.learning_rate,
         base_warmup_epochs=main_fv.warmup_epochs,
+        lr_multipliers=multipliers(fv.learning_rates, "learning_rates"),
+        warmup_multipliers=multipliers(fv.warmups, "warmups"),
     )
     scaling = {
         "lr_scaling": fv.lr_scaling,
@@ -279,6 +180,22 @@ def describe(runs: list[grid.Run], main_fv, main_args: list[str]) -> list[dict]:
     return rows
 
 
+def tuning_rates(runs: list[grid.Run]) -> list[str]:
+    """The tuning axes' rates, a line per batch: each multiplier and what it gives there."""
+    lines = []
+    for batch in sorted({run.batch_size for run in runs}):
+        at = [run for run in runs if run.batch_size == batch]
+        for what, rate, multiplier in (
+            ("learning rates", "learning_rate", "lr_multiplier"),
+            ("warmups (epochs)", "warmup_epochs", "warmup_multiplier"),
+        ):
+            pairs = sorted({(getattr(r, multiplier), getattr(r, rate)) for r in at})
+            listed = ", ".join(f"×{m:g} = {value:.4g}" for m, value in pairs)
+            lines.append(f"batch {batch}: {what} {listed}")
+    print("\n".join(lines))
+    return lines
+
+
 def other_configurations(out: str, runs: list[grid.Run]) -> list[str]:
     """The runs under ``OUT/runs`` that no report section shares with this sweep's: of
     another configuration, neither part of one of this sweep's (a vanilla run has no
@@ -312,6 +229,8 @@ def sweep(fv, main_fv, main_args: list[str]):
         f"scaled {fv.lr_scaling}"
     )
     rows = describe(runs, main_fv, main_args)
+    if fv.learning_rates or fv.warmups:
+        tuning_rates(runs)
     others = other_configurations(fv.out, runs)
     if others:
         print(

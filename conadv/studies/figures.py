@@ -8,14 +8,15 @@ import os
 
 from conadv.studies import plots
 from conadv.studies import statistics as stats
-from conadv.studies.report import (
+from conadv.studies.cells import (
     METHOD_NAMES,
-    Report,
     batches_in,
     methods_in,
     varied_settings,
 )
-from conadv.studies.sections import setting_of, short
+from conadv.studies.report import Report
+from conadv.studies.sections import setting_of, setting_text
+from conadv.studies.tuning import TUNING_NAMES
 
 
 def _series(report: Report, cells: dict) -> dict:
@@ -43,7 +44,9 @@ def eps_series(report: Report) -> dict:
         if "ε" not in values:
             continue
         shown = [
-            f"τ={short(v)}" if n == "τ" else str(v) for n, v in setting if n != "ε" and n in varied
+            str(values[n]) if n == "source" else setting_text(setting, [n])
+            for n in varied
+            if n != "ε" and (n in values or n in TUNING_NAMES)
         ]
         label = ", ".join([METHOD_NAMES.get(method, method), f"batch {batch}", *shown])
         xs, ys, es = out.setdefault(label, ([], [], []))
@@ -54,6 +57,42 @@ def eps_series(report: Report) -> dict:
         order = sorted(range(len(xs)), key=xs.__getitem__)
         xs[:], ys[:], es[:] = ([v[i] for i in order] for v in (xs, ys, es))
     return out
+
+
+def lr_series(report: Report) -> dict:
+    """batch -> method -> (learning rates, selection means, selection stds, test means,
+    test stds), along the learning-rate multipliers at the method's chosen other settings
+    (warmup, ε, τ, source), in rate order; a missing cell is NaN."""
+    out = {}
+    tuned = report.tuning
+    for (method, batch, setting), (selection, test) in tuned.every.items():
+        chosen = report.best.get((method, batch))
+        if chosen is None or _without_lr(setting) != _without_lr(chosen):
+            continue
+        rate = tuned.rates[(method, batch, setting)][0]
+        points = out.setdefault(batch, {}).setdefault(method, [])
+        points.append((rate, selection, test))
+    for methods in out.values():
+        for method, points in methods.items():
+            points.sort(key=lambda point: point[0])
+            methods[method] = (
+                [rate for rate, _, _ in points],
+                *_mean_std([selection for _, selection, _ in points]),
+                *_mean_std([test for _, _, test in points]),
+            )
+    return out
+
+
+def _mean_std(cells: list) -> tuple[list[float], list[float]]:
+    nan = float("nan")
+    return (
+        [cell.mean if cell else nan for cell in cells],
+        [(cell.std or 0.0) if cell else nan for cell in cells],
+    )
+
+
+def _without_lr(setting: tuple) -> tuple:
+    return tuple(item for item in setting if item[0] != "lr")
 
 
 def read_scalars(directory: str, tag: str) -> dict[int, float]:
@@ -96,6 +135,41 @@ def curve_series(report: Report, subdir: str, tag: str) -> dict:
     return out
 
 
+def lr_figure(report: Report):
+    """Selection (solid) and test (dashed) top-1 against the peak learning rate, log x,
+    one line per method, one panel per batch size, mean ± std over seeds."""
+    series = lr_series(report)
+    batches = sorted(series)
+    figure, panels = plots.new_figure(len(batches))
+    for axes, batch in zip(panels, batches):
+        for method in methods_in(report.rows):
+            if method not in series[batch]:
+                continue
+            rates, selection, selection_std, test, test_std = series[batch][method]
+            name = METHOD_NAMES.get(method, method)
+            for means, stds, style, what in (
+                (selection, selection_std, "-", "selection"),
+                (test, test_std, "--", "test"),
+            ):
+                axes.errorbar(
+                    rates,
+                    means,
+                    yerr=stds,
+                    label=f"{name} {what}",
+                    marker="o",
+                    capsize=3,
+                    linestyle=style,
+                    color=plots.colour(method),
+                )
+        axes.set_xscale("log")
+        axes.set_title(f"batch {batch}")
+        axes.set_xlabel("peak learning rate")
+        axes.set_ylabel("top-1 (selection solid, test dashed)")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+    return figure
+
+
 def plot_all(report: Report, out: str, prefix: str = "") -> dict:
     """Writes the PNGs (their names begin with ``prefix``); returns {file name: figure}."""
     figures = {}
@@ -132,6 +206,9 @@ def plot_all(report: Report, out: str, prefix: str = "") -> dict:
         if axes.lines:
             axes.legend(fontsize="small")
     figures["training_curves.png"] = figure
+
+    if report.tuning and "lr" in varied_settings(report.rows):
+        figures["accuracy_vs_lr.png"] = lr_figure(report)
 
     for index, group in enumerate(report.sharpness):
         figure, (sharp_axes, gap_axes) = plots.new_figure(2)

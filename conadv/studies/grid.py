@@ -1,4 +1,5 @@
-"""The runs of a sweep: the cross product of methods, batch sizes, seeds, ε and τ.
+"""The runs of a sweep: the cross product of methods, batch sizes, seeds, ε, τ, attack
+sources, learning-rate multipliers and warmup multipliers.
 
 Learning-rate scaling (``--lr_scaling``), from ``--base_batch_size`` b₀ and
 main.py's ``--learning_rate`` η₀ and ``--warmup_epochs`` w₀ (given after the
@@ -9,6 +10,13 @@ k = b / b₀ (``linear``; Goyal et al. 2017), k = √(b / b₀) (``sqrt``; Krizh
 ``linear`` the warmup then lasts the same number of steps at every batch).
 The training length is main.py's, in epochs unless ``--train_steps`` is
 given, so every batch size sees the same number of images by default.
+
+Tuning axes (``--learning_rates``, ``--warmups``): multiples of the *scaled*
+values, not rates. A multiplier m of ``--learning_rates`` gives the run peak
+learning rate m·η₀·k, one of ``--warmups`` a warmup of m·w₀·k epochs; the
+default is [1] (not swept), the rule's own value. So the same multiplier means
+the same place relative to the scaling rule at every batch size, and the
+report compares a method's rates at one batch by their multipliers.
 
 A run is everything that changes its numbers: its directory name ends in a
 hash of every main.py flag that defines it (main.py's run identity,
@@ -22,7 +30,9 @@ beside the old ones instead of taking the old ones for its own, while the
 same data moved to another bucket is the same run. The directory name spells
 the run's grid point in full (ε and source for DisAdv and ConAdv, τ for
 ConAdv, whether the sweep varied them or not), so every sweep that contains a
-run names it alike.
+run names it alike; a learning-rate or warmup multiplier other than 1 is spelled
+too (``_lrx2``, ``_wux0.5``) and ×1 is left out, so a run at the scaled values keeps
+the name it has in a sweep without the tuning axes.
 """
 
 from __future__ import annotations
@@ -102,6 +112,10 @@ class Run:
     attack_source: str | None = None  # None: vanilla
     #: Where the data was read when the run was planned (shown, not part of the identity).
     data_dir: str | None = None
+    #: The run's learning rate and warmup as multiples of the scaled ones (the tuning
+    #: axes): ``learning_rate`` = lr_multiplier × base rate × k.
+    lr_multiplier: float = 1.0
+    warmup_multiplier: float = 1.0
 
     @property
     def name(self) -> str:
@@ -113,6 +127,10 @@ class Run:
             name += f"_tau{self.staleness}"
         if self.attack_source not in (None, "separate"):
             name += f"_{self.attack_source}"
+        if self.lr_multiplier != 1:
+            name += f"_lrx{_number(self.lr_multiplier)}"
+        if self.warmup_multiplier != 1:
+            name += f"_wux{_number(self.warmup_multiplier)}"
         name += f"_seed{self.seed}"
         return f"{name}_{self.identity}" if self.identity else name
 
@@ -153,11 +171,15 @@ def plan(
     base_batch_size: int,
     base_learning_rate: float,
     base_warmup_epochs: float,
+    lr_multipliers=(1.0,),
+    warmup_multipliers=(1.0,),
 ) -> list[Run]:
     """Every run of the sweep, in the order they are trained: seed-major, so a
     partial sweep has every configuration at its first seeds. ``attack_eps``,
     ``staleness`` and ``attack_sources`` are lists (one value where not swept);
-    a method gets those it uses (vanilla none, DisAdv no τ)."""
+    a method gets those it uses (vanilla none, DisAdv no τ). ``lr_multipliers``
+    and ``warmup_multipliers`` are multiples of the scaled learning rate and
+    warmup (η₀·k, w₀·k), not rates: (1,) is the scaling rule's own value."""
     runs = []
     for seed, batch_size, method in itertools.product(seeds, batch_sizes, methods):
         k = scale_factor(lr_scaling, batch_size, base_batch_size)
@@ -165,7 +187,9 @@ def plan(
         for eps in attack_eps if adversarial else [None]:
             taus = staleness if method == steps_lib.CONADV else [None]
             sources = attack_sources if adversarial else [None]
-            for tau, source in itertools.product(taus, sources):
+            for tau, source, lr_m, warmup_m in itertools.product(
+                taus, sources, lr_multipliers, warmup_multipliers
+            ):
                 runs.append(
                     Run(
                         method=method,
@@ -173,9 +197,12 @@ def plan(
                         seed=int(seed),
                         attack_eps=None if eps is None else float(eps),
                         staleness=None if tau is None else int(tau),
-                        learning_rate=base_learning_rate * k,
-                        warmup_epochs=base_warmup_epochs * k,
+                        # (η₀·k)·m: at m = 1 exactly the rate of a sweep without the axes.
+                        learning_rate=base_learning_rate * k * float(lr_m),
+                        warmup_epochs=base_warmup_epochs * k * float(warmup_m),
                         attack_source=source,
+                        lr_multiplier=float(lr_m),
+                        warmup_multiplier=float(warmup_m),
                     )
                 )
     return runs

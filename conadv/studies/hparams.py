@@ -25,6 +25,8 @@ METRICS = {
         else s["train_top1"] - s["eval_top1"]
     ),
     "final/eval_top1_moving_average": "eval_top1_moving_average",
+    # Top-1 on the held-out training examples (main.py --selection_examples), if any.
+    "final/selection_top1": "selection_top1",
     "final/robust_top1": "eval_robust_top1",
     "final/images_per_second": "images_per_second",
 }
@@ -38,6 +40,8 @@ HPARAM_NAMES = (
     "attack_source",
     "learning_rate",
     "warmup_epochs",
+    "lr_multiplier",
+    "warmup_multiplier",
 )
 
 

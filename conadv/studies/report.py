@@ -4,17 +4,27 @@ run's ``run.json`` and ``summary.json`` (the plots: ``figures.py``).
 Runs are grouped into sections by their own recorded configuration
 (``sections.py``).
 
-Top-1 is the evaluation top-1 of ``summary.json`` (with the BatchNorm
+Top-1 is the evaluation (test) top-1 of ``summary.json`` (with the BatchNorm
 statistics it names, precise by default). A cell over seeds is
 "mean ± sample standard deviation (n)". Sharpness (``sharpness/*.json``, a
 file per measurement setting) is reported per setting (``--sharpness_*``): measurements of other
-settings never share a cell or a paired difference. Where ε or τ was swept, the
-method × batch tables use, for each method and batch, the setting with the
-best mean top-1 (named in the cell): a choice made on the same numbers, so
-those cells are optimistic, the more so the more settings were tried.
+settings never share a cell or a paired difference.
+
+Where a (method, batch) was trained at several settings (learning-rate and
+warmup multipliers, ε, τ, source), the method × batch tables use one of them,
+chosen by ``tuning.py``: where every run of the cell has a selection top-1
+(main.py ``--selection_examples``), the setting of best mean selection top-1
+over seeds. That choice is made on held-out *training* data, never on the
+test set, so the test top-1 at the chosen setting is not optimistic; the
+tuned comparison then shows each method at its own setting, how many
+settings each cell tried and every setting's selection and test top-1.
+Without selection numbers, ε, τ or source is chosen by the best mean test
+top-1 (named in the cell): a choice made on the same numbers, so those cells
+are optimistic, the more so the more settings were tried; several learning
+rates or warmups without selection numbers are refused (``ReportError``).
 Paired differences take the same seed of both methods (same initial weights
-and data order) and give a Student-t 95 % interval over seeds
-(``statistics.paired_difference``).
+and data order), each method at its own chosen setting, and give a Student-t
+95 % interval over seeds (``statistics.paired_difference``).
 """
 
 from __future__ import annotations
@@ -24,13 +34,17 @@ import dataclasses
 import glob
 import json
 import os
-from collections import defaultdict
 
 from conadv.studies import statistics as stats
-from conadv.studies.sections import ReportError, config_key, configurations, setting_of, short
-
-METHOD_ORDER = ("vanilla", "disadv", "conadv")
-METHOD_NAMES = {"vanilla": "vanilla", "disadv": "DisAdv", "conadv": "ConAdv"}
+from conadv.studies import tuning
+from conadv.studies.cells import (
+    DIFFERENCES,
+    batches_in,
+    metric_cells,
+    table_cells,
+    varied_settings,
+)
+from conadv.studies.sections import ReportError, config_key, configurations, short
 
 CSV_COLUMNS = (
     "name",
@@ -42,11 +56,14 @@ CSV_COLUMNS = (
     "attack_source",
     "learning_rate",
     "warmup_epochs",
+    "lr_multiplier",
+    "warmup_multiplier",
     "train_steps",
     "epochs",
     "eval_top1",
     "eval_top1_moving_average",
     "train_top1",
+    "selection_top1",
     "generalization_gap",
     "robust_top1",
     "top_eigenvalue",
@@ -54,9 +71,6 @@ CSV_COLUMNS = (
     "images_per_second",
     "wall_time_s",
 )
-
-#: Paired differences reported for each of these metrics (and top-1's, Table 1's).
-DIFFERENCES = ("conadv - vanilla", "disadv - vanilla", "conadv - disadv")
 
 
 # ----------------------------------------------------------------- collecting
@@ -83,6 +97,9 @@ def collect(out: str) -> list[dict]:
                 "eval_top1": test,
                 "eval_top1_moving_average": summary.get("eval_top1_moving_average"),
                 "train_top1": train,
+                # On the held-out training examples (main.py --selection_examples).
+                "selection_top1": summary.get("selection_top1"),
+                "selection_examples": summary.get("selection_examples"),
                 "generalization_gap": None if train is None or test is None else train - test,
                 "robust_top1": summary.get("eval_robust_top1"),
                 "top_eigenvalue": sharpness.get("top_eigenvalue"),
@@ -131,86 +148,10 @@ def write_csv(rows: list[dict], path: str):
 # ------------------------------------------------------------------ the cells
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One metric of one configuration over seeds."""
-
-    by_seed: dict  # seed -> value
-    setting: tuple = ()  # (("ε", 4.0), ("τ", 1), ("source", "separate")) of its runs
-    #: The setting's names the section varies (the others are shown nowhere in a cell).
-    varied: tuple = ()
-
-    @property
-    def values(self) -> list[float]:
-        return [self.by_seed[s] for s in sorted(self.by_seed)]
-
-    @property
-    def n(self) -> int:
-        return len(self.by_seed)
-
-    @property
-    def mean(self) -> float:
-        return stats.mean(self.values)
-
-    @property
-    def std(self) -> float | None:
-        return stats.sample_std(self.values)
-
-    def text(self, digits: int = 4) -> str:
-        spread = "" if self.std is None else f" ± {self.std:.{digits}f}"
-        chosen = ", ".join(
-            f"{name}={short(value)}" for name, value in self.setting if name in self.varied
-        )
-        return f"{self.mean:.{digits}f}{spread} (n={self.n}{', ' + chosen if chosen else ''})"
-
-
-def varied_settings(rows: list[dict]) -> tuple:
-    """The names of the settings (ε, τ, source) that take more than one value in rows."""
-    values = defaultdict(set)
-    for row in rows:
-        for name, value in setting_of(row):
-            values[name].add(value)
-    return tuple(name for name in ("ε", "τ", "source") if len(values[name]) > 1)
-
-
-def _cells(rows: list[dict], metric: str, varied: tuple | None = None) -> dict:
-    """(method, batch, setting) -> Cell of ``metric`` over seeds (seed -> value, so any
-    pairing of two cells is by seed); ``varied``: the settings to show (rows' own)."""
-    varied = varied_settings(rows) if varied is None else varied
-    grouped = defaultdict(dict)
-    for row in rows:
-        if row.get(metric) is not None:
-            key = (row["method"], row["batch_size"], setting_of(row))
-            grouped[key][row["seed"]] = row[metric]
-    return {key: Cell(by_seed, key[2], varied) for key, by_seed in grouped.items()}
-
-
 def best_settings(rows: list[dict]) -> dict:
-    """(method, batch) -> the setting (ε, τ, source) with the best mean eval top-1."""
-    best = {}
-    for (method, batch, setting), cell in _cells(rows, "eval_top1").items():
-        key = (method, batch)
-        if key not in best or cell.mean > best[key][1]:
-            best[key] = (setting, cell.mean)
-    return {key: setting for key, (setting, _) in best.items()}
-
-
-def table_cells(rows: list[dict], metric: str, best: dict, varied: tuple | None = None) -> dict:
-    """(method, batch) -> Cell of ``metric`` at that method and batch's best setting."""
-    out = {}
-    for (method, batch, setting), cell in _cells(rows, metric, varied).items():
-        if best.get((method, batch)) == setting:
-            out[(method, batch)] = cell
-    return out
-
-
-def methods_in(rows) -> list[str]:
-    present = {row["method"] for row in rows}
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
-
-
-def batches_in(rows) -> list[int]:
-    return sorted({row["batch_size"] for row in rows})
+    """(method, batch) -> the chosen setting (``tuning.choose``: on selection top-1 where
+    every run of the cell has one, else ε, τ and source on test top-1)."""
+    return tuning.choose(rows)[0]
 
 
 # -------------------------------------------------------------------- tables
@@ -253,6 +194,9 @@ class Report:
     source_differences: dict = dataclasses.field(default_factory=dict)
     #: (method, batch, setting) -> Cell of eval top-1 for DisAdv and ConAdv (the ε plot).
     setting_cells: dict = dataclasses.field(default_factory=dict)
+    #: The tuned comparison (``tuning.py``): where runs have selection numbers or several
+    #: learning rates or warmups were trained; else None.
+    tuning: tuning.Tuning | None = None
     #: What sets this configuration apart from the others ("" if it is the only one).
     title: str = ""
     markdown: str = ""
@@ -285,7 +229,7 @@ def _metric_differences(metric: str, cells: dict, batches: list[int]) -> dict:
 def source_differences(rows: list[dict], metric: str = "eval_top1") -> dict:
     """The free attack against the separate one: per method and batch (and any other
     setting equal), ``metric`` of each and clean_pass − separate paired over seeds."""
-    cells = _cells(rows, metric)
+    cells = metric_cells(rows, metric)
     out = {}
     for (method, batch, setting), cell in cells.items():
         if ("source", "clean_pass") not in setting:
@@ -339,7 +283,7 @@ def sharpness_groups(rows: list[dict], best: dict) -> list[SharpnessGroup]:
 
 
 def build(rows: list[dict], title: str = "") -> Report:
-    best = best_settings(rows)
+    best, chosen_on = tuning.choose(rows)
     top1 = table_cells(rows, "eval_top1", best)
     differences = {}
     for batch in batches_in(rows):
@@ -359,7 +303,7 @@ def build(rows: list[dict], title: str = "") -> Report:
                     ratios[(batch, f"conadv / {other}")] = (
                         throughput[("conadv", batch)].mean / throughput[(other, batch)].mean
                     )
-    all_settings = _cells(rows, "eval_top1")
+    all_settings = metric_cells(rows, "eval_top1")
     gap = table_cells(rows, "generalization_gap", best)
     return Report(
         rows=rows,
@@ -376,5 +320,6 @@ def build(rows: list[dict], title: str = "") -> Report:
         metric_differences=_metric_differences("generalization_gap", gap, batches_in(rows)),
         source_differences=source_differences(rows),
         setting_cells={k: c for k, c in all_settings.items() if k[0] != "vanilla"},
+        tuning=tuning.build(rows, best, chosen_on, top1) if tuning.is_tuned(rows) else None,
         title=title,
     )

@@ -27,8 +27,18 @@ def short(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
+#: The tuning axes in a setting: (name, the run's record of its multiplier).
+MULTIPLIERS = (("lr", "lr_multiplier"), ("warmup", "warmup_multiplier"))
+
+
 def setting_of(row: dict) -> tuple:
-    """The run's ε, τ and attack source, where its method has them."""
+    """The run's ε, τ and attack source, where its method has them, then its learning
+    rate and warmup as the multipliers of the scaled ones (``grid.py``) where not 1.
+
+    Within a configuration (one scaling rule, base rate and base batch) a multiplier
+    is one learning rate at each batch, and the same multiplier lines up across batches.
+    ×1 is left out, as in the run's name: a run of a sweep without the tuning axes
+    (whose record has none) has the setting it always had."""
     out = []
     if row.get("attack_eps") is not None:
         out.append(("ε", row["attack_eps"]))
@@ -36,7 +46,28 @@ def setting_of(row: dict) -> tuple:
         out.append(("τ", row["staleness"]))
     if row.get("attack_source") is not None:
         out.append(("source", row["attack_source"]))
+    for name, key in MULTIPLIERS:
+        if row.get(key) is not None and row[key] != 1:
+            out.append((name, float(row[key])))
     return tuple(out)
+
+
+def multiplier(setting: tuple, name: str) -> float:
+    """The ``lr`` or ``warmup`` multiplier of a setting (1 where left out)."""
+    return dict(setting).get(name, 1.0)
+
+
+def setting_text(setting: tuple, names) -> str:
+    """The named parts of a setting: "ε=4, lr×2" (a multiplier named even at ×1)."""
+    values = dict(setting)
+    tuning = dict(MULTIPLIERS)
+    parts = []
+    for name in names:
+        if name in tuning:
+            parts.append(f"{name}×{short(multiplier(setting, name))}")
+        elif name in values:
+            parts.append(f"{name}={short(values[name])}")
+    return ", ".join(parts)
 
 
 #: The flags a run's configuration lacks when its method does not use them

@@ -3,16 +3,20 @@ intervals (the numbers: ``conadv/studies/report.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from conadv.studies import statistics as stats
-from conadv.studies.report import (
+from conadv.studies import tuning
+from conadv.studies.cells import (
     DIFFERENCES,
     METHOD_NAMES,
-    Report,
+    SETTING_NAMES,
     batches_in,
     methods_in,
     varied_settings,
 )
-from conadv.studies.sections import short
+from conadv.studies.report import Report
+from conadv.studies.sections import multiplier, setting_text
 
 
 def difference_text(d: stats.PairedDifference | None) -> str:
@@ -60,13 +64,17 @@ def markdown(report: Report) -> str:
         *_method_by_batch(report, report.top1),
         "",
     ]
-    if swept:
+    chosen_on = set(report.tuning.chosen_on.values()) if report.tuning else {tuning.ON_TEST}
+    if swept and tuning.ON_TEST in chosen_on:
         lines += [
             f"Where {' and '.join(swept)} {'were' if len(swept) > 1 else 'was'} swept, each "
             "cell is the setting with the best "
-            "mean top-1 (named in the cell), chosen on these same runs: optimistic.",
+            "mean top-1 (named in the cell), chosen on these same runs: optimistic"
+            + (" (the cells without selection numbers)." if len(chosen_on) > 1 else "."),
             "",
         ]
+    if report.tuning:
+        lines += tuned_section(report)
     lines += [
         "## ConAdv against the baselines, paired over seeds",
         "",
@@ -105,7 +113,7 @@ def markdown(report: Report) -> str:
         settings = sorted({k[2] for k in report.eps_cells}, key=str)
         body = []
         for setting in settings:
-            label = ", ".join(f"{n}={short(v)}" for n, v in setting if n == "ε" or n in swept)
+            label = setting_text(setting, ["ε", *(n for n in swept if n != "ε")])
             cells = [report.eps_cells.get(("conadv", b, setting)) for b in batches]
             body.append([label] + [c.text() if c else "—" for c in cells])
         lines += _table(["setting"] + [f"batch {b}" for b in batches], body) + [""]
@@ -181,7 +189,7 @@ def markdown(report: Report) -> str:
         for (method, batch, rest), (separate, free, difference) in sorted(
             report.source_differences.items(), key=lambda item: str(item[0])
         ):
-            label = ", ".join(f"{n}={short(v)}" for n, v in rest if n in swept)
+            label = setting_text(rest, [n for n in swept if n != "source"])
             body.append(
                 [METHOD_NAMES.get(method, method) + (f" ({label})" if label else ""), str(batch)]
                 + [separate.text(), free.text(), difference_text(difference)]
@@ -193,3 +201,107 @@ def markdown(report: Report) -> str:
         lines += ["## Robust top-1 (evaluated under attack)", ""]
         lines += _method_by_batch(report, report.robust) + [""]
     return "\n".join(lines)
+
+
+def _difference_name(name: str) -> str:
+    """ "conadv - vanilla" → "ConAdv − vanilla"."""
+    return " − ".join(METHOD_NAMES.get(m, m) for m in name.split(" - "))
+
+
+def _plain(cell) -> str:
+    """A cell without its setting (named in a column of its own); "—" for none."""
+    return "—" if cell is None else dataclasses.replace(cell, varied=()).text()
+
+
+def _setting_order(rows, method, batch, setting) -> tuple:
+    """Method, batch, the other settings, then the learning rate and warmup multipliers."""
+    others = str(tuple(item for item in setting if item[0] not in tuning.TUNING_NAMES))
+    multipliers = tuple(multiplier(setting, name) for name in tuning.TUNING_NAMES)
+    return (methods_in(rows).index(method), batch, others, multipliers)
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def tuned_section(report: Report) -> list[str]:
+    """Each method at its own chosen setting: how many settings each cell tried, the
+    chosen setting's selection, test and train top-1, gap and sharpness, the paired
+    differences at the chosen settings, and every setting's selection and test top-1."""
+    tuned = report.tuning
+    rows = report.rows
+    varied = set(varied_settings(rows)) | set(tuning.TUNING_NAMES)
+    names = [n for n in SETTING_NAMES if n in varied]
+    lines = [
+        "## Tuned comparison: each method at its own chosen setting",
+        "",
+        *(f"{line}." for line in tuned.counts),
+        "",
+    ]
+    if tuning.ON_SELECTION in tuned.chosen_on.values():
+        lines += [
+            "A cell's setting is the one of best mean selection top-1 over seeds: top-1 on "
+            "training examples held out of training (main.py `--selection_examples`), never "
+            "on the test set, so the test top-1 at the chosen setting is not optimistic.",
+            "",
+        ]
+    groups = report.sharpness
+    sharpness_header = []
+    for index in range(len(groups)):
+        suffix = f" [{index + 1}]" if len(groups) > 1 else ""
+        sharpness_header += [f"top eigenvalue{suffix}", f"ε-sharpness{suffix}"]
+    body = []
+    for method in methods_in(rows):
+        for batch in batches_in(rows):
+            setting = report.best.get((method, batch))
+            if setting is None:
+                continue
+            rate, warmup = tuned.rates.get((method, batch, setting), (None, None))
+            cells = [
+                tuned.selection.get((method, batch)),
+                report.top1.get((method, batch)),
+                report.train_top1.get((method, batch)),
+                report.gap.get((method, batch)),
+            ]
+            for group in groups:
+                cells += [
+                    group.top_eigenvalue.get((method, batch)),
+                    group.eps_sharpness.get((method, batch)),
+                ]
+            body.append(
+                [METHOD_NAMES.get(method, method), str(batch), setting_text(setting, names)]
+                + [_number(rate), _number(warmup)]
+                + [_plain(cell) for cell in cells]
+            )
+    header = ["method", "batch", "setting", "learning rate", "warmup (epochs)"]
+    header += ["selection top-1", "test top-1", "train top-1", "gap", *sharpness_header]
+    lines += _table(header, body) + [""]
+    if len(groups) > 1:
+        lines += [f"[{i + 1}]: {g.label()}" for i, g in enumerate(groups)] + [""]
+    lines += [
+        "Test top-1, each method at its own chosen setting, paired by seed (same initial "
+        "weights and data order, whatever the methods' learning rates): mean of the "
+        "per-seed difference and its Student-t 95 % interval.",
+        "",
+    ]
+    body = [
+        [f"batch {b}"] + [difference_text(tuned.differences.get((b, n))) for n in DIFFERENCES]
+        for b in batches_in(rows)
+    ]
+    header = ["", *(_difference_name(name) for name in DIFFERENCES)]
+    lines += _table(header, body) + [""]
+    lines += ["Every setting's mean selection and test top-1 (✓: the chosen one):", ""]
+    body = []
+    for (method, batch, setting), (selection, test) in sorted(
+        tuned.every.items(), key=lambda item: _setting_order(rows, *item[0])
+    ):
+        rate, warmup = tuned.rates.get((method, batch, setting), (None, None))
+        body.append(
+            [METHOD_NAMES.get(method, method), str(batch), setting_text(setting, names)]
+            + [_number(rate), _number(warmup)]
+            + [_plain(selection), _plain(test)]
+            + ["✓" if report.best.get((method, batch)) == setting else ""]
+        )
+    header = ["method", "batch", "setting", "learning rate", "warmup (epochs)"]
+    lines += _table(header + ["selection top-1", "test top-1", "chosen"], body) + [""]
+    return lines
