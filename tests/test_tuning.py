@@ -118,6 +118,32 @@ class TunedReportTest(tf.test.TestCase):
         self.assertAllClose(vanilla_x2[1].mean, np.mean([0.75, 0.74, 0.79]))
         self.assertIn("not optimistic", self.report.markdown)
 
+    def test_settings_are_compared_over_the_seeds_they_all_have(self):
+        """Catches: each setting's mean over whatever seeds it has (a partial sweep): ×2's
+        extra seed would lift it over ×1, which is better on the seeds both have."""
+        from conadv.studies import tuning
+
+        rows = []
+        for m, values in ((1.0, {0: 0.88, 1: 0.88}), (2.0, {0: 0.85, 1: 0.85, 2: 1.0})):
+            for seed, value in values.items():
+                rows.append(
+                    {
+                        "method": "vanilla",
+                        "batch_size": BATCH,
+                        "seed": seed,
+                        "lr_multiplier": m,
+                        "selection_top1": value,
+                        "eval_top1": value,
+                    }
+                )
+        best, how = tuning.choose(rows)
+        self.assertEqual(how[("vanilla", BATCH)], tuning.ON_SELECTION)
+        self.assertEqual(best[("vanilla", BATCH)], ())  # ×1: no multiplier in the setting
+        for row in rows:
+            row["seed"] += 10 * (row["lr_multiplier"] == 2.0)  # no seed in common
+        with self.assertRaisesRegex(Exception, "no seed has finished at every setting"):
+            tuning.choose(rows)
+
     def test_paired_differences_pair_seeds_at_each_methods_chosen_setting(self):
         """ConAdv − vanilla at ConAdv's ×2 and vanilla's ×1 over the seeds both have
         (10 and 3). Catches: pairing by list position (sorted seeds 3, 7, 10 against 2, 3,

@@ -7,7 +7,8 @@ out of training (the same for every method and seed) and evaluates each
 finished run on it (``summary.json``: ``selection_top1``). Where every run of
 a (method, batch) cell has that number, the cell's setting (learning-rate and
 warmup multiplier, ε, τ, source) is the one of best mean selection top-1 over
-seeds (ties: the first setting in sorted order), and its test top-1 is read
+the seeds every setting of the cell has (ties: the first setting in sorted
+order), and its test top-1 is read
 only afterwards: the choice is made on held-out training data, so the test
 numbers at the chosen settings are not optimistic.
 
@@ -63,6 +64,25 @@ def _best(settings: list[tuple], cells: dict, key) -> tuple | None:
     return best
 
 
+def common_seeds(cell_rows: list[dict]) -> list[dict]:
+    """The runs of the seeds every setting of the cell has: settings are compared over
+    the same seeds (a partial sweep, or a setting whose seed failed, would otherwise be
+    judged on other initial weights and data orders than the rest). Raises
+    ``ReportError`` if no seed is common to all."""
+    seeds = defaultdict(set)
+    for row in cell_rows:
+        seeds[setting_of(row)].add(row["seed"])
+    common = set.intersection(*seeds.values())
+    if not common:
+        row = cell_rows[0]
+        raise ReportError(
+            f"{METHOD_NAMES.get(row['method'], row['method'])} at batch {row['batch_size']}: "
+            "no seed has finished at every setting, so the settings cannot be compared "
+            "on the same seeds; finish the sweep (run the same command again)"
+        )
+    return [row for row in cell_rows if row["seed"] in common]
+
+
 def choose(rows: list[dict]) -> tuple[dict, dict]:
     """((method, batch) -> chosen setting, (method, batch) -> how it was chosen:
     ``ON_SELECTION``, ``ON_TEST`` or ``ONLY_ONE``). Raises ``ReportError`` for a cell
@@ -74,7 +94,7 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
             best[key], how[key] = settings[0], ONLY_ONE
             continue
         if all(row.get(SELECTION) is not None for row in cell_rows):
-            chosen = _best(settings, metric_cells(cell_rows, SELECTION), key)
+            chosen = _best(settings, metric_cells(common_seeds(cell_rows), SELECTION), key)
             best[key], how[key] = chosen, ON_SELECTION
             continue
         tuned = [n for n in TUNING_NAMES if len({multiplier(s, n) for s in settings}) > 1]
