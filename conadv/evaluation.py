@@ -22,7 +22,7 @@ from absl import logging
 from conadv import attack as attack_lib
 from conadv.run import export as export_lib
 from conadv.run.metrics import ReplicaSums
-from input_pipeline.base import EVAL, SELECTION, TRAIN_EVAL, DataSource
+from input_pipeline.base import EVAL, SELECTION, TRAIN_EVAL, DataError, DataSource
 from official import losses, precision
 from official import split_batch_norm as bn_lib
 from official.precise_bn import PreciseBatchNorm
@@ -239,6 +239,13 @@ def selection_evaluation(evaluator: Evaluator) -> dict:
     if source.selection is None:
         return {}
     result = evaluator.evaluate(SELECTION)
+    examples = int(result["examples"])
+    if examples != source.num_selection_examples and not source.options.skip_corrupt_records:
+        raise DataError(
+            f"--selection_examples: the selection set read {examples} examples, not the "
+            f"{source.num_selection_examples} held out of training; the remembered selection "
+            "table (~/.cache/conadv/selection) does not match the data: delete it"
+        )
     return {
         "selection_top1": result["top1"],
         "selection_top5": result["top5"],

@@ -141,6 +141,11 @@ def validate_selection(v):
         "or 0 for none",
     )
     _require(
+        bool(amount) or not v.selection_seed,
+        f"--selection_seed={v.selection_seed} picks the part --selection_examples holds "
+        "out; give --selection_examples too (or drop --selection_seed)",
+    )
+    _require(
         not amount or v.dataset != "synthetic",
         "--selection_examples: --dataset=synthetic has no fixed training examples to hold out",
     )

@@ -210,6 +210,9 @@ class ImageNetSource(RecordSource):
             logging.warning("Could not remember the record count in %s: %s", cache, error)
         return count
 
+    def selection_layout(self) -> list:
+        return [os.path.basename(f) for f in self.train_files]
+
     def _record_label(self, record):
         label_only = {"image/class/label": FEATURES["image/class/label"]}
         label = tf.io.parse_single_example(record, label_only)["image/class/label"]
@@ -259,6 +262,13 @@ class FolderSource(ImageNetSource):
     def content(self) -> dict:
         """The shards' names and sizes, ``counts.json`` and ``labels.txt``."""
         return {**super().content(), "counts": self._counts, "labels": self._label_names}
+
+    def selection_layout(self) -> list:
+        """The shards with their records, where ``counts.json`` has them."""
+        names = super().selection_layout()
+        if all(name in self._file_counts for name in names):
+            return [[name, self._file_counts[name]] for name in names]
+        return names
 
     def _train_record_count(self, files):
         names = [os.path.basename(f) for f in files]

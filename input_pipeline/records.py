@@ -85,6 +85,11 @@ class RecordSource(DataSource):
         that epoch; otherwise the order is fixed.
         """
 
+    @abc.abstractmethod
+    def selection_layout(self) -> list:
+        """The training files as the selection table is keyed and checked by: base names,
+        or ``[base name, records]`` where the metadata has the counts."""
+
     def _record_label(self, record):
         """A record's 0-based label, parsing no more than it needs (the selection pass)."""
         return self._decode_record(record)[1]
@@ -104,11 +109,14 @@ class RecordSource(DataSource):
             return records
         table, keep_held = self._selection_table(), split == SELECTION
 
-        def keep(filename, index, record):
+        def mark(filename, index, record):
             held = table.held_out(self.selection, filename, index, self._record_label(record))
-            return held if keep_held else tf.logical_not(held)
+            return filename, index, record, tf.equal(held, keep_held)
 
-        return records.filter(keep)
+        # The label parse and hash in a parallel map (in order); the filter only reads it.
+        marked = records.map(mark, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        kept = marked.filter(lambda filename, index, record, keep: keep)
+        return kept.map(lambda filename, index, record, keep: (filename, index, record))
 
     def _epoch_record_count(self, input_context) -> int:
         """Records of one training epoch of this input pipeline.

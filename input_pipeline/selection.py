@@ -60,13 +60,22 @@ class Selection:
 
     def quotas(self, class_counts: np.ndarray) -> np.ndarray:
         """Per class, how many of its examples are held out: ``count`` split in proportion
-        to the class sizes, the largest remainders rounded up (ties to the lower class)."""
+        to the class sizes, the largest remainders rounded up (ties to the lower class),
+        never a class's last training example (its share goes to the next remainders)."""
         class_counts = np.asarray(class_counts, np.int64)
         count = self.count(int(class_counts.sum()))
         exact = count * class_counts / class_counts.sum()
         quotas = np.floor(exact).astype(np.int64)
         order = np.lexsort((np.arange(len(exact)), -(exact - quotas)))
-        quotas[order[: count - int(quotas.sum())]] += 1
+        while (left := count - int(quotas.sum())) > 0:
+            room = [c for c in order if quotas[c] < class_counts[c] - 1]
+            if not room:
+                raise DataError(
+                    f"--selection_examples={self.amount:g}: the classes' {int(class_counts.sum())} "
+                    "training examples cannot give it and keep one example of each class "
+                    "to train on; hold out fewer"
+                )
+            quotas[room[:left]] += 1
         return quotas
 
     def hashes(self, keys) -> tf.Tensor:

@@ -5,11 +5,14 @@ A record source (``input_pipeline/records.py``) keys each training record
 another ``--data_dir`` or bucket hold out the same records) and holds out
 those whose hash is at most their class's threshold (``input_pipeline/
 selection.py``). The thresholds need every training label: one pass that
-parses labels only, never images, made the first time a stream needs it and
-remembered in ``~/.cache/conadv/selection`` (keyed by the data's fingerprint,
-the rule, the classes and the label offset). The table also keeps, per file,
-its records and how many of them are held out, so that a resumed run knows an
-input pipeline's epoch without reading it.
+reads every training record but decodes no image (for ImageNet, all 140 GB
+of its training files), made the first time a stream needs it, logged with
+its time, and remembered in ``~/.cache/conadv/selection``, keyed by the
+table's format, the data's fingerprint, the training files (names, and their
+records where the metadata has them), the rule, the classes and the label
+offset. A remembered table that lists other files is refused. The table also
+keeps, per file, its records and how many of them are held out, so that a
+resumed run knows an input pipeline's epoch without reading it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -58,14 +62,19 @@ class SelectionTable:
     def records(self) -> int:
         return sum(records for records, _ in self.files.values())
 
+    def _counts(self, filename) -> tuple[int, int]:
+        name = os.path.basename(os.fspath(filename))
+        if name not in self.files:  # table_for checks the files; this is a bug if reached
+            raise DataError(f"the selection table has no training file {name}")
+        return self.files[name]
+
     def kept(self, files) -> int:
         """Training records left in these files (paths or base names) once held out."""
-        names = [os.path.basename(os.fspath(f)) for f in files]
-        return sum(self.files[n][0] - self.files[n][1] for n in names if n in self.files)
+        return sum(records - held for records, held in map(self._counts, files))
 
     def held_in(self, filename) -> int:
         """Records held out of one file (path or base name)."""
-        return self.files.get(os.path.basename(os.fspath(filename)), (0, 0))[1]
+        return self._counts(filename)[1]
 
     def held_out(self, selection: Selection, filename, index, label) -> tf.Tensor:
         """In the graph: whether one record (file name, index in file, label) is held out."""
@@ -117,10 +126,17 @@ def compute(selection: Selection, records: tf.data.Dataset, label_fn, num_classe
     return SelectionTable(thresholds, files)
 
 
+#: The table's format and the keys' and hash's definition: a change makes new tables.
+FORMAT = 1
+
+
 def _cache_path(source) -> str:
-    """The table's file: keyed by the data's fingerprint, the rule, classes and label offset."""
+    """The table's file: keyed by the format, the data's fingerprint and training files
+    (names, and records where the metadata has them), the rule, classes and label offset."""
     key = {
+        "format": FORMAT,
         "fingerprint": source.fingerprint(),
+        "files": source.selection_layout(),
         "rule": source.selection.describe(),
         "classes": source.num_classes,
         "label_offset": getattr(source, "label_offset", 0),
@@ -144,7 +160,9 @@ def table_for(source, records: tf.data.Dataset, label_fn) -> SelectionTable:
             "remembered in %s)",
             os.path.dirname(path),
         )
+        start = time.time()
         table = compute(source.selection, records, label_fn, source.num_classes)
+        logging.info("Read %d training labels in %.0f s", table.records, time.time() - start)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temporary = f"{path}.{os.getpid()}.tmp"  # workers may write at once
@@ -155,10 +173,24 @@ def table_for(source, records: tf.data.Dataset, label_fn) -> SelectionTable:
             logging.warning("Could not remember the selection set in %s: %s", path, error)
     expected = source.num_selection_examples
     total = source.num_train_examples + expected
+    layout = source.selection_layout()
+    names = {entry[0] if isinstance(entry, (list, tuple)) else entry for entry in layout}
+    known = {entry[0]: entry[1] for entry in layout if isinstance(entry, (list, tuple))}
+    if set(table.files) != names or any(table.files[n][0] != r for n, r in known.items()):
+        raise DataError(
+            f"--selection_examples: the selection table {path} lists other training files "
+            f"than --dataset={source.name} has; delete it to read the labels again"
+        )
     if table.records != total:
         raise DataError(
             f"--selection_examples: the training files hold {table.records} records, not the "
-            f"{total} --dataset={source.name} expects; give the true count (counts.json)"
+            f"{total} --dataset={source.name} expects; "
+            + (
+                "--dataset=imagenet is the full ImageNet training split: convert other "
+                "record sets with python -m input_pipeline.convert (--dataset=folder)"
+                if source.name == "imagenet"
+                else "convert the files again (counts.json)"
+            )
         )
     if table.held != expected:
         raise DataError(

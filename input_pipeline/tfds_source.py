@@ -128,6 +128,9 @@ class TFDSSource(RecordSource):
         instructions = self.builder.info.splits[self._split_name(split)].file_instructions
         return [(os.fspath(i.filename), int(i.take)) for i in instructions]
 
+    def selection_layout(self) -> list:
+        return [[os.path.basename(f), records] for f, records in self.file_counts(TRAIN)]
+
     @staticmethod
     def _by_file(input_context, num_files) -> bool:
         """Whether input pipelines take whole files (TFDS's ``input_context``

@@ -78,6 +78,7 @@ class ValidationTest(tf.test.TestCase):
         (["--selection_examples=-1"], "--selection_examples"),
         (["--selection_examples=1.5"], "--selection_examples"),
         (["--dataset=synthetic", "--selection_examples=10"], "--selection_examples"),
+        (["--selection_seed=3"], "--selection_seed"),
     ]
 
     def test_each_bad_value_names_its_flag_in_one_line(self):

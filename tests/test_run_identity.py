@@ -135,6 +135,31 @@ class RunIdentityTest(tf.test.TestCase):
         unused = {**values, "selection_seed": 1}
         self.assertEqual(plain, run_identity.run_hash(run_identity.relevant_values(unused)))
 
+    def test_a_run_recorded_before_the_selection_flags_is_not_resumed_with_a_selection(self):
+        """Catches: flags missing from an older run_config.json skipped in the comparison:
+        the run, which trained on every example, would be resumed holding 10 out and report
+        a selection top-1 on examples it trained on."""
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        old = RunConfig.from_flags(parse_main(f"--model_dir={model_dir}"))
+        path = old.write(os.path.join(model_dir, run_identity.RUN_CONFIG)) or os.path.join(
+            model_dir, run_identity.RUN_CONFIG
+        )
+        with open(path) as f:
+            stored = json.load(f)
+        for name in ("selection_examples", "selection_seed"):
+            del stored["flags"][name]  # as written before the flags existed
+        with open(path, "w") as f:
+            json.dump(stored, f)
+        run_identity.check_or_record(old)  # the same run resumes
+        held = RunConfig.from_flags(
+            parse_main(f"--model_dir={model_dir}", "--selection_examples=10")
+        )
+        with self.assertRaisesRegex(
+            run_identity.RunMismatchError, "--selection_examples=0, not 10"
+        ) as caught:
+            run_identity.check_or_record(held)
+        self.assertNotIn("\n", str(caught.exception))
+
     def test_default_runs_with_different_settings_get_different_directories(self):
         tmp = tempfile.mkdtemp(dir=self.get_temp_dir())
         first = run_main(*SHORT, env={"TMPDIR": tmp})

@@ -80,6 +80,24 @@ def ids_of(dataset, batches=None) -> list[int]:
     return [i for images, _ in taken for i in image_ids(images)]
 
 
+class QuotaTest(tf.test.TestCase):
+    def test_quotas_are_exact_proportional_and_leave_every_class_an_example(self):
+        """Catches: quotas that do not sum to the count; shares off by more than one;
+        a class's only training example held out (a remainder of 0.5 rounded up, so the
+        class is in the selection set but never trained on); a count the classes cannot
+        give taken silently."""
+        for counts, held in (([10] * 10, 33), ([3, 5, 7], 7), ([1, 99], 50), ([1, 1, 1, 97], 50)):
+            quotas = Selection(held).quotas(np.array(counts))
+            self.assertEqual(int(quotas.sum()), held, counts)
+            self.assertTrue(all(q <= c - 1 for q, c in zip(quotas, counts)), (counts, quotas))
+            if min(counts) > 1:  # no class at its last example: within one of its share
+                share = held * np.array(counts) / sum(counts)
+                self.assertLess(np.abs(quotas - share).max(), 1.0, counts)
+        with self.assertRaisesRegex(DataError, "keep one example of each class") as caught:
+            Selection(2).quotas(np.array([1, 1, 1, 1]))
+        self.assertNotIn("\n", str(caught.exception))
+
+
 class FolderSelectionTest(tf.test.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -209,7 +227,11 @@ class FolderSelectionTest(tf.test.TestCase):
             self.assertEqual(set(ids_of(self.source().dataset(SELECTION, 5))), self.expected_held())
             moved = FolderSource(copy, image_size=16, options=self.source().options)
             self.assertEqual(set(ids_of(moved.dataset(SELECTION, 5))), self.expected_held())
-        collision = selection_table.SelectionTable(np.zeros(3, np.int64), {"f": (90, HELD - 1)})
+        per_file = collections.Counter(name for name, _, _, _ in self.stored)
+        files = {name: (count, 0) for name, count in per_file.items()}
+        first = sorted(files)[0]
+        files[first] = (per_file[first], HELD - 1)
+        collision = selection_table.SelectionTable(np.zeros(3, np.int64), files)
         with mock.patch.object(selection_table, "compute", return_value=collision):
             with self.assertRaisesRegex(DataError, "not 12 .a hash collision"):
                 self.source(selection_seed=5).dataset(TRAIN, 8)
@@ -223,6 +245,36 @@ class FolderSelectionTest(tf.test.TestCase):
         with self.assertRaisesRegex(DataError, "hold 90 records, not the 100") as caught:
             wrong.dataset(TRAIN, 8)
         self.assertNotIn("\n", str(caught.exception))
+
+    def test_a_remembered_table_must_be_of_these_files_and_this_rule(self):
+        """Catches: a remembered table served to data of other files (a re-preparation with
+        other shards, whose fingerprint may not change) or whose files hold other record
+        counts; a cache key without the rule's seed, the classes, the label offset or the
+        table's format (each makes another table)."""
+        source = self.source(selection_seed=7)
+        source.dataset(SELECTION, 5)
+        path = selection_table._cache_path(source)
+        with open(path) as f:
+            remembered = json.load(f)
+        name = sorted(remembered["files"])[0]
+        records = remembered["files"][name][0]
+        renamed = {**remembered["files"], f"{name}-other": remembered["files"][name]}
+        del renamed[name]
+        recounted = {**remembered["files"], name: [records + 1, 0]}
+        for tampered in (renamed, recounted):
+            with open(path, "w") as f:
+                json.dump({**remembered, "files": tampered}, f)
+            with self.assertRaisesRegex(DataError, "lists other training files") as caught:
+                self.source(selection_seed=7).dataset(SELECTION, 5)
+            self.assertNotIn("\n", str(caught.exception))
+        keys = {path}
+        for other in (self.source(selection_seed=8), self.source(held=HELD + 1)):
+            keys.add(selection_table._cache_path(other))
+        fewer_classes = FolderSource(self.data_dir, 16, source.options, num_classes=4)
+        keys.add(selection_table._cache_path(fewer_classes))
+        with mock.patch.object(selection_table, "FORMAT", selection_table.FORMAT + 1):
+            keys.add(selection_table._cache_path(source))
+        self.assertLen(keys, 5)
 
     def test_main_evaluates_the_selection_and_trains_without_it(self):
         """Catches: main.py's precise BatchNorm statistics (TRAIN_EVAL) or summary reading the

@@ -243,6 +243,8 @@ def check_or_record(run, record: bool = True) -> dict:
             stored = json.load(f)
         # "defining_flags": the form written before run_config.json held the whole run.
         recorded = stored.get("flags") or stored.get("defining_flags", {})
+        # A flag added after the run was recorded had, for that run, its value then.
+        recorded = {**{n: v for n, v in ADDED_LATER.items() if n not in recorded}, **recorded}
         relevant = set(relevant_values(current)) | set(relevant_values(recorded))
         differences = [
             f"--{name}={_show(recorded.get(name))}, not {_show(current.get(name))}"

@@ -3,6 +3,8 @@ their checks; the flags after the sweep's own go to main.py (``experiments.py``)
 
 from __future__ import annotations
 
+import math
+
 from absl import flags as absl_flags
 
 import flags as main_flags
@@ -138,6 +140,11 @@ def parse(argv: list[str]):
         multipliers(fv.warmups, "warmups"),
         main_fv["selection_examples"].value if "selection_examples" in main_fv else None,
     )
+    require(
+        len(multipliers(fv.warmups, "warmups")) <= 1 or main_fv.warmup_epochs > 0,
+        f"--warmups {','.join(fv.warmups)} multiply main.py's --warmup_epochs, which is 0: "
+        "every multiple is the same run; give --warmup_epochs",
+    )
     for name in grid.SWEEP_OWNED_FLAGS:
         require(
             not main_fv[name].present,
@@ -150,7 +157,10 @@ def parse(argv: list[str]):
 def multipliers(values, flag: str) -> list[float]:
     """A tuning axis's multipliers (``--learning_rates``, ``--warmups``); [1.0] if not
     given."""
-    return distinct_numbers(flag, values, float) if values else [1.0]
+    out = distinct_numbers(flag, values, float) if values else [1.0]
+    for value in out:
+        require(math.isfinite(value), f"--{flag}: {value} is not a finite multiplier")
+    return out
 
 
 def require_held_out_data(learning_rates, warmups, selection_examples):
