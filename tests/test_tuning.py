@@ -343,6 +343,18 @@ class SweepAxesTest(tf.test.TestCase):
                 "tuning needs held-out training data to choose on: add --selection_examples N",
                 message,
             )
+        # Multiples of no warmup are one run under several names; inf is no rate.
+        for extra, wanted in (
+            (["--warmups=0.5,2", "--warmup_epochs=0"], "every multiple is the same run"),
+            (["--learning_rates=1,inf"], "is not a finite multiplier"),
+        ):
+            with self.assertRaises(SystemExit) as raised:
+                experiments.main(
+                    ["sweep", "--out=/nonexistent", "--dataset=digits", "--dry_run"]
+                    + ["--selection_examples=100", *extra]
+                )
+            self.assertIn(wanted, str(raised.exception.code))
+            self.assertNotIn("\n", str(raised.exception.code))
         # One rate: nothing to choose among; the dry run lists its rate at each batch.
         plain = {r.batch_size: r for r in experiments.plan(*self.parse("--methods=vanilla")[1:])}
         out = io.StringIO()

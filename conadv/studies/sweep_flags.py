@@ -142,7 +142,7 @@ def parse(argv: list[str]):
     )
     require(
         len(multipliers(fv.warmups, "warmups")) <= 1 or main_fv.warmup_epochs > 0,
-        f"--warmups {','.join(fv.warmups)} multiply main.py's --warmup_epochs, which is 0: "
+        f"--warmups {','.join(fv.warmups or [])} multiply main.py's --warmup_epochs, which is 0: "
         "every multiple is the same run; give --warmup_epochs",
     )
     for name in grid.SWEEP_OWNED_FLAGS:
