@@ -244,9 +244,10 @@ def sweep(fv, main_fv, main_args: list[str]):
     hparams.write_config(fv.out, runs)
     measure = sharpness_flags.settings(main_fv) if fv.sharpness else None
     summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel, sharpness=measure)
+    diverged = sum(bool(summary.get("diverged")) for summary in summaries.values())
     print(
-        f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
-        f"conadv-experiments report --out {fv.out}"
+        f"sweep finished: {len(summaries)} runs ({diverged} diverged) in "
+        f"{os.path.join(fv.out, 'runs')}; conadv-experiments report --out {fv.out}"
     )
     return summaries
 
