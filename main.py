@@ -158,7 +158,14 @@ def _run_mode(run, values, strategy, files, watch) -> dict | None:
         mlperf = mlperf_log.MLPerfLog(
             run, strategy, source, trainer, init_start_ms=START_MS, enabled=files.is_chief
         )
-    summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
+    try:
+        summary = trainer.train(evaluate=run.mode == "train_and_eval", events=mlperf)
+    except NonFiniteError as error:
+        if files.is_chief:  # "diverged" is this run's result (a sweep's runner reads it)
+            from conadv.run.nonfinite import record_divergence
+
+            record_divergence(run.model_dir, error)
+        raise
     trainer.evaluator.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:
         _finish(trainer, files, log_file)

@@ -1,12 +1,18 @@
 """A diverged run stops at the step it diverged, naming it, and saves nothing poisoned."""
 
+import json
 import os
 import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from conadv.run.nonfinite import NonFiniteError, NonFiniteGuard
+from conadv.run.nonfinite import (
+    DIVERGED_FILE,
+    NonFiniteError,
+    NonFiniteGuard,
+    record_divergence,
+)
 from conadv.trainer import TrainConfig, Trainer
 from input_pipeline.base import DataSource
 from official.split_batch_norm import split_layers
@@ -73,6 +79,20 @@ class NonFiniteGuardTest(tf.test.TestCase):
                 method,
             )
             self.assertNotIn("\n", message)
+            # main.py's record of it (diverged.json): the step and the last good checkpoint.
+            error = caught.exception
+            self.assertEqual((error.step, error.quantity, error.last_good_step), (5, quantity, 4))
+            record_divergence(model_dir, error)
+            with open(os.path.join(model_dir, DIVERGED_FILE)) as f:
+                self.assertEqual(
+                    json.load(f),
+                    {
+                        "message": message,
+                        "step": POISONED_STEP,
+                        "quantity": quantity,
+                        "last_good_checkpoint_step": 4,
+                    },
+                )
             # Nothing after step 4 was saved, and what was saved is finite.
             latest = tf.train.latest_checkpoint(model_dir)
             self.assertEqual(os.path.basename(latest), "ckpt-4")

@@ -1,11 +1,14 @@
 """Tuning the learning rate per method: the sweep's tuning axes (multiples of the scaled
 learning rate and warmup) and the report that chooses each method's setting on held-out
-training data (``selection_top1``), never on the test set. Fake finished runs (run.json
-and summary.json), no training."""
+training data (``selection_top1``), never on the test set, and never a setting that
+diverged. Fake finished runs (run.json and summary.json) and diverged ones (run.json and
+diverged.json), no training."""
 
 import contextlib
+import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import tempfile
@@ -222,6 +225,114 @@ class TunedReportTest(tf.test.TestCase):
             eig = group.top_eigenvalue[(method, BATCH)]
             self.assertEqual(columns[-2], dataclasses.replace(eig, varied=()).text())
             self.assertEqual(columns[-1], dataclasses.replace(cell, varied=()).text())
+
+
+def write_diverged(out, run, step=3):
+    """A run whose loss went non-finite: run.json and diverged.json, no summary.json."""
+    directory = os.path.join(out, "runs", run.name)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "run.json"), "w") as f:
+        json.dump(run.record(), f)
+    message = f"non-finite clean loss at step {step}; last good checkpoint ckpt-2"
+    with open(os.path.join(directory, "diverged.json"), "w") as f:
+        json.dump({"message": message, "step": step, "last_good_checkpoint_step": 2}, f)
+    return directory
+
+
+#: (method, batch, multiplier) -> seed -> (selection, test), or None: diverged. Vanilla at
+#: batch 64: ×4 has the best selection top-1 on the seeds it finished (and would win even
+#: with its diverged seed scored 0), ×2 beats ×1. At batch 128 every setting diverged on
+#: some seed. ConAdv (×1, ×2) has seeds 1, 2, 3: it pairs with vanilla on 1 and 2.
+DIVERGING = {
+    ("vanilla", 64, 1.0): {0: (0.50, 0.40), 1: (0.52, 0.42), 2: (0.51, 0.41)},
+    ("vanilla", 64, 2.0): {0: (0.60, 0.50), 1: (0.61, 0.55), 2: (0.62, 0.45)},
+    ("vanilla", 64, 4.0): {0: (0.99, 0.90), 1: (0.98, 0.91), 2: None},
+    ("vanilla", 128, 1.0): {0: None, 1: (0.5, 0.4), 2: (0.5, 0.4)},
+    ("vanilla", 128, 2.0): {0: None, 1: None, 2: None},
+    ("vanilla", 128, 4.0): {0: (0.5, 0.4), 1: None, 2: (0.5, 0.4)},
+    ("conadv", 64, 1.0): {1: (0.70, 0.60), 2: (0.71, 0.66), 3: (0.72, 0.62)},
+    ("conadv", 64, 2.0): {1: (0.60, 0.70), 2: (0.61, 0.71), 3: (0.62, 0.72)},
+}
+
+
+class DivergedSettingsTest(tf.test.TestCase):
+    """A tuning sweep whose large learning rates diverged on some seeds (fake runs)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.out = tempfile.mkdtemp()
+        for (method, batch, m), by_seed in DIVERGING.items():
+            for seed, values in by_seed.items():
+                run = tuned_run(method, seed, m, batch=batch)
+                if values is None:
+                    write_diverged(cls.out, run)
+                else:
+                    write_run(cls.out, run, summary(*values))
+        [cls.report] = quiet_report(cls.out)
+
+    def test_a_setting_that_diverged_on_a_compared_seed_is_never_chosen(self):
+        """Catches: a diverged run dropped (×4 then wins on seeds 0 and 1), or scored 0
+        (×4 still wins), or the setting silently missing from the table of every setting."""
+        tuned = self.report.tuning
+        self.assertEqual(self.report.best[("vanilla", 64)], setting("vanilla", 2.0))
+        self.assertEqual(tuned.chosen_on[("vanilla", 64)], "selection")
+        self.assertEqual(tuned.diverged[("vanilla", 64, setting("vanilla", 4.0))], (1, 3))
+        self.assertEqual(self.report.top1[("vanilla", 64)].by_seed, {0: 0.50, 1: 0.55, 2: 0.45})
+        [row] = [
+            line
+            for line in self.report.markdown.splitlines()
+            if line.startswith("| vanilla | 64 | lr×4")
+        ]
+        self.assertIn("| diverged (1 of 3 seeds) |", row)
+        self.assertFalse(row.rstrip(" |").endswith("✓"))
+        # The paired difference pairs ConAdv (×1) and vanilla (×2) by seed: 1 and 2.
+        difference = tuned.differences[(64, "conadv - vanilla")]
+        self.assertEqual(self.report.best[("conadv", 64)], setting("conadv", 1.0))
+        self.assertEqual(difference.seeds, (1, 2))
+        self.assertAllClose(difference.mean, np.mean([0.60 - 0.55, 0.66 - 0.45]))
+
+    def test_a_cell_whose_every_setting_diverged_is_named_in_one_line(self):
+        """Catches: a crash, or a setting chosen among diverged ones, where every setting
+        of a cell diverged on some seed."""
+        self.assertNotIn(("vanilla", 128), self.report.best)
+        self.assertNotIn(("vanilla", 128), self.report.top1)
+        line = (
+            "vanilla at batch 128: no setting chosen, every setting diverged (lr×1: 1 of 3 "
+            "seeds; lr×2: 3 of 3 seeds; lr×4: 1 of 3 seeds)."
+        )
+        self.assertIn(line, self.report.markdown.splitlines())
+        tuned = self.report.markdown.split("## Tuned comparison")[1].split("\n## ")[0]
+        self.assertIn(line, tuned)
+
+    def test_no_mean_counts_a_diverged_run_and_the_csv_says_which_diverged(self):
+        """Catches: a diverged run counted as a seed (n), or left out of results.csv."""
+        markdown = self.report.markdown
+        self.assertIn("18 finished runs and 6 diverged (no metrics)", markdown)
+        every = self.report.tuning.every
+        self.assertEqual(every[("vanilla", 64, setting("vanilla", 4.0))], (None, None))
+        selection, _ = every[("vanilla", 128, setting("vanilla", 4.0))]
+        self.assertIsNone(selection)  # out: k of n shown instead
+        with open(os.path.join(self.out, "results.csv")) as f:
+            rows = list(csv.DictReader(f))
+        self.assertLen(rows, 24)
+        diverged = [r for r in rows if r["diverged"] == "True"]
+        self.assertLen(diverged, 6)
+        self.assertTrue(all(r["eval_top1"] == "" for r in diverged))
+        self.assertLen([r for r in rows if r["diverged"] == "False"], 18)
+
+    def test_the_learning_rate_plot_leaves_diverged_settings_off_its_lines(self):
+        """Catches: a diverged rate on a line (as NaN or as a number)."""
+        axes = self.report.figures["accuracy_vs_lr.png"].axes
+        self.assertLen(axes, 2)  # batch 64 and batch 128 (its x marks alone)
+        drawn = {c.get_label(): c for c in axes[0].containers}
+        self.assertAllClose(drawn["vanilla selection"][0].get_xdata(), [0.1, 0.2])
+        self.assertAllClose(drawn["vanilla selection"][0].get_ydata(), [0.51, 0.61])
+        [marks] = [line for line in axes[0].lines if line.get_label() == "vanilla diverged"]
+        self.assertAllClose(marks.get_xdata(), [0.4])
+        self.assertEqual(axes[1].containers, [])
+        [marks] = [line for line in axes[1].lines if line.get_label() == "vanilla diverged"]
+        self.assertAllClose(marks.get_xdata(), [0.1, 0.2, 0.4])
 
 
 class NoChoiceOnTestTest(tf.test.TestCase):

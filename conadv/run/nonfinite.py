@@ -8,20 +8,38 @@ checkpointing, so the latest checkpoint on disk is the last good state.
 
 Under float16 loss scaling an overflowing *gradient* is normal (the loss
 scaler skips that step and lowers its scale), so only the losses are checked.
+
+main.py's chief then records the divergence as ``diverged.json`` in the run's
+directory (``record_divergence``): a sweep counts such a run as done, with the
+result "diverged" (``conadv/studies/runner.py``), rather than as a failure.
 """
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 
+from conadv.run.run_files import write_json
 from official.per_replica import per_replica_variable
+
+#: The file main.py's chief writes in --model_dir when the run stopped on a divergence.
+DIVERGED_FILE = "diverged.json"
 
 CLEAN_LOSS, ADVERSARIAL_LOSS, GRADIENT = 1, 2, 3
 QUANTITIES = {CLEAN_LOSS: "clean loss", ADVERSARIAL_LOSS: "adversarial loss", GRADIENT: "gradient"}
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the message is one line."""
+    """Training produced a non-finite loss or gradient; the message is one line.
+
+    ``step``: the first step that was not finite; ``quantity``: what was not
+    ("clean loss", ...); ``last_good_step``: the global step of the latest
+    checkpoint, the last good state (None: no checkpoint yet)."""
+
+    def __init__(self, message: str, step=None, quantity=None, last_good_step=None):
+        super().__init__(message)
+        self.step, self.quantity, self.last_good_step = step, quantity, last_good_step
 
 
 class NonFiniteGuard:
@@ -83,10 +101,28 @@ class NonFiniteGuard:
             step, code = divmod(first, 4)
             last_good = f"ckpt-{last_saved}" if last_saved >= 0 else "none (no checkpoint yet)"
             raise NonFiniteError(
-                f"non-finite {QUANTITIES[code]} at step {step}; last good checkpoint {last_good}"
+                f"non-finite {QUANTITIES[code]} at step {step}; last good checkpoint {last_good}",
+                step=step,
+                quantity=QUANTITIES[code],
+                last_good_step=last_saved if last_saved >= 0 else None,
             )
 
 
 def code_of(quantity: str) -> int:
     """The number ``NonFiniteGuard`` records for a quantity's name."""
     return {name: code for code, name in QUANTITIES.items()}[quantity]
+
+
+def record_divergence(model_dir: str, error: NonFiniteError):
+    """Writes ``diverged.json`` in ``model_dir`` (atomically; the chief's to call): the
+    error's one-line message, the step that was not finite and the global step of the
+    last good checkpoint (None where there is none)."""
+    write_json(
+        os.path.join(model_dir, DIVERGED_FILE),
+        {
+            "message": str(error),
+            "step": error.step,
+            "quantity": error.quantity,
+            "last_good_checkpoint_step": error.last_good_step,
+        },
+    )

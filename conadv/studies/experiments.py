@@ -13,7 +13,10 @@
 ``main.py`` run under ``DIR/runs/<name>`` (``conadv/studies/runner.py``):
 finished runs are skipped, an interrupted one resumes from its checkpoint, a
 progress line per run shows an ETA, and each finished run is recorded in
-TensorBoard's HParams dashboard (``tensorboard --logdir DIR``). Learning
+TensorBoard's HParams dashboard (``tensorboard --logdir DIR``). A run whose
+loss went non-finite (say, a too-large learning rate of a tuning sweep) is
+done with the result "diverged" (``diverged.json``), not a failure: the
+sweep goes on and counts it, and the report never chooses its setting. Learning
 rate and warmup scale with the batch size by ``--lr_scaling`` from
 ``--base_batch_size`` (``conadv/studies/grid.py`` states the rule).
 ``--learning_rates`` and ``--warmups`` sweep multiples of the scaled learning
@@ -244,9 +247,10 @@ def sweep(fv, main_fv, main_args: list[str]):
     hparams.write_config(fv.out, runs)
     measure = sharpness_flags.settings(main_fv) if fv.sharpness else None
     summaries = runner.train_all(fv.out, runs, main_args, parallel=fv.parallel, sharpness=measure)
+    diverged = sum(bool(summary.get("diverged")) for summary in summaries.values())
     print(
-        f"sweep finished: {len(summaries)} runs in {os.path.join(fv.out, 'runs')}; "
-        f"conadv-experiments report --out {fv.out}"
+        f"sweep finished: {len(summaries)} runs ({diverged} diverged) in "
+        f"{os.path.join(fv.out, 'runs')}; conadv-experiments report --out {fv.out}"
     )
     return summaries
 

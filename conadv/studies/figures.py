@@ -62,12 +62,15 @@ def eps_series(report: Report) -> dict:
 def lr_series(report: Report) -> dict:
     """batch -> method -> (learning rates, selection means, selection stds, test means,
     test stds), along the learning-rate multipliers at the method's chosen other settings
-    (warmup, ε, τ, source), in rate order; a missing cell is NaN."""
+    (warmup, ε, τ, source), in rate order; a missing cell is NaN. A diverged setting
+    (``tuning.Tuning.diverged``) is left out (``diverged_rates``)."""
     out = {}
     tuned = report.tuning
     for (method, batch, setting), (selection, test) in tuned.every.items():
         chosen = report.best.get((method, batch))
         if chosen is None or _without_lr(setting) != _without_lr(chosen):
+            continue
+        if (method, batch, setting) in tuned.diverged:
             continue
         rate = tuned.rates[(method, batch, setting)][0]
         points = out.setdefault(batch, {}).setdefault(method, [])
@@ -80,6 +83,23 @@ def lr_series(report: Report) -> dict:
                 *_mean_std([selection for _, selection, _ in points]),
                 *_mean_std([test for _, _, test in points]),
             )
+    return out
+
+
+def diverged_rates(report: Report) -> dict:
+    """batch -> method -> the learning rates of its diverged settings (at its chosen other
+    settings; at any, in a cell where every setting diverged), in rate order."""
+    out = {}
+    tuned = report.tuning
+    for method, batch, setting in tuned.diverged:
+        chosen = report.best.get((method, batch))
+        if chosen is not None and _without_lr(setting) != _without_lr(chosen):
+            continue
+        rate = tuned.rates[(method, batch, setting)][0]
+        out.setdefault(batch, {}).setdefault(method, []).append(rate)
+    for methods in out.values():
+        for rates in methods.values():
+            rates.sort()
     return out
 
 
@@ -118,7 +138,8 @@ def curve_series(report: Report, subdir: str, tag: str) -> dict:
             runs = [
                 r
                 for r in report.rows
-                if r["method"] == method
+                if not r.get("diverged")
+                and r["method"] == method
                 and r["batch_size"] == batch
                 and setting_of(r) == report.best.get((method, batch))
             ]
@@ -137,13 +158,26 @@ def curve_series(report: Report, subdir: str, tag: str) -> dict:
 
 def lr_figure(report: Report):
     """Selection (solid) and test (dashed) top-1 against the peak learning rate, log x,
-    one line per method, one panel per batch size, mean ± std over seeds."""
-    series = lr_series(report)
-    batches = sorted(series)
+    one line per method, one panel per batch size, mean ± std over seeds; a diverged
+    setting's rate is an x at the bottom of its panel, off the lines."""
+    from matplotlib.transforms import blended_transform_factory
+
+    series, diverged = lr_series(report), diverged_rates(report)
+    batches = sorted(set(series) | set(diverged))
     figure, panels = plots.new_figure(len(batches))
     for axes, batch in zip(panels, batches):
         for method in methods_in(report.rows):
-            if method not in series[batch]:
+            rates = diverged.get(batch, {}).get(method)
+            if rates:
+                axes.plot(
+                    rates,
+                    [0.02] * len(rates),
+                    "x",
+                    label=f"{METHOD_NAMES.get(method, method)} diverged",
+                    color=plots.colour(method),
+                    transform=blended_transform_factory(axes.transData, axes.transAxes),
+                )
+            if method not in series.get(batch, {}):
                 continue
             rates, selection, selection_std, test, test_std = series[batch][method]
             name = METHOD_NAMES.get(method, method)

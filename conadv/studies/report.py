@@ -25,6 +25,13 @@ rates or warmups without selection numbers are refused (``ReportError``).
 Paired differences take the same seed of both methods (same initial weights
 and data order), each method at its own chosen setting, and give a Student-t
 95 % interval over seeds (``statistics.paired_difference``).
+
+A diverged run (``diverged.json`` and no ``summary.json``: its loss went
+non-finite, ``conadv/studies/runner.py``) is a row of its own (``diverged``
+true, no metrics): no mean counts it as a seed with a value, and a setting
+with a diverged run among the seeds it is compared on is never chosen
+(``tuning.py``); the tuned section shows it as "diverged (k of n seeds)", and
+names a cell whose every setting diverged.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ CSV_COLUMNS = (
     "attack_eps",
     "staleness",
     "attack_source",
+    "diverged",
     "learning_rate",
     "warmup_epochs",
     "lr_multiplier",
@@ -77,12 +85,24 @@ CSV_COLUMNS = (
 
 
 def collect(out: str) -> list[dict]:
-    """One row per finished run under ``OUT/runs`` (a run without summary.json is left out)."""
+    """One row per finished or diverged run under ``OUT/runs`` (a run with neither
+    summary.json nor diverged.json is left out); a diverged run's metrics are None."""
+    from conadv.run.nonfinite import DIVERGED_FILE
+
     rows = []
-    for path in sorted(glob.glob(os.path.join(out, "runs", "*", "summary.json"))):
-        directory = os.path.dirname(path)
+    for directory in sorted(glob.glob(os.path.join(out, "runs", "*", ""))):
+        directory = os.path.dirname(directory)
+        path = os.path.join(directory, "summary.json")
+        diverged = os.path.join(directory, DIVERGED_FILE)
+        if not os.path.exists(path) and not os.path.exists(diverged):
+            continue
         with open(os.path.join(directory, "run.json")) as f:
             run = json.load(f)
+        if not os.path.exists(path):
+            with open(diverged) as f:
+                record = json.load(f)
+            rows.append(_diverged_row(run, directory, record))
+            continue
         with open(path) as f:
             summary = json.load(f)
         measurements = read_measurements(directory)
@@ -92,6 +112,7 @@ def collect(out: str) -> list[dict]:
             {
                 **{key: run.get(key) for key in CSV_COLUMNS if key in run},
                 "directory": directory,
+                "diverged": False,
                 "train_steps": summary.get("train_steps"),
                 "epochs": summary.get("epochs"),
                 "eval_top1": test,
@@ -114,6 +135,20 @@ def collect(out: str) -> list[dict]:
             }
         )
     return rows
+
+
+def _diverged_row(run: dict, directory: str, record: dict) -> dict:
+    """A diverged run's row: its grid point and configuration, every metric None."""
+    return {
+        **{key: run.get(key) for key in CSV_COLUMNS if key in run},
+        "directory": directory,
+        "diverged": True,
+        "diverged_step": record.get("step"),
+        "diverged_message": record.get("message"),
+        "measurements": [],
+        "config": run.get("config") or {},
+        "data_dir": run.get("data_dir"),
+    }
 
 
 def read_measurements(directory: str) -> list[dict]:

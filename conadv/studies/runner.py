@@ -9,6 +9,16 @@ finished and skipped; any other starts main.py on its directory, which
 resumes from the latest checkpoint. So a killed sweep, started again with the
 same command, redoes only what was lost.
 
+A run whose loss or gradient went non-finite (main.py exits with status 3
+and its chief writes ``diverged.json``: the message, the step, the last good
+checkpoint's step) has a result too: "diverged", which a tuning sweep's
+too-large learning rate legitimately gives. It is done, not a failure: the
+sweep goes on, says "diverged NAME at step S: ..." and counts it, the same
+command does not start it again, and it is not measured for sharpness; the
+report shows it as diverged (``tuning.py``). To train it again (say, after a
+fix), remove the run's directory. A run that fails otherwise — status 3
+without ``diverged.json`` included — stops the sweep (``RunFailedError``).
+
 SIGTERM or Ctrl-C stops the sweep and passes SIGTERM to the running
 processes, which save a checkpoint at their current step and exit
 (main.py's preemption handling). The runs are started in sessions of their
@@ -59,6 +69,21 @@ def is_finished(out: str, run: Run, sharpness: dict | None = None) -> bool:
         return False
 
 
+def divergence(out: str, run: Run) -> dict | None:
+    """The run's ``diverged.json`` if it diverged and has no ``summary.json`` (a summary
+    is the run's result, whatever else its directory holds), else None."""
+    from conadv.run.nonfinite import DIVERGED_FILE
+
+    directory = run_dir(out, run)
+    if os.path.exists(os.path.join(directory, "summary.json")):
+        return None
+    try:
+        with open(os.path.join(directory, DIVERGED_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 class RunFailedError(RuntimeError):
     """A run's main.py exited with an error; the message is one line."""
 
@@ -73,6 +98,7 @@ class Progress:
         self.clock = clock
         self.start = clock()
         self.trained = 0
+        self.diverged = 0
         self.stream = stream or sys.stdout
 
     def _bar(self, width: int = 24) -> str:
@@ -99,6 +125,15 @@ class Progress:
         top1 = summary.get("eval_top1")
         top1 = "n/a" if top1 is None else f"{top1:.4f}"
         self.line(f"finished {name} in {seconds:.0f} s: eval top-1 {top1}")
+
+    def diverged_run(self, name: str, seconds: float, record: dict):
+        self.done += 1
+        self.trained += 1
+        self.diverged += 1
+        self.line(
+            f"diverged {name} at step {record.get('step')}: {record.get('message')} "
+            f"(after {seconds:.0f} s; done: remove its directory to train it again)"
+        )
 
 
 def _write_record(out: str, run: Run) -> str:
@@ -173,19 +208,26 @@ def train_all(
     sharpness: dict | None = None,
 ) -> dict:
     """Trains (and with ``sharpness``, the ``--sharpness_*`` settings, measures) every
-    unfinished run; returns {name: summary} of all runs.
+    unfinished run; returns {name: summary} of all runs, a diverged run's being its
+    ``diverged.json`` with ``"diverged": True`` (it is done: neither trained again nor
+    measured).
 
     Raises ``RunFailedError`` naming the first run that failed, after the
     others in flight have finished.
     """
-    pending = [run for run in runs if not is_finished(out, run, sharpness)]
+    diverged = [run for run in runs if divergence(out, run) is not None]
+    pending = [r for r in runs if r not in diverged and not is_finished(out, r, sharpness)]
     for run in runs:
-        if run not in pending:  # finished earlier: its session, if a kill came first
+        if run not in pending and run not in diverged:  # its session, if a kill came first
             hparams.write_session(_write_record(out, run), run, read_summary(out, run))
     progress = Progress(len(runs), len(runs) - len(pending), parallel)
-    skipped = len(runs) - len(pending)
+    skipped = len(runs) - len(pending) - len(diverged)
     if skipped:
         progress.line(f"{skipped} finished run(s) skipped")
+    if diverged:
+        progress.line(
+            f"{len(diverged)} diverged run(s) skipped (remove a run's directory to train it again)"
+        )
     running: dict[Run, subprocess.Popen] = {}
     started: dict[Run, float] = {}  # training and measuring count as one run's time
     failures = []
@@ -220,6 +262,10 @@ def train_all(
                 proc.log.close()
                 del running[run]
                 log = os.path.join(run_dir(out, run), "console.log")
+                record = divergence(out, run) if proc.returncode == 3 else None
+                if record is not None:  # its result: done, not a failure
+                    progress.diverged_run(run.name, time.time() - started[run], record)
+                    continue
                 if proc.returncode != 0 or not is_finished(out, run):
                     failures.append(f"{run.name} failed: {_last_line(log)} (log: {log})")
                     continue
@@ -237,7 +283,13 @@ def train_all(
             signal.signal(s, handler)
     if failures:
         raise RunFailedError(failures[0])
-    return {run.name: read_summary(out, run) for run in runs}
+    return {run.name: result(out, run) for run in runs}
+
+
+def result(out: str, run: Run) -> dict:
+    """A done run's summary, or its ``diverged.json`` with ``"diverged": True``."""
+    record = divergence(out, run)
+    return read_summary(out, run) if record is None else {**record, "diverged": True}
 
 
 def read_summary(out: str, run: Run) -> dict:

@@ -56,8 +56,8 @@ def markdown(report: Report) -> str:
     lines = [
         heading,
         "",
-        f"{len(rows)} finished runs. Cells are mean ± sample standard deviation over seeds "
-        "(n seeds).",
+        f"{_runs_text(rows)}. Cells are mean ± sample standard deviation over seeds "
+        "(n seeds, a diverged run's not among them).",
         "",
         "## Top-1 by method and batch size (Table 1)",
         "",
@@ -203,6 +203,13 @@ def markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _runs_text(rows: list[dict]) -> str:
+    """ "12 finished runs" or "11 finished runs and 1 diverged (no metrics)"."""
+    diverged = sum(bool(row.get(tuning.DIVERGED)) for row in rows)
+    text = f"{len(rows) - diverged} finished runs"
+    return text + (f" and {diverged} diverged (no metrics)" if diverged else "")
+
+
 def _difference_name(name: str) -> str:
     """ "conadv - vanilla" → "ConAdv − vanilla"."""
     return " − ".join(METHOD_NAMES.get(m, m) for m in name.split(" - "))
@@ -238,6 +245,8 @@ def tuned_section(report: Report) -> list[str]:
         *(f"{line}." for line in tuned.counts),
         "",
     ]
+    if tuned.no_choice:
+        lines += [*(f"{line}." for line in tuned.no_choice), ""]
     if tuning.ON_SELECTION in tuned.chosen_on.values():
         lines += [
             "A cell's setting is the one of best mean selection top-1 over seeds: top-1 on "
@@ -290,16 +299,24 @@ def tuned_section(report: Report) -> list[str]:
     ]
     header = ["", *(_difference_name(name) for name in DIFFERENCES)]
     lines += _table(header, body) + [""]
-    lines += ["Every setting's mean selection and test top-1 (✓: the chosen one):", ""]
+    lines += [
+        "Every setting's mean selection and test top-1 (✓: the chosen one; a setting that "
+        "diverged on a seed it is compared on is out, never chosen):",
+        "",
+    ]
     body = []
     for (method, batch, setting), (selection, test) in sorted(
         tuned.every.items(), key=lambda item: _setting_order(rows, *item[0])
     ):
         rate, warmup = tuned.rates.get((method, batch, setting), (None, None))
+        numbers = [_plain(selection), _plain(test)]
+        if (method, batch, setting) in tuned.diverged:
+            k, n = tuned.diverged[(method, batch, setting)]
+            numbers = [f"diverged ({k} of {n} seeds)", "—"]
         body.append(
             [METHOD_NAMES.get(method, method), str(batch), setting_text(setting, names)]
             + [_number(rate), _number(warmup)]
-            + [_plain(selection), _plain(test)]
+            + numbers
             + ["✓" if report.best.get((method, batch)) == setting else ""]
         )
     header = ["method", "batch", "setting", "learning rate", "warmup (epochs)"]

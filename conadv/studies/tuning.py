@@ -21,6 +21,16 @@ stops the report with a one-line ``ReportError`` (train with
 The paired differences between methods take each method at its own chosen
 setting and pair them by seed (seed → value, over the seeds both have), even
 where the methods' chosen learning rates differ (``statistics.paired_difference``).
+
+A diverged run (its loss went non-finite: ``diverged.json``, no metrics) is
+a result of its setting, not a missing seed: a seed counts as had by a setting
+whether its run finished or diverged, and a setting with a diverged run among
+the seeds the cell's settings are compared on (all of the cell's seeds where
+the choice is on test top-1, or a cell's only setting) is out — never chosen,
+never scored, and shown as "diverged (k of n seeds)" in the table of every
+setting. The others are compared over those same seeds as above. A cell whose
+every setting is out has no chosen setting (its cells stay empty) and the
+tuned section says so in one line (``no_choice_lines``).
 """
 
 from __future__ import annotations
@@ -38,9 +48,17 @@ from conadv.studies.cells import (
     table_cells,
     varied_settings,
 )
-from conadv.studies.sections import MULTIPLIERS, ReportError, multiplier, setting_of, short
+from conadv.studies.sections import (
+    MULTIPLIERS,
+    ReportError,
+    multiplier,
+    setting_of,
+    setting_text,
+    short,
+)
 
 SELECTION = "selection_top1"
+DIVERGED = "diverged"
 TUNING_NAMES = tuple(name for name, _ in MULTIPLIERS)  # ("lr", "warmup")
 
 #: How a cell's setting was chosen.
@@ -65,10 +83,10 @@ def _best(settings: list[tuple], cells: dict, key) -> tuple | None:
 
 
 def common_seeds(cell_rows: list[dict]) -> list[dict]:
-    """The runs of the seeds every setting of the cell has: settings are compared over
-    the same seeds (a partial sweep, or a setting whose seed failed, would otherwise be
-    judged on other initial weights and data orders than the rest). Raises
-    ``ReportError`` if no seed is common to all."""
+    """The runs of the seeds every setting of the cell has (finished or diverged): settings
+    are compared over the same seeds (a partial sweep, or a setting whose seed failed,
+    would otherwise be judged on other initial weights and data orders than the rest).
+    Raises ``ReportError`` if no seed is common to all."""
     seeds = defaultdict(set)
     for row in cell_rows:
         seeds[setting_of(row)].add(row["seed"])
@@ -83,23 +101,54 @@ def common_seeds(cell_rows: list[dict]) -> list[dict]:
     return [row for row in cell_rows if row["seed"] in common]
 
 
+def _on_selection(cell_rows: list[dict]) -> bool:
+    """Whether the cell's settings are chosen among on selection top-1: several, and
+    every finished run has it."""
+    finished = [row for row in cell_rows if not row.get(DIVERGED)]
+    return len({setting_of(row) for row in cell_rows}) > 1 and all(
+        row.get(SELECTION) is not None for row in finished
+    )
+
+
+def diverged_settings(cell_rows: list[dict]) -> dict:
+    """setting -> (k, n) for each setting of one (method, batch) cell that is out: k of
+    its n runs at the seeds the settings are compared on diverged (``common_seeds`` where
+    the choice is on selection top-1, else all the cell's runs)."""
+    compared = common_seeds(cell_rows) if _on_selection(cell_rows) else cell_rows
+    counts = defaultdict(lambda: [0, 0])
+    for row in compared:
+        count = counts[setting_of(row)]
+        count[0] += bool(row.get(DIVERGED))
+        count[1] += 1
+    return {setting: (k, n) for setting, (k, n) in counts.items() if k}
+
+
 def choose(rows: list[dict]) -> tuple[dict, dict]:
-    """((method, batch) -> chosen setting, (method, batch) -> how it was chosen:
-    ``ON_SELECTION``, ``ON_TEST`` or ``ONLY_ONE``). Raises ``ReportError`` for a cell
-    of several learning rates or warmups without selection numbers."""
+    """((method, batch) -> chosen setting, (method, batch) -> how it was (or would have
+    been) chosen: ``ON_SELECTION``, ``ON_TEST`` or ``ONLY_ONE``). A cell whose every
+    setting diverged (``diverged_settings``) is in the second alone. Raises
+    ``ReportError`` for a cell of several learning rates or warmups without selection
+    numbers."""
     best, how = {}, {}
     for key, cell_rows in sorted(_cells_by_key(rows).items(), key=lambda item: str(item[0])):
         settings = sorted({setting_of(row) for row in cell_rows}, key=str)
         if len(settings) == 1:
-            best[key], how[key] = settings[0], ONLY_ONE
+            how[key] = ONLY_ONE
+            if not diverged_settings(cell_rows):
+                best[key] = settings[0]
             continue
-        if all(row.get(SELECTION) is not None for row in cell_rows):
-            chosen = _best(settings, metric_cells(common_seeds(cell_rows), SELECTION), key)
-            best[key], how[key] = chosen, ON_SELECTION
+        if _on_selection(cell_rows):
+            compared = common_seeds(cell_rows)  # diverged runs included: they are results
+            left = [s for s in settings if s not in diverged_settings(cell_rows)]
+            how[key] = ON_SELECTION
+            if left:
+                best[key] = _best(left, metric_cells(compared, SELECTION), key)
             continue
         tuned = [n for n in TUNING_NAMES if len({multiplier(s, n) for s in settings}) > 1]
         if tuned:
-            missing = next(row for row in cell_rows if row.get(SELECTION) is None)
+            missing = next(
+                row for row in cell_rows if row.get(SELECTION) is None and not row.get(DIVERGED)
+            )
             method, batch = key
             raise ReportError(
                 f"{METHOD_NAMES.get(method, method)} at batch {batch} has several "
@@ -107,10 +156,40 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
                 "selection top-1: the report never chooses a learning rate or warmup on the "
                 "test set; train the sweep with main.py's --selection_examples N"
             )
-        chosen = _best(settings, metric_cells(cell_rows, "eval_top1"), key)
+        left = [s for s in settings if s not in diverged_settings(cell_rows)]
+        how[key] = ON_TEST
+        chosen = _best(left, metric_cells(cell_rows, "eval_top1"), key)
         if chosen is not None:
-            best[key], how[key] = chosen, ON_TEST
+            best[key] = chosen
     return best, how
+
+
+def _order(setting: tuple) -> tuple:
+    """The other settings, then the learning rate and warmup multipliers (as numbers)."""
+    others = str(tuple(item for item in setting if item[0] not in TUNING_NAMES))
+    return (others, tuple(multiplier(setting, name) for name in TUNING_NAMES))
+
+
+def no_choice_lines(rows: list[dict], best: dict) -> list[str]:
+    """A line for each (method, batch) cell without a chosen setting because every
+    setting diverged: "vanilla at batch 64: no setting chosen: every setting diverged
+    (lr×1: 1 of 3 seeds; lr×2: 3 of 3 seeds)"."""
+    names = varied_settings(rows)
+    lines = []
+    for key, cell_rows in sorted(_cells_by_key(rows).items(), key=lambda item: str(item[0])):
+        out = diverged_settings(cell_rows)
+        if key in best or len(out) < len({setting_of(row) for row in cell_rows}):
+            continue
+        method, batch = key
+        counts = "; ".join(
+            f"{setting_text(setting, names) or 'its only setting'}: {k} of {n} seeds"
+            for setting, (k, n) in sorted(out.items(), key=lambda item: _order(item[0]))
+        )
+        lines.append(
+            f"{METHOD_NAMES.get(method, method)} at batch {batch}: no setting chosen, every "
+            f"setting diverged ({counts})"
+        )
+    return lines
 
 
 @dataclasses.dataclass
@@ -121,7 +200,10 @@ class Tuning:
     chosen_on: dict  # (method, batch) -> ON_SELECTION | ON_TEST | ONLY_ONE
     selection: dict  # (method, batch) -> Cell of selection top-1 at the chosen setting
     #: (method, batch, setting) -> (selection Cell | None, test Cell | None), every setting
+    #: (a diverged one's: None, None)
     every: dict
+    #: (method, batch, setting) -> (k, n): the settings out, k of n compared seeds diverged
+    diverged: dict
     #: (method, batch, setting) -> (peak learning rate, warmup epochs) of its runs
     rates: dict
     #: (batch, "conadv - vanilla") -> PairedDifference of test top-1, each method at its
@@ -129,14 +211,17 @@ class Tuning:
     differences: dict
     counts: list  # the lines saying how many settings each cell tried
     examples: tuple  # the held-out training examples' counts (summary.json)
+    no_choice: list  # a line per cell whose every setting diverged (``no_choice_lines``)
 
 
 def is_tuned(rows: list[dict]) -> bool:
     """Whether the report has a tuned comparison: selection numbers, or several learning
     rates or warmups."""
     varied = varied_settings(rows)
-    return any(row.get(SELECTION) is not None for row in rows) or any(
-        name in varied for name in TUNING_NAMES
+    return (
+        any(row.get(SELECTION) is not None for row in rows)
+        or any(name in varied for name in TUNING_NAMES)
+        or any(row.get(DIVERGED) for row in rows)
     )
 
 
@@ -144,9 +229,14 @@ def build(rows: list[dict], best: dict, chosen_on: dict, test: dict) -> Tuning:
     """The tuned numbers; ``test``: (method, batch) -> Cell of test top-1 at ``best``."""
     selection_cells = metric_cells(rows, SELECTION)
     test_cells = metric_cells(rows, "eval_top1")
+    diverged = {
+        (*key, setting): count
+        for key, cell_rows in _cells_by_key(rows).items()
+        for setting, count in diverged_settings(cell_rows).items()
+    }
     every = {
-        key: (selection_cells.get(key), test_cells.get(key))
-        for key in sorted(set(selection_cells) | set(test_cells), key=str)
+        key: (None, None) if key in diverged else (selection_cells.get(key), test_cells.get(key))
+        for key in sorted(set(selection_cells) | set(test_cells) | set(diverged), key=str)
     }
     rates = {}
     for row in rows:
@@ -167,10 +257,12 @@ def build(rows: list[dict], best: dict, chosen_on: dict, test: dict) -> Tuning:
         chosen_on=chosen_on,
         selection=table_cells(rows, SELECTION, best),
         every=every,
+        diverged=diverged,
         rates=rates,
         differences=differences,
         counts=count_lines(rows, chosen_on, examples),
         examples=examples,
+        no_choice=no_choice_lines(rows, best),
     )
 
 
