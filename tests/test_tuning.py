@@ -147,6 +147,29 @@ class TunedReportTest(tf.test.TestCase):
         with self.assertRaisesRegex(Exception, "no seed has finished at every setting"):
             tuning.choose(rows)
 
+    def test_ties_go_to_the_smaller_multiplier_and_no_number_never_wins(self):
+        """Catches: settings ordered as text (×10 before ×2) for a tie; a NaN mean chosen
+        because it came first (every comparison with NaN is false)."""
+        from conadv.studies import tuning
+
+        def rows(values):
+            return [
+                {
+                    "method": "vanilla",
+                    "batch_size": BATCH,
+                    "seed": 0,
+                    "lr_multiplier": m,
+                    "selection_top1": v,
+                    "eval_top1": v,
+                }
+                for m, v in values.items()
+            ]
+
+        best, _ = tuning.choose(rows({10.0: 0.9, 2.0: 0.9}))
+        self.assertEqual(best[("vanilla", BATCH)], (("lr", 2.0),))
+        best, _ = tuning.choose(rows({0.5: float("nan"), 2.0: 0.8}))
+        self.assertEqual(best[("vanilla", BATCH)], (("lr", 2.0),))
+
     def test_paired_differences_pair_seeds_at_each_methods_chosen_setting(self):
         """ConAdv − vanilla at ConAdv's ×2 and vanilla's ×1 over the seeds both have
         (10 and 3). Catches: pairing by list position (sorted seeds 3, 7, 10 against 2, 3,
@@ -393,8 +416,8 @@ class SweepAxesTest(tf.test.TestCase):
         runs of an existing study would be trained again)."""
         plain = {(r.method, r.batch_size): r for r in experiments.plan(*self.parse()[1:])}
         _, fv, main_fv, main_args = self.parse()
-        # Several rates are refused without --selection_examples (not yet a main.py flag
-        # here): the plan itself is what is tested.
+        # The axes set after parsing (which would refuse several rates without
+        # --selection_examples): the plan itself is what is tested.
         fv.learning_rates, fv.warmups = ["1", "2"], ["1", "0.5"]
         runs = experiments.plan(fv, main_fv, main_args)
         self.assertLen(runs, 2 * 2 * 4)

@@ -72,6 +72,7 @@ CSV_COLUMNS = (
     "eval_top1_moving_average",
     "train_top1",
     "selection_top1",
+    "selection_examples",
     "generalization_gap",
     "robust_top1",
     "top_eigenvalue",

@@ -7,8 +7,9 @@ out of training (the same for every method and seed) and evaluates each
 finished run on it (``summary.json``: ``selection_top1``). Where every run of
 a (method, batch) cell has that number, the cell's setting (learning-rate and
 warmup multiplier, ε, τ, source) is the one of best mean selection top-1 over
-the seeds every setting of the cell has (ties: the first setting in sorted
-order), and its test top-1 is read
+the seeds every setting of the cell has (ties: the first in the settings'
+natural order, ×2 before ×10; a mean that is not a number never wins), and
+its test top-1 is read
 only afterwards: the choice is made on held-out training data, so the test
 numbers at the chosen settings are not optimistic.
 
@@ -36,6 +37,7 @@ tuned section says so in one line (``no_choice_lines``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 
 from conadv.studies import statistics as stats
@@ -73,13 +75,25 @@ def _cells_by_key(rows: list[dict]) -> dict:
 
 
 def _best(settings: list[tuple], cells: dict, key) -> tuple | None:
-    """The setting of the highest mean; ties go to the first of ``settings``."""
+    """The setting of the highest mean; ties go to the first of ``settings``; a mean that
+    is not a number never wins."""
     best, score = None, None
     for setting in settings:
         cell = cells.get((*key, setting))
-        if cell is not None and (score is None or cell.mean > score):
+        if cell is None or not math.isfinite(cell.mean):
+            continue
+        if score is None or cell.mean > score:
             best, score = setting, cell.mean
     return best
+
+
+def in_order(settings) -> list[tuple]:
+    """Settings in their natural order (×2 before ×10): a setting is ((name, value), ...)
+    and a name's values are all numbers or all strings."""
+    try:
+        return sorted(settings)
+    except TypeError:
+        return sorted(settings, key=str)
 
 
 def common_seeds(cell_rows: list[dict]) -> list[dict]:
@@ -131,7 +145,7 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
     numbers."""
     best, how = {}, {}
     for key, cell_rows in sorted(_cells_by_key(rows).items(), key=lambda item: str(item[0])):
-        settings = sorted({setting_of(row) for row in cell_rows}, key=str)
+        settings = in_order({setting_of(row) for row in cell_rows})
         if len(settings) == 1:
             how[key] = ONLY_ONE
             if not diverged_settings(cell_rows):
