@@ -164,7 +164,10 @@ def _run_mode(run, values, strategy, files, watch) -> dict | None:
         if files.is_chief:  # "diverged" is this run's result (a sweep's runner reads it)
             from conadv.run.nonfinite import record_divergence
 
-            record_divergence(run.model_dir, error)
+            try:
+                record_divergence(run.model_dir, error)
+            except OSError as write_error:  # the divergence is still the error said
+                logging.warning("could not write diverged.json: %s", write_error)
         raise
     trainer.evaluator.precise_statistics()  # every worker, for the chief's export
     if not files.is_chief:

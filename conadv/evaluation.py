@@ -240,11 +240,13 @@ def selection_evaluation(evaluator: Evaluator) -> dict:
         return {}
     result = evaluator.evaluate(SELECTION)
     examples = int(result["examples"])
-    if examples != source.num_selection_examples and not source.options.skip_corrupt_records:
+    expected = source.num_selection_examples
+    skipping = source.options.skip_corrupt_records  # skipped records are not read
+    if examples > expected or (examples < expected and not skipping):
         raise DataError(
             f"--selection_examples: the selection set read {examples} examples, not the "
-            f"{source.num_selection_examples} held out of training; the remembered selection "
-            "table (~/.cache/conadv/selection) does not match the data: delete it"
+            f"{expected} held out of training, so it is not the part this run was trained "
+            "without; train the run again in a new --model_dir"
         )
     return {
         "selection_top1": result["top1"],

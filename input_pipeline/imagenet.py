@@ -158,7 +158,8 @@ class ImageNetSource(RecordSource):
             read,
             cycle_length=min(len(files), READ_CYCLE) if training else 1,
             num_parallel_calls=tf.data.AUTOTUNE if training else None,
-            deterministic=self.options.deterministic if training else None,
+            # Sharded by record below: every pipeline must see one order.
+            deterministic=(self.options.deterministic or shard_records) if training else None,
         )
         ds = self._select(ds, split)
         if shard_records:

@@ -93,9 +93,10 @@ class SelectionTable:
         return cls(np.asarray(value["thresholds"], np.int64), files)
 
 
-def compute(selection: Selection, records: tf.data.Dataset, label_fn, num_classes: int):
+def compute(selection: Selection, records: tf.data.Dataset, label_fn, num_classes: int, files=()):
     """The table of one pass over ``(file name, index in file, record)``; ``label_fn``
-    parses a record's 0-based label (only the label)."""
+    parses a record's 0-based label (only the label); ``files``: base names listed even
+    if they hold no record."""
 
     def keyed(filename, index, record):
         return base_name(filename), selection.hashes(record_key(filename, index)), label_fn(record)
@@ -117,7 +118,7 @@ def compute(selection: Selection, records: tf.data.Dataset, label_fn, num_classe
         )
     thresholds = selection.thresholds(hashes, labels, num_classes)
     held = hashes <= thresholds[labels]
-    files = {}
+    files = {name: (0, 0) for name in files}
     unique, inverse = np.unique(names, return_inverse=True)
     per_file = np.bincount(inverse, minlength=len(unique))
     held_per_file = np.bincount(inverse, weights=held, minlength=len(unique))
@@ -161,7 +162,8 @@ def table_for(source, records: tf.data.Dataset, label_fn) -> SelectionTable:
             os.path.dirname(path),
         )
         start = time.time()
-        table = compute(source.selection, records, label_fn, source.num_classes)
+        listed = [e[0] if isinstance(e, (list, tuple)) else e for e in source.selection_layout()]
+        table = compute(source.selection, records, label_fn, source.num_classes, listed)
         logging.info("Read %d training labels in %.0f s", table.records, time.time() - start)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

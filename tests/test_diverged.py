@@ -40,6 +40,29 @@ def sweep(out, *flags):
     return result, printed.getvalue()
 
 
+class StaleDivergenceTest(tf.test.TestCase):
+    def test_a_checkpoint_after_the_last_good_one_makes_the_record_stale(self):
+        """Catches: a diverged.json trusted after the run was resumed by hand (a later
+        checkpoint, so it trained past the divergence): the sweep would call it diverged
+        and never resume it; and a diverged directory of another run taken as this
+        sweep's (its run.json identity is checked, as a finished run's is)."""
+        from tests.test_tuning import tuned_run, write_diverged
+
+        out = tempfile.mkdtemp(dir=self.get_temp_dir())
+        run = tuned_run("vanilla", 0, 1.0)
+        directory = write_diverged(out, run)  # last good checkpoint: ckpt-2
+        for step in (0, 2):
+            open(os.path.join(directory, f"ckpt-{step}.index"), "w").close()
+        self.assertIsNotNone(runner.divergence(out, run))
+        open(os.path.join(directory, "ckpt-6.index"), "w").close()
+        self.assertIsNone(runner.divergence(out, run))
+        os.remove(os.path.join(directory, "ckpt-6.index"))
+        with open(os.path.join(directory, "run.json"), "w") as f:
+            json.dump({**run.record(), "identity": "another"}, f)
+        with self.assertRaisesRegex(runner.RunFailedError, "records identity another"):
+            runner.train_all(out, [run], [])
+
+
 class DivergedRunInASweepTest(tf.test.TestCase):
     def test_a_diverged_run_is_done_and_not_started_again(self):
         """A real main.py run that diverges. Catches: the sweep failing on it

@@ -167,6 +167,8 @@ class TunedReportTest(tf.test.TestCase):
 
         best, _ = tuning.choose(rows({10.0: 0.9, 2.0: 0.9}))
         self.assertEqual(best[("vanilla", BATCH)], (("lr", 2.0),))
+        best, _ = tuning.choose(rows({1.0: 0.9, 0.5: 0.9}))  # ×1 is left out of a setting
+        self.assertEqual(best[("vanilla", BATCH)], (("lr", 0.5),))
         best, _ = tuning.choose(rows({0.5: float("nan"), 2.0: 0.8}))
         self.assertEqual(best[("vanilla", BATCH)], (("lr", 2.0),))
 
@@ -314,6 +316,38 @@ class DivergedSettingsTest(tf.test.TestCase):
         self.assertEqual(self.report.best[("conadv", 64)], setting("conadv", 1.0))
         self.assertEqual(difference.seeds, (1, 2))
         self.assertAllClose(difference.mean, np.mean([0.60 - 0.55, 0.66 - 0.45]))
+
+    def test_a_setting_that_diverged_on_a_seed_the_others_lack_is_never_chosen(self):
+        """Catches: a setting ruled out only for a divergence at the seeds all settings
+        have (×2, best on seeds 0 and 1, would win, and its diverged seed 2 would vanish
+        from the test top-1 and the paired differences)."""
+        from conadv.studies import tuning
+
+        rows = [
+            {
+                "method": "vanilla",
+                "batch_size": 64,
+                "seed": seed,
+                "lr_multiplier": m,
+                "selection_top1": value,
+                "eval_top1": value,
+            }
+            for m, values in ((1.0, {0: 0.80, 1: 0.80}), (2.0, {0: 0.90, 1: 0.90}))
+            for seed, value in values.items()
+        ]
+        rows.append(
+            {
+                "method": "vanilla",
+                "batch_size": 64,
+                "seed": 2,
+                "lr_multiplier": 2.0,
+                "diverged": True,
+                "selection_top1": None,
+                "eval_top1": None,
+            }
+        )
+        best, how = tuning.choose(rows)
+        self.assertEqual((best[("vanilla", 64)], how[("vanilla", 64)]), ((), "selection"))
 
     def test_a_cell_whose_every_setting_diverged_is_named_in_one_line(self):
         """Catches: a crash, or a setting chosen among diverged ones, where every setting

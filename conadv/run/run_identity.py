@@ -220,6 +220,8 @@ def fill_from_record(values) -> list[str]:
     for name, value in recorded.items():
         if name in _NOT_FILLED or name not in values or values[name].present:
             continue
+        if name == "selection_seed" and not recorded.get("selection_examples"):
+            continue  # selects nothing without a selection set (and alone is refused)
         if values[name].value != value:
             values[name].value = value
             filled.append(name)

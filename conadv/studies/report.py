@@ -29,7 +29,7 @@ and data order), each method at its own chosen setting, and give a Student-t
 A diverged run (``diverged.json`` and no ``summary.json``: its loss went
 non-finite, ``conadv/studies/runner.py``) is a row of its own (``diverged``
 true, no metrics): no mean counts it as a seed with a value, and a setting
-with a diverged run among the seeds it is compared on is never chosen
+with a diverged run at any seed is never chosen
 (``tuning.py``); the tuned section shows it as "diverged (k of n seeds)", and
 names a cell whose every setting diverged.
 """

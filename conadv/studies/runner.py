@@ -71,7 +71,8 @@ def is_finished(out: str, run: Run, sharpness: dict | None = None) -> bool:
 
 def divergence(out: str, run: Run) -> dict | None:
     """The run's ``diverged.json`` if it diverged and has no ``summary.json`` (a summary
-    is the run's result, whatever else its directory holds), else None."""
+    is the run's result, whatever else its directory holds) and no checkpoint later than
+    its last good one, else None."""
     from conadv.run.nonfinite import DIVERGED_FILE
 
     directory = run_dir(out, run)
@@ -79,9 +80,20 @@ def divergence(out: str, run: Run) -> dict | None:
         return None
     try:
         with open(os.path.join(directory, DIVERGED_FILE)) as f:
-            return json.load(f)
+            record = json.load(f)
     except FileNotFoundError:
         return None
+    # A divergence saves nothing past its last good checkpoint: a later checkpoint is a
+    # start since (resumed by hand), so the record is stale and the run is resumed.
+    last_good = record.get("last_good_checkpoint_step")
+    steps = [
+        int(name[len("ckpt-") : -len(".index")])
+        for name in os.listdir(directory)
+        if name.startswith("ckpt-") and name.endswith(".index")
+    ]
+    if steps and (last_good is None or max(steps) > last_good):
+        return None
+    return record
 
 
 class RunFailedError(RuntimeError):
@@ -218,7 +230,9 @@ def train_all(
     diverged = [run for run in runs if divergence(out, run) is not None]
     pending = [r for r in runs if r not in diverged and not is_finished(out, r, sharpness)]
     for run in runs:
-        if run not in pending and run not in diverged:  # its session, if a kill came first
+        if run in diverged:
+            _write_record(out, run)  # the record is this sweep's run, or a one-line error
+        elif run not in pending:  # its session, if a kill came first
             hparams.write_session(_write_record(out, run), run, read_summary(out, run))
     progress = Progress(len(runs), len(runs) - len(pending), parallel)
     skipped = len(runs) - len(pending) - len(diverged)

@@ -23,14 +23,13 @@ The paired differences between methods take each method at its own chosen
 setting and pair them by seed (seed → value, over the seeds both have), even
 where the methods' chosen learning rates differ (``statistics.paired_difference``).
 
-A diverged run (its loss went non-finite: ``diverged.json``, no metrics) is
-a result of its setting, not a missing seed: a seed counts as had by a setting
-whether its run finished or diverged, and a setting with a diverged run among
-the seeds the cell's settings are compared on (all of the cell's seeds where
-the choice is on test top-1, or a cell's only setting) is out — never chosen,
-never scored, and shown as "diverged (k of n seeds)" in the table of every
-setting. The others are compared over those same seeds as above. A cell whose
-every setting is out has no chosen setting (its cells stay empty) and the
+A diverged run (its loss went non-finite: ``diverged.json``, no metrics) is a
+result of its setting, not a missing seed: a seed counts as had by a setting
+whether its run finished or diverged, and a setting with a diverged run at any
+seed (also one the other settings lack) is out — never chosen, never scored,
+and shown as "diverged (k of n seeds)" in the table of every setting. The
+others are compared over those same seeds as above. A cell whose every setting
+is out has no chosen setting (its cells stay empty) and the
 tuned section says so in one line (``no_choice_lines``).
 """
 
@@ -88,12 +87,18 @@ def _best(settings: list[tuple], cells: dict, key) -> tuple | None:
 
 
 def in_order(settings) -> list[tuple]:
-    """Settings in their natural order (×2 before ×10): a setting is ((name, value), ...)
-    and a name's values are all numbers or all strings."""
+    """Settings in their natural order: by ε, τ and source, then by the learning-rate and
+    warmup multipliers as numbers (×0.5 before ×1 before ×2 before ×10; ×1, left out of
+    a setting, counts as 1). A name's values are all numbers or all strings."""
+
+    def key(setting):
+        others = tuple(item for item in setting if item[0] not in TUNING_NAMES)
+        return others, tuple(multiplier(setting, name) for name in TUNING_NAMES)
+
     try:
-        return sorted(settings)
+        return sorted(settings, key=key)
     except TypeError:
-        return sorted(settings, key=str)
+        return sorted(settings, key=lambda setting: (str(key(setting)[0]), key(setting)[1]))
 
 
 def common_seeds(cell_rows: list[dict]) -> list[dict]:
@@ -126,11 +131,10 @@ def _on_selection(cell_rows: list[dict]) -> bool:
 
 def diverged_settings(cell_rows: list[dict]) -> dict:
     """setting -> (k, n) for each setting of one (method, batch) cell that is out: k of
-    its n runs at the seeds the settings are compared on diverged (``common_seeds`` where
-    the choice is on selection top-1, else all the cell's runs)."""
-    compared = common_seeds(cell_rows) if _on_selection(cell_rows) else cell_rows
+    its n runs diverged, at any seed (also one the other settings lack: its finished
+    seeds alone would make it look better than it is)."""
     counts = defaultdict(lambda: [0, 0])
-    for row in compared:
+    for row in cell_rows:
         count = counts[setting_of(row)]
         count[0] += bool(row.get(DIVERGED))
         count[1] += 1
@@ -155,8 +159,9 @@ def choose(rows: list[dict]) -> tuple[dict, dict]:
             compared = common_seeds(cell_rows)  # diverged runs included: they are results
             left = [s for s in settings if s not in diverged_settings(cell_rows)]
             how[key] = ON_SELECTION
-            if left:
-                best[key] = _best(left, metric_cells(compared, SELECTION), key)
+            chosen = _best(left, metric_cells(compared, SELECTION), key)
+            if chosen is not None:
+                best[key] = chosen
             continue
         tuned = [n for n in TUNING_NAMES if len({multiplier(s, n) for s in settings}) > 1]
         if tuned:
@@ -192,9 +197,15 @@ def no_choice_lines(rows: list[dict], best: dict) -> list[str]:
     lines = []
     for key, cell_rows in sorted(_cells_by_key(rows).items(), key=lambda item: str(item[0])):
         out = diverged_settings(cell_rows)
-        if key in best or len(out) < len({setting_of(row) for row in cell_rows}):
+        if key in best:
             continue
         method, batch = key
+        if len(out) < len({setting_of(row) for row in cell_rows}):
+            lines.append(
+                f"{METHOD_NAMES.get(method, method)} at batch {batch}: no setting chosen, no "
+                "setting that did not diverge has a mean that is a number"
+            )
+            continue
         counts = "; ".join(
             f"{setting_text(setting, names) or 'its only setting'}: {k} of {n} seeds"
             for setting, (k, n) in sorted(out.items(), key=lambda item: _order(item[0]))
