@@ -195,7 +195,13 @@ def lr_figure(report: Report):
                     linestyle=style,
                     color=plots.colour(method),
                 )
+        swept = {x for line in series.get(batch, {}).values() for x in line[0]}
+        swept |= {x for xs in diverged.get(batch, {}).values() for x in xs}
+        rates = sorted(swept)
         axes.set_xscale("log")
+        if rates:  # a tick at each swept rate, no minor labels over each other
+            axes.set_xticks(rates, [f"{rate:.3g}" for rate in rates])
+            axes.minorticks_off()
         axes.set_title(f"batch {batch}")
         axes.set_xlabel("peak learning rate")
         axes.set_ylabel("top-1 (selection solid, test dashed)")

@@ -158,7 +158,8 @@ def markdown(report: Report) -> str:
             "",
             "The top eigenvalue of the Hessian of the training loss and Keskar et al.'s "
             "ε-sharpness (`sharpness.json`, `main.py --mode sharpness`), measured with "
-            f"{group.label()}, then their paired differences (same seed, same setting).",
+            f"{group.label()}, then their paired differences (same seed, each method at its "
+            "chosen setting).",
             "",
             "Top Hessian eigenvalue:",
             "",
@@ -301,7 +302,7 @@ def tuned_section(report: Report) -> list[str]:
     lines += _table(header, body) + [""]
     lines += [
         "Every setting's mean selection and test top-1 (✓: the chosen one; a setting that "
-        "diverged on a seed it is compared on is out, never chosen):",
+        "diverged on any seed is out, never chosen):",
         "",
     ]
     body = []
